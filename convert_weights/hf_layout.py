@@ -1,0 +1,225 @@
+"""Write a Hugging Face Llama-layout model directory: the common output of every importer.
+
+The directory holds ``config.json``, fp32 ``*.safetensors`` (one ``model.safetensors``, or
+numbered shards plus ``model.safetensors.index.json`` past ``max_shard_bytes``) and the
+tokenizer files — exactly what ``transformers.LlamaForCausalLM.from_pretrained`` and our own HF
+reader load.  Tensors may come from a lazy mapping: they are materialized one at a time and each
+shard is written and released before the next is built, so peak memory is one shard, not the
+model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+
+from mindyouzhi.errors import UserError
+from mindyouzhi.io_utils import atomic_output_dir, sha256_file
+
+CONFIG_FILE = "config.json"
+SINGLE_WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# transformers' own default shard size ("5GB").
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+# Optional HF Llama parameters; "{}" = layer index.
+LLAMA_ATTENTION_BIASES = tuple(f"model.layers.{{}}.self_attn.{proj}.bias" for proj in ("q_proj", "k_proj", "v_proj", "o_proj"))
+LLAMA_MLP_BIASES = tuple(f"model.layers.{{}}.mlp.{proj}.bias" for proj in ("gate_proj", "up_proj", "down_proj"))
+
+
+def llama_parameter_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
+    """Every parameter ``LlamaForCausalLM`` has for ``config``, with its shape."""
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q_rows = config["num_attention_heads"] * head_dim
+    kv_rows = config["num_key_value_heads"] * head_dim
+    layer_shapes = {
+        "model.layers.{}.input_layernorm.weight": (hidden,),
+        "model.layers.{}.self_attn.q_proj.weight": (q_rows, hidden),
+        "model.layers.{}.self_attn.k_proj.weight": (kv_rows, hidden),
+        "model.layers.{}.self_attn.v_proj.weight": (kv_rows, hidden),
+        "model.layers.{}.self_attn.o_proj.weight": (hidden, q_rows),
+        "model.layers.{}.post_attention_layernorm.weight": (hidden,),
+        "model.layers.{}.mlp.gate_proj.weight": (inter, hidden),
+        "model.layers.{}.mlp.up_proj.weight": (inter, hidden),
+        "model.layers.{}.mlp.down_proj.weight": (hidden, inter),
+    }
+    if config.get("attention_bias"):
+        layer_shapes.update(dict(zip(LLAMA_ATTENTION_BIASES, [(q_rows,), (kv_rows,), (kv_rows,), (hidden,)])))
+    if config.get("mlp_bias"):
+        layer_shapes.update(dict(zip(LLAMA_MLP_BIASES, [(inter,), (inter,), (hidden,)])))
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for layer in range(config["num_hidden_layers"]):
+        shapes.update({name.format(layer): shape for name, shape in layer_shapes.items()})
+    return shapes
+
+
+def check_llama_tensors(shapes: Mapping[str, tuple[int, ...]], config: Mapping, source: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose tensors are not exactly what ``config`` describes."""
+    expected = llama_parameter_shapes(config)
+    missing = [name for name in expected if name not in shapes]
+    if missing:
+        raise UserError(f"{source}: missing tensor(s) {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    unexpected = [name for name in shapes if name not in expected]
+    if unexpected:
+        raise UserError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:5])} for a Llama model with this config")
+    for name, shape in shapes.items():
+        if tuple(shape) != expected[name]:
+            raise UserError(f"{source}: tensor {name} has shape {tuple(shape)}, expected {expected[name]} from the config")
+
+
+def interleaved_to_rotate_half(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder q/k rows (or biases) from interleaved RoPE pairs to HF's rotate-half pairs.
+
+    Per head, interleaved RoPE (llama2.c, and llama.cpp's permuted GGUF rows) rotates rows
+    (2i, 2i+1) together; HF Llama rotates (i, i + head_dim/2).  Taking each head's even rows then
+    its odd rows maps one onto the other with the same frequency per pair, so attention scores
+    are unchanged.  Works for weights (rows, cols) and biases (rows,).
+    """
+    rows = weight.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"{rows} rows do not split into {n_head} heads of RoPE pairs")
+    return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+class LazyTensors(Mapping[str, np.ndarray]):
+    """Name -> array, computed on access; ``shapes`` are known up front for validation.
+
+    Importers hand one to :func:`write_hf_model_dir` so that a tensor is read, dequantized or
+    permuted only when the writer reaches it."""
+
+    def __init__(self, loaders: dict[str, Callable[[], np.ndarray]], shapes: dict[str, tuple[int, ...]]):
+        self._loaders = loaders
+        self.shapes = shapes
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        array = self._loaders[name]()
+        if array.shape != self.shapes[name]:
+            raise RuntimeError(f"loader for {name} produced shape {array.shape}, declared {self.shapes[name]}")
+        return array
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+
+@dataclass(frozen=True)
+class WrittenModel:
+    out_dir: Path
+    params: int
+    weight_files: tuple[str, ...]
+
+
+def write_hf_model_dir(
+    out_dir: str | os.PathLike,
+    config: Mapping,
+    tensors: Mapping[str, np.ndarray],
+    tokenizer_files: Mapping[str, str | bytes],
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> WrittenModel:
+    """Write ``config``, ``tensors`` (cast to fp32) and ``tokenizer_files`` to ``out_dir``.
+
+    All-or-nothing: everything goes to a temporary sibling that replaces ``out_dir`` only when
+    complete; an existing ``out_dir`` is refused unless ``overwrite``.
+    """
+    for name in tokenizer_files:
+        if Path(name).name != name or name in (CONFIG_FILE, SINGLE_WEIGHTS_FILE, WEIGHTS_INDEX_FILE):
+            raise ValueError(f"tokenizer file name {name!r} must be a plain file name that is not a model file")
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        params, weight_files = _write_safetensors(tmp, tensors, max_shard_bytes)
+        (tmp / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for name, content in tokenizer_files.items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content, encoding="utf-8")
+        _apply_umask(tmp)
+    return WrittenModel(Path(out_dir), params, weight_files)
+
+
+def _apply_umask(directory: Path) -> None:
+    """The temporary directory (mkdtemp) and safetensors' files are created owner-only; give the
+    published model the permissions any ordinary file/dir gets, so others can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+
+
+def _write_safetensors(directory: Path, tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> tuple[int, tuple[str, ...]]:
+    from safetensors.numpy import save_file
+
+    shard_names: list[str] = []
+    weight_map: dict[str, int] = {}  # tensor name -> shard number
+    shard: dict[str, np.ndarray] = {}
+    shard_bytes = 0
+    params = 0
+    total_bytes = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        part = f".shard-{len(shard_names):05d}.safetensors"
+        # "format": "pt" makes transformers accept the file as a PyTorch checkpoint.
+        save_file(shard, str(directory / part), metadata={"format": "pt"})
+        shard_names.append(part)
+        shard, shard_bytes = {}, 0
+
+    for name in tensors:
+        array = np.ascontiguousarray(tensors[name], dtype=np.float32)
+        if shard and shard_bytes + array.nbytes > max_shard_bytes:
+            flush()
+        shard[name] = array
+        weight_map[name] = len(shard_names)
+        shard_bytes += array.nbytes
+        total_bytes += array.nbytes
+        params += array.size
+    if shard or not shard_names:
+        flush()
+
+    if len(shard_names) == 1:
+        os.replace(directory / shard_names[0], directory / SINGLE_WEIGHTS_FILE)
+        return params, (SINGLE_WEIGHTS_FILE,)
+    final = [f"model-{index + 1:05d}-of-{len(shard_names):05d}.safetensors" for index in range(len(shard_names))]
+    for part, name in zip(shard_names, final):
+        os.replace(directory / part, directory / name)
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": {name: final[number] for name, number in weight_map.items()}}
+    (directory / WEIGHTS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return params, tuple(final)
+
+
+def import_summary(
+    written: WrittenModel,
+    config: Mapping,
+    source_format: str,
+    source: str | os.PathLike,
+    tokenizer_source: str | os.PathLike | None = None,
+) -> dict:
+    """The one JSON object ``mindyouzhi import/fetch --json`` prints (and the human summary's data)."""
+    summary = {
+        "out": str(written.out_dir),
+        "format": source_format,
+        "arch": config["model_type"],
+        "layers": config["num_hidden_layers"],
+        "heads": config["num_attention_heads"],
+        "kv_heads": config["num_key_value_heads"],
+        "head_dim": config["head_dim"],
+        "vocab": config["vocab_size"],
+        "params": written.params,
+        "weight_files": list(written.weight_files),
+        "source": str(source),
+        "source_sha256": sha256_file(source),
+    }
+    if tokenizer_source is not None:
+        summary["tokenizer_source"] = str(tokenizer_source)
+        summary["tokenizer_sha256"] = sha256_file(tokenizer_source)
+    return summary

@@ -1,0 +1,205 @@
+"""The ``mindyouzhi`` command line: one click group, each subcommand a thin call into the library.
+
+Every command prints a human summary, or with ``--json`` exactly one JSON object on stdout.  A
+``UserError`` becomes ``error: <one line>`` on stderr and exit code 2 — never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from mindyouzhi.errors import UserError
+
+
+class _Group(click.Group):
+    """Turns user errors raised anywhere below into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+def emit(payload: dict, as_json: bool, human: str) -> None:
+    click.echo(json.dumps(payload, ensure_ascii=False) if as_json else human)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="mindyouzhi")
+def main():
+    """GQA → MLA conversion (TransMLA + YouZhi layer-adaptive FreqFold), evaluation, training and serving on MindSpore."""
+
+
+# -- eval ---------------------------------------------------------------------------------------
+@main.group("eval", cls=_Group)
+def eval_group():
+    """Perplexity, benchmarks and teacher-vs-student fidelity."""
+
+
+@eval_group.command("ppl")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="model directory")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="text file, tokenized as one stream")
+@click.option("--seq-len", default=2048, show_default=True, help="window length in tokens")
+@click.option("--max-windows", type=int, default=None, help="score only the first N windows")
+@click.option("--batch-size", default=1, show_default=True, help="windows per forward")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def eval_ppl(model_dir, data, seq_len, max_windows, batch_size, as_json):
+    """Perplexity over non-overlapping windows: exp(total NLL / predicted tokens)."""
+    from mindyouzhi.eval.ppl import perplexity, token_stream, windows
+    from mindyouzhi.models.runner import ModelRunner
+    from mindyouzhi.progress import progress_bar
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    runner = ModelRunner.from_dir(model_dir)
+    data_windows = windows(token_stream(runner.tokenizer, data), seq_len, max_windows, data)
+    bar = progress_bar(data_windows.size, "ppl", "tok")
+    result = perplexity(runner, data_windows, batch_size, progress=bar.update)
+    bar.close()
+    payload = result.to_dict()
+    emit(payload, as_json, f"ppl {result.ppl:.4f} over {result.windows} windows × {seq_len} tokens "
+                           f"({result.tokens} predicted), {result.tokens_per_second:.0f} tok/s")
+
+
+# -- convert ------------------------------------------------------------------------------------
+@main.command("convert")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="source GQA model directory")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="output model directory")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="calibration text (never the test split)")
+@click.option("--calib-tokens", default=128 * 256, show_default=True, help="calibration tokens (windows × seq len)")
+@click.option("--calib-seq-len", default=256, show_default=True)
+@click.option("--rope-dim", type=int, default=None, help="shared RoPE key width (default head_dim/2)")
+@click.option("--kv-lora-rank", default=None, help="latent width K, or 'full' (no truncation); default min(4·head_dim, full)")
+@click.option("--freqfold", default="adaptive", show_default=True, help="adaptive | uniform | a fold size F")
+@click.option("--folds", default=None, help="candidate folds for the search, e.g. 1,2,4,8 (default: all legal)")
+@click.option("--criterion", default="stage1", show_default=True, type=click.Choice(["stage1", "final", "kl"]))
+@click.option("--search-data", type=click.Path(path_type=Path), default=None, help="search split (default: --calib)")
+@click.option("--search-tokens", default=8192, show_default=True)
+@click.option("--search-seq-len", default=512, show_default=True)
+@click.option("--layers", default=None, help="layers to convert: all | 0-3,7 | last:N (others stay GQA)")
+@click.option("--stage", default=2, show_default=True, type=int, help="1 = stop after RoRoPE/FreqFold (partial-RoPE model)")
+@click.option("--latent-norm", is_flag=True, help="add kv_a_layernorm (initialised to the identity on average)")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="report ppl at each stage on this text")
+@click.option("--eval-seq-len", default=2048, show_default=True)
+@click.option("--eval-max-windows", type=int, default=None)
+@click.option("--seed", default=42, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="windows per layer forward")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="search state (default: next to --out)")
+@click.option("--restart", is_flag=True, help="discard a saved search state")
+@click.option("--no-uniform-guard", is_flag=True, help="do not fall back to the best uniform plan if it scores better")
+@click.option("--no-trajectories", is_flag=True, help="skip the uniform trajectories (faster; no Figure-9 plot)")
+@click.option("--rope-all", is_flag=True, hidden=True, help="exactness mode: RoPE kept on every rotated component")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out")
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
+def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, rope_dim, kv_lora_rank, freqfold, folds, criterion,
+                search_data, search_tokens, search_seq_len, layers, stage, latent_norm, eval_data, eval_seq_len,
+                eval_max_windows, seed, batch_size, work_dir, restart, no_uniform_guard, no_trajectories, rope_all,
+                overwrite, as_json):
+    """Convert a GQA model into an MLA model (RoRoPE + FreqFold, BKV joint low-rank)."""
+    from mindyouzhi.transition.convert import ConvertOptions, convert
+
+    if calib is None:
+        raise UserError("--calib FILE is required: calibration text such as wiki.valid.tokens (never the test split)")
+    options = ConvertOptions(
+        model=model_dir, out=out, calib=calib, rope_dim=rope_dim, kv_lora_rank=kv_lora_rank, freqfold=freqfold,
+        search_data=search_data, search_tokens=search_tokens, search_seq_len=search_seq_len, calib_tokens=calib_tokens,
+        calib_seq_len=calib_seq_len, layers=layers, latent_norm=latent_norm, stage=stage, criterion=criterion,
+        folds=_int_list(folds, "--folds"), eval_data=eval_data, eval_seq_len=eval_seq_len,
+        eval_max_windows=eval_max_windows, seed=seed, overwrite=overwrite, work_dir=work_dir, restart=restart,
+        batch_size=batch_size, uniform_guard=not no_uniform_guard, trajectories=not no_trajectories, rope_all=rope_all)
+    report = convert(options)
+    emit(report, as_json, _convert_summary(report, out))
+
+
+def _int_list(text, flag):
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text}: expected comma-separated integers") from None
+
+
+def _convert_summary(report: dict, out: Path) -> str:
+    kv = report["kv_values_per_token"]
+    lines = [f"converted → {out}",
+             f"  rope_dim {report['rope_dim']}, kv_lora_rank {report['kv_lora_rank']}, stage {report['stage']}",
+             f"  fold plan (f): {report['fold_plan']}",
+             f"  paper labels:  {report['fold_plan_paper_labels']}",
+             f"  KV cache per token (all layers): {kv['before']} → {kv['after']} values ({kv['reduction']:.1%} smaller)"]
+    search = report.get("search") or {}
+    if search.get("mode") == "adaptive":
+        uniform = ", ".join(f"f={f}: {s:.4f}" for f, s in search["uniform_scores"].items())
+        lines.append(f"  search ({search['criterion']}): original {search['original']:.4f}, adaptive {search['adaptive']:.4f}; uniform {uniform}")
+        lines.append(f"  search cost: {search['search_forward_equivalents']:.1f} full-forward equivalents "
+                     f"(L·|S| = {search['budget_forward_equivalents']}); with uniform baselines and trajectories "
+                     f"{search['full_forward_equivalents']:.1f}, {search['evaluations']} evaluations")
+    elif search.get("mode") == "uniform":
+        lines.append(f"  uniform search: {search['uniform_scores']} → f={search['chosen']}")
+    ppl = report.get("ppl") or {}
+    if ppl:
+        stages = " → ".join(f"{k} {ppl[k]:.4f}" for k in ("original", "stage1", "final") if k in ppl)
+        lines.append(f"  ppl ({ppl['windows']} windows × {ppl['seq_len']}): {stages}")
+    lines.append(f"  time {report['timings_seconds']['total']:.1f} s, peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB")
+    return "\n".join(lines)
+
+
+# -- analyze ------------------------------------------------------------------------------------
+@main.group("analyze", cls=_Group)
+def analyze_group():
+    """Studies of how layers react to the conversion."""
+
+
+@analyze_group.command("layers")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--search-data", required=True, type=click.Path(path_type=Path), help="text to measure ppl on (not the test split)")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="calibration text (default: --search-data)")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="directory for layers.json and the PNGs")
+@click.option("--rope-dim", type=int, default=None)
+@click.option("--folds", default=None, help="folds to try (default: all legal)")
+@click.option("--calib-tokens", default=128 * 256, show_default=True)
+@click.option("--search-tokens", default=8192, show_default=True)
+@click.option("--search-seq-len", default=512, show_default=True)
+@click.option("--seed", default=42, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def analyze_layers_cmd(model_dir, search_data, calib, out, rope_dim, folds, calib_tokens, search_tokens, search_seq_len,
+                       seed, batch_size, overwrite, as_json):
+    """Each layer alone converted with each fold (others GQA): ppl change per layer (the paper's Figure 4)."""
+    from mindyouzhi.transition.analyze import analyze_layers
+
+    result = analyze_layers(model_dir, search_data, calib or search_data, out, rope_dim, _int_list(folds, "--folds"),
+                            calib_tokens, search_tokens, search_seq_len, seed, batch_size, overwrite)
+    best = ", ".join(f"L{layer}: f={min(d, key=d.get)}" for layer, d in result["delta"].items())
+    emit(result, as_json, f"layer sensitivity → {out}\n  original ppl {result['original']:.4f}\n  best fold per layer: {best}")
+
+
+def _register_optional_commands() -> None:
+    """Subcommands that live in their own modules."""
+    from mindyouzhi.commands_import import fetch, import_cmd
+
+    main.add_command(import_cmd)
+    main.add_command(fetch)
+    try:  # TEMPORARY-WIRING
+        from mindyouzhi.datagen.cli import data
+        main.add_command(data)
+    except ImportError:
+        pass
+    try:  # TEMPORARY-WIRING
+        from mindyouzhi.eval.cli import bench_cmd, kl_cmd, suite_cmd
+        for command in (bench_cmd, kl_cmd, suite_cmd):
+            eval_group.add_command(command)
+    except ImportError:
+        pass
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    main()

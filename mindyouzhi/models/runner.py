@@ -1,0 +1,142 @@
+"""ModelRunner: a loaded model plus its tokenizer, with fast forwards for evaluation.
+
+The forward runs layer by layer through ``functional.gqa_layer`` / ``mla_layer`` (each under
+``ms.jit``, weights passed as arguments), then a jitted head.  One compiled graph per layer shape
+serves every layer, and intermediates of one layer are freed before the next runs: a whole-model
+graph on CPU compiles slowly and keeps every layer's attention scores alive (tens of GB at 2k
+context), while this path is both faster and bounded in memory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import mindspore as ms
+from mindspore import ops
+
+from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+
+from . import functional as F
+from .config import ModelConfig
+from .decoder import RopeTables, layer_function, read_global_weights, read_layer_weights
+from .layers import causal_mask, to_tensor
+
+_DEVICE_SET = False
+
+
+def ensure_device() -> None:
+    """Select the CPU backend once (Ascend users set the device before importing us)."""
+    global _DEVICE_SET
+    if not _DEVICE_SET:
+        try:
+            if ms.get_context("device_target") != "Ascend":
+                ms.set_device("CPU")
+        except RuntimeError:
+            pass
+        _DEVICE_SET = True
+
+
+@ms.jit
+def _embed(table, ids):
+    return ops.gather(table, ids, 0)
+
+
+@ms.jit
+def _head_logits(hidden, norm, head, eps):
+    return ops.dense(F.rms_norm(hidden, norm, eps), head)
+
+
+@ms.jit
+def _head_nll(hidden, targets, norm, head, eps):
+    logits = ops.dense(F.rms_norm(hidden, norm, eps), head)
+    picked = ops.gather_elements(logits, 2, targets.expand_dims(-1)).squeeze(-1)
+    return ops.logsumexp(logits, -1) - picked
+
+
+@ms.jit
+def _head_logprobs(hidden, norm, head, eps):
+    return ops.log_softmax(ops.dense(F.rms_norm(hidden, norm, eps), head), -1)
+
+
+class ModelRunner:
+    """Inference over plain weight tensors (no Cells: training builds ``decoder.CausalLM``)."""
+
+    def __init__(self, config: ModelConfig, source, tokenizer=None, model_dir: Optional[Path] = None,
+                 where: str = "weights"):
+        ensure_device()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_dir = model_dir
+        self.rope = RopeTables(config)
+        self.max_seq_len = config.max_position_embeddings
+        glob = read_global_weights(source, config, where)
+        self.layer_weights = [{k: to_tensor(v) for k, v in read_layer_weights(source, config, i, where).items()}
+                              for i in range(config.num_hidden_layers)]
+        self._layers = [layer_function(config, i, w) for i, w in enumerate(self.layer_weights)]
+        self._embed_table = to_tensor(glob["model.embed_tokens.weight"])
+        self._norm = to_tensor(glob["model.norm.weight"])
+        self._head = self._embed_table if config.tie_word_embeddings else to_tensor(glob["lm_head.weight"])
+        self._eps = float(config.rms_norm_eps)
+        self._tables: dict[int, tuple] = {}
+
+    @classmethod
+    def from_dir(cls, model_dir, with_tokenizer: bool = True) -> "ModelRunner":
+        ensure_device()
+        model_dir = Path(model_dir)
+        config = ModelConfig.from_dir(model_dir)
+        tokenizer = None
+        if with_tokenizer:
+            from mindyouzhi.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(model_dir)
+        return cls(config, SafetensorsStore(model_dir), tokenizer, model_dir, where=str(model_dir))
+
+    @classmethod
+    def from_weights(cls, config: ModelConfig, weights, tokenizer=None) -> "ModelRunner":
+        return cls(config, weights, tokenizer)
+
+    def embed(self, ids):
+        return _embed(self._embed_table, ids)
+
+    def head_logits(self, hidden):
+        return _head_logits(hidden, self._norm, self._head, self._eps)
+
+    def _inputs(self, length: int):
+        if length not in self._tables:
+            cos, sin, mcos, msin = self.rope(length)
+            self._tables = {length: tuple(to_tensor(t) for t in (cos, sin, mcos, msin, causal_mask(length)))}
+        return self._tables[length]
+
+    def hidden(self, input_ids: np.ndarray):
+        """Final hidden states (before the last norm) as a MindSpore tensor [B, T, D]."""
+        ids = to_tensor(np.asarray(input_ids, dtype=np.int32), ms.int32)
+        tables = self._inputs(ids.shape[1])
+        x = _embed(self._embed_table, ids)
+        for layer in self._layers:
+            x = layer(x, *tables)
+        return x
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        return _head_logits(self.hidden(input_ids), self._norm, self._head, self._eps).asnumpy()
+
+    def token_nll(self, input_ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Per-position NLL of ``targets`` [B, T] after ``input_ids`` [B, T] (float32)."""
+        targets = to_tensor(np.asarray(targets, np.int32), ms.int32)
+        return _head_nll(self.hidden(input_ids), targets, self._norm, self._head, self._eps).asnumpy()
+
+    def logprobs(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Per sequence, [n, vocab] log-softmax of the next-token distribution after ids[:t+1]."""
+        if not batch:
+            return []
+        length = max(len(seq) for seq in batch)
+        padded = np.zeros((len(batch), length), dtype=np.int32)
+        for row, seq in enumerate(batch):
+            padded[row, : len(seq)] = seq  # right padding: causal attention never sees it
+        out = _head_logprobs(self.hidden(padded), self._norm, self._head, self._eps).asnumpy()
+        return [out[row, : len(seq)] for row, seq in enumerate(batch)]
+
+    def greedy_generate(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+        from .generation import generate
+
+        return generate(self, list(prompt_ids), max_new_tokens, stop_ids=stop_ids)

@@ -1,0 +1,120 @@
+"""Calibration: seeded token windows, layer-by-layer hidden-state streaming, input Gram matrices.
+
+Every PCA of the conversion is a second moment of a linear function of a layer's normed input x,
+so one augmented Gram matrix ``G = Σ_t [x_t;1][x_t;1]ᵀ`` (float64) per layer is all the
+statistics we keep.  Hidden states are advanced one layer at a time, so peak memory is one layer's
+weights + the calibration hidden states + the Gram matrices, never all activations of all layers.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from mindyouzhi.errors import UserError
+from mindyouzhi.eval.ppl import read_text
+from mindyouzhi.models.config import ModelConfig
+from mindyouzhi.models.decoder import RopeTables, layer_function
+from mindyouzhi.models.layers import causal_mask, to_tensor
+
+
+def sample_windows(tokens: np.ndarray, count: int, seq_len: int, seed: int, path, flag: str) -> np.ndarray:
+    """``count`` distinct non-overlapping windows of ``seq_len`` tokens, chosen with ``seed``."""
+    slots = len(tokens) // seq_len
+    if slots < count:
+        raise UserError(f"{flag} {path}: {len(tokens)} tokens, shorter than the requested "
+                        f"{count} × {seq_len} = {count * seq_len} tokens")
+    chosen = np.sort(np.random.default_rng(seed).choice(slots, size=count, replace=False))
+    return np.stack([tokens[s * seq_len:(s + 1) * seq_len] for s in chosen]).astype(np.int32)
+
+
+def text_windows(tokenizer, path, total_tokens: int, seq_len: int, seed: int, flag: str) -> np.ndarray:
+    if total_tokens < seq_len:
+        raise UserError(f"{flag.replace('--calib', '--calib-tokens')} {total_tokens}: must be at least one window of {seq_len}")
+    tokens = np.asarray(tokenizer.encode(read_text(path, flag)), dtype=np.int32)
+    return sample_windows(tokens, total_tokens // seq_len, seq_len, seed, path, flag)
+
+
+def rms_normed(hidden: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    h = hidden.reshape(-1, hidden.shape[-1])
+    variance = np.mean(h.astype(np.float32) ** 2, axis=-1, keepdims=True)
+    return (h / np.sqrt(variance + eps) * weight).astype(np.float32)
+
+
+def augmented_gram(normed: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Σ [x;1][x;1]ᵀ in float64 over the rows of ``normed`` [N, D]."""
+    dim = normed.shape[1]
+    gram = np.zeros((dim + 1, dim + 1))
+    for start in range(0, normed.shape[0], chunk):
+        x = np.asarray(normed[start:start + chunk], np.float64)
+        gram[:dim, :dim] += x.T @ x
+        column = x.sum(0)
+        gram[:dim, dim] += column
+        gram[dim, :dim] += column
+        gram[dim, dim] += x.shape[0]
+    return gram
+
+
+def layer_gram(hidden: np.ndarray, layer_weights: dict, eps: float, keep_normed: bool = False):
+    normed = rms_normed(hidden, layer_weights["input_layernorm.weight"], eps)
+    gram = augmented_gram(normed)
+    return (gram, normed) if keep_normed else (gram, None)
+
+
+class LayerRunner:
+    """Advance hidden states [n, T, D] through one decoder layer built from numpy weights (jitted)."""
+
+    def __init__(self, seq_len: int, batch_size: int = 8):
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self._mask = to_tensor(causal_mask(seq_len))
+        self.layer_forwards = 0  # tokens·layers processed, for cost accounting
+
+    def cell(self, config: ModelConfig, index: int, weights: dict):
+        fn = layer_function(config, index, weights)
+        cos, sin, mcos, msin = (to_tensor(t) for t in RopeTables(config)(self.seq_len))
+        mask = self._mask
+
+        def run(hidden: np.ndarray) -> np.ndarray:
+            out = np.empty_like(hidden)
+            for start in range(0, hidden.shape[0], self.batch_size):
+                batch = to_tensor(hidden[start:start + self.batch_size])
+                out[start:start + self.batch_size] = fn(batch, cos, sin, mcos, msin, mask).asnumpy()
+            self.layer_forwards += hidden.shape[0]
+            return out
+
+        return run
+
+    def run(self, config: ModelConfig, index: int, weights: dict, hidden: np.ndarray) -> np.ndarray:
+        return self.cell(config, index, weights)(hidden)
+
+
+class GramCache:
+    """Per-layer Gram matrices, kept in memory or spilled to ``directory`` (np.save, read by mmap)."""
+
+    def __init__(self, directory: Optional[Path] = None):
+        self.directory = Path(directory) if directory else None
+        self._memory: dict[int, np.ndarray] = {}
+
+    def __setitem__(self, layer: int, gram: np.ndarray) -> None:
+        if self.directory is None:
+            self._memory[layer] = gram
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".npy")
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, gram)
+        os.replace(tmp, self.directory / f"gram_{layer:04d}.npy")
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        if self.directory is None:
+            return self._memory[layer]
+        return np.load(self.directory / f"gram_{layer:04d}.npy", mmap_mode="r")
+
+    def __contains__(self, layer: int) -> bool:
+        if self.directory is None:
+            return layer in self._memory
+        return (self.directory / f"gram_{layer:04d}.npy").is_file()

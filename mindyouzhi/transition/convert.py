@@ -1,0 +1,303 @@
+"""``mindyouzhi convert``: validate everything, calibrate, choose the fold plan, convert, report.
+
+All argument and data checks run before any expensive work, and the output directory appears only
+when complete (written under a temporary name, then renamed).  Searches keep their state in a
+work directory next to the output, so a killed run resumes.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+from mindyouzhi.errors import UserError
+from mindyouzhi.io_utils import atomic_output_dir, check_output_dir, peak_rss_bytes, sha256_file, write_json_atomic
+from mindyouzhi.models.config import ModelConfig
+from mindyouzhi.models.decoder import read_global_weights
+
+from .calibration import GramCache, text_windows
+from .folds import check_fold, collapse, legal_folds, paper_label
+from .layers import full_rank
+from .pipeline import ConversionPlan, check_convertible, compute_original_grams, convert_streaming, copy_side_files
+from .plots import plot_plan, plot_trajectory
+from .search import CRITERIA, CandidateFactory, HybridEvaluator, best_uniform, run_adaptive_search
+
+
+@dataclass
+class ConvertOptions:
+    model: Path
+    out: Path
+    calib: Path
+    rope_dim: Optional[int] = None
+    kv_lora_rank: Union[int, str, None] = None  # int, "full", or None for the default
+    freqfold: str = "adaptive"  # "adaptive" | "uniform" | an integer
+    search_data: Optional[Path] = None
+    search_tokens: int = 8192
+    search_seq_len: int = 512
+    calib_tokens: int = 128 * 256
+    calib_seq_len: int = 256
+    layers: Optional[str] = None
+    latent_norm: bool = False
+    stage: int = 2
+    criterion: str = "stage1"
+    folds: Optional[list[int]] = None
+    eval_data: Optional[Path] = None
+    eval_seq_len: int = 2048
+    eval_max_windows: Optional[int] = None
+    seed: int = 42
+    overwrite: bool = False
+    work_dir: Optional[Path] = None
+    restart: bool = False
+    keep_work: bool = False
+    batch_size: int = 8
+    uniform_guard: bool = True
+    trajectories: bool = True
+    rope_all: bool = False  # exactness mode (RoPE on every component); hidden from the CLI help
+    extra: dict = field(default_factory=dict)
+
+
+def parse_layers(spec: Optional[str], num_layers: int) -> set[int]:
+    """``"all"``, ``"0-3,7"``, ``"last:4"`` → set of layer indices."""
+    if spec is None or spec.strip() == "all":
+        return set(range(num_layers))
+    spec = spec.strip()
+    match = re.fullmatch(r"last:(\d+)", spec)
+    if match:
+        count = int(match.group(1))
+        if not 0 < count <= num_layers:
+            raise UserError(f"--layers {spec}: expected last:N with 1 ≤ N ≤ {num_layers}")
+        return set(range(num_layers - count, num_layers))
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise UserError(f"--layers {spec}: expected 'all', 'last:N' or a list like '0-3,7'")
+        low, high = int(match.group(1)), int(match.group(2) or match.group(1))
+        if low > high or high >= num_layers:
+            raise UserError(f"--layers {spec}: layer indices must lie in 0…{num_layers - 1}")
+        chosen.update(range(low, high + 1))
+    return chosen
+
+
+def _file(path: Optional[Path], flag: str) -> Optional[Path]:
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: file not found")
+    return path
+
+
+def _resolve(options: ConvertOptions):
+    """All validation that needs no heavy work; returns (config, rope_dim, rank, candidates, layers)."""
+    config = ModelConfig.from_dir(options.model)
+    check_convertible(config, str(options.model))
+    check_output_dir(options.out, options.overwrite)
+    rope_dim = options.rope_dim if options.rope_dim is not None else config.head_dim // 2
+    if options.rope_all:
+        rope_dim = config.head_dim
+    collapse(config.head_dim, rope_dim)
+    limit = full_rank(config, rope_dim, options.rope_all)
+    rank = options.kv_lora_rank
+    if rank is None:
+        rank = min(4 * config.head_dim, limit)
+    elif isinstance(rank, str):
+        if rank != "full":
+            try:
+                rank = int(rank)
+            except ValueError:
+                raise UserError(f"--kv-lora-rank {rank}: expected a positive integer or 'full'") from None
+        else:
+            rank = None
+    if rank is not None and not 0 < rank <= limit:
+        raise UserError(f"--kv-lora-rank {rank}: the maximum for this model is {limit} "
+                        f"(2 × {config.num_key_value_heads} KV heads × head_dim {config.head_dim} − rope_dim {rope_dim})")
+    if options.stage not in (1, 2):
+        raise UserError(f"--stage {options.stage}: expected 1 or 2")
+    if options.criterion not in CRITERIA:
+        raise UserError(f"--criterion {options.criterion}: expected one of {', '.join(CRITERIA)}")
+    candidates = options.folds or legal_folds(config.head_dim, rope_dim)
+    for fold in candidates:
+        check_fold(fold, config.head_dim, rope_dim, "--folds")
+    if options.freqfold not in ("adaptive", "uniform"):
+        try:
+            fixed = int(options.freqfold)
+        except ValueError:
+            raise UserError(f"--freqfold {options.freqfold}: expected 'adaptive', 'uniform' or an integer fold") from None
+        if not options.rope_all:
+            check_fold(fixed, config.head_dim, rope_dim)
+    layers = parse_layers(options.layers, config.num_hidden_layers)
+    _file(options.calib, "--calib")
+    _file(options.search_data, "--search-data")
+    _file(options.eval_data, "--eval-data")
+    if options.eval_data is not None:
+        eval_hash = sha256_file(options.eval_data)
+        for flag, path in (("--calib", options.calib), ("--search-data", options.search_data)):
+            if path is not None and sha256_file(path) == eval_hash:
+                raise UserError(f"{flag} {path} and --eval-data {options.eval_data} are the same data: calibration and "
+                                "search must never see the evaluation split")
+    if options.latent_norm and options.stage == 1:
+        raise UserError("--latent-norm applies to the low-rank stage; it cannot be combined with --stage 1")
+    return config, rope_dim, rank, candidates, layers
+
+
+def convert(options: ConvertOptions) -> dict:
+    started = time.perf_counter()
+    config, rope_dim, rank, candidates, layers = _resolve(options)
+    from mindyouzhi.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(options.model)
+    timings: dict[str, float] = {}
+    data_files = {"calib": options.calib, "search": options.search_data or options.calib, "eval": options.eval_data}
+    hashes = {role: {"path": str(path), "sha256": sha256_file(path)} for role, path in data_files.items() if path}
+    t0 = time.perf_counter()
+    calib = text_windows(tokenizer, options.calib, options.calib_tokens, options.calib_seq_len, options.seed, "--calib")
+    timings["calibration_tokenize"] = time.perf_counter() - t0
+    store = SafetensorsStore(options.model)
+    work = options.work_dir or options.out.parent / f".{options.out.name}.work"
+    if options.restart and work.exists():
+        shutil.rmtree(work)
+    search_info: dict = {}
+    grams = None
+    fixed_fold = None if options.freqfold in ("adaptive", "uniform") else int(options.freqfold)
+    if fixed_fold is not None:
+        plan_folds = [fixed_fold if i in layers else None for i in range(config.num_hidden_layers)]
+    else:
+        t0 = time.perf_counter()
+        grams = GramCache(work / "grams")
+        compute_original_grams(config, store, calib, grams, options.batch_size, str(options.model))
+        timings["calibration"] = time.perf_counter() - t0
+        search_path = data_files["search"]
+        search_windows = text_windows(tokenizer, search_path, options.search_tokens, options.search_seq_len,
+                                      options.seed + 1, "--search-data")
+        t0 = time.perf_counter()
+        evaluator = HybridEvaluator(config, store, search_windows, options.criterion, options.batch_size,
+                                    spill_dir=work / "hidden", where=str(options.model))
+        timings["search_prefix"] = time.perf_counter() - t0
+        factory = CandidateFactory(evaluator, grams, rope_dim, rank)
+        t0 = time.perf_counter()
+        if options.freqfold == "uniform":
+            best, scores = best_uniform(evaluator, factory, candidates, layers)
+            plan_folds = [best if i in layers else None for i in range(config.num_hidden_layers)]
+            search_info = {"mode": "uniform", "uniform_scores": {str(f): s for f, s in scores.items()}, "chosen": best,
+                           "evaluations": evaluator.evaluations,
+                           "full_forward_equivalents": evaluator.full_forward_equivalents()}
+        else:
+            fingerprint = {"model": _model_fingerprint(options.model), "search": hashes["search"]["sha256"],
+                           "calib": hashes["calib"]["sha256"], "criterion": options.criterion, "rope_dim": rope_dim,
+                           "rank": rank, "seed": options.seed, "search_tokens": options.search_tokens,
+                           "search_seq_len": options.search_seq_len, "calib_tokens": options.calib_tokens,
+                           "layers": sorted(layers)}
+            outcome = run_adaptive_search(evaluator, factory, candidates, work / "search_state.json", fingerprint,
+                                          options.uniform_guard, options.trajectories, layers)
+            plan_folds = outcome.plan
+            search_info = {
+                "mode": "adaptive", "criterion": options.criterion, "original": outcome.original,
+                "adaptive": outcome.adaptive_score,
+                "uniform_scores": {str(f): s for f, s in outcome.uniform_scores.items()},
+                "fell_back_to_uniform": outcome.fell_back_to_uniform, "rounds": outcome.rounds,
+                "trajectory": {k: [list(p) for p in v] for k, v in outcome.trajectory.items()},
+                "evaluations": outcome.evaluations,
+                "full_forward_equivalents": outcome.full_forward_equivalents,
+                "search_forward_equivalents": outcome.search_forward_equivalents,
+                "budget_forward_equivalents": len(layers) * len(candidates),
+                "search_seconds": outcome.seconds,
+            }
+        timings["search"] = time.perf_counter() - t0
+        search_info["search_windows"] = list(search_windows.shape)
+    plan = ConversionPlan(rope_dim, plan_folds, rank, options.stage, options.latent_norm, options.rope_all)
+    with atomic_output_dir(options.out, options.overwrite) as tmp:
+        t0 = time.perf_counter()
+        result = convert_streaming(options.model, tmp, plan, calib, grams, keep_stage1=options.eval_data is not None,
+                                   batch_size=options.batch_size)
+        timings["convert"] = time.perf_counter() - t0
+        (tmp / "config.json").write_text(_json(result.config.to_hf_dict()))
+        copy_side_files(options.model, tmp)
+        ppl = {}
+        if options.eval_data is not None:
+            t0 = time.perf_counter()
+            ppl = _evaluate_stages(options, config, result, tokenizer, store, tmp)
+            timings["evaluation"] = time.perf_counter() - t0
+        report = _report(options, config, result, plan, rank, candidates, search_info, ppl, hashes, timings, started)
+        if search_info.get("trajectory"):
+            plot_trajectory(search_info["trajectory"], search_info["original"], tmp / "search_trajectory.png",
+                            ylabel=f"search criterion ({options.criterion})")
+        if any(f is not None for f in plan_folds):
+            plot_plan(plan_folds, tmp / "fold_plan.png", {"rope_dim": rope_dim, "kv_lora_rank": rank or "full"})
+        write_json_atomic(tmp / "report.json", report)
+    if work.exists() and not options.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def _model_fingerprint(model_dir: Path) -> str:
+    """Cheap identity of a model dir: config + weight file sizes and mtimes."""
+    import hashlib
+
+    digest = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return digest.hexdigest()
+
+
+def _evaluate_stages(options, config, result, tokenizer, store, out_tmp: Path) -> dict:
+    from mindyouzhi.eval.ppl import perplexity, token_stream, windows
+    from mindyouzhi.models.runner import ModelRunner
+
+    data = windows(token_stream(tokenizer, options.eval_data, "--eval-data"), options.eval_seq_len,
+                   options.eval_max_windows, options.eval_data, "--eval-data")
+    out = {"windows": int(data.shape[0]), "seq_len": int(data.shape[1])}
+    out["original"] = perplexity(ModelRunner.from_dir(options.model, with_tokenizer=False), data).ppl
+    if result.stage1_weights is not None and result.config.mla is not None:
+        weights = dict(result.stage1_weights)
+        weights.update(read_global_weights(store, config))
+        ranks = [full_rank(config, result.config.mla.rope_dim, result.config.mla.rope_all) if f is not None else None
+                 for f in result.config.mla.fold_plan]
+        stage1_config = result.config.replace(mla=result.config.mla.__class__(
+            rope_dim=result.config.mla.rope_dim, kv_lora_rank=ranks, fold_plan=result.config.mla.fold_plan,
+            latent_norm=False, rope_all=result.config.mla.rope_all, stage=1))
+        out["stage1"] = perplexity(ModelRunner.from_weights(stage1_config, weights), data).ppl
+        del weights
+    out["final"] = perplexity(ModelRunner.from_dir(out_tmp, with_tokenizer=False), data).ppl
+    return out
+
+
+def _report(options, config, result, plan, rank, candidates, search_info, ppl, hashes, timings, started) -> dict:
+    kv_before = [config.kv_values_per_token(i) for i in range(config.num_hidden_layers)]
+    kv_after = [result.config.kv_values_per_token(i) for i in range(config.num_hidden_layers)]
+    return {
+        "model": str(options.model),
+        "rope_dim": plan.rope_dim,
+        "kv_lora_rank": rank if rank is not None else "full",
+        "stage": plan.stage,
+        "latent_norm": plan.latent_norm,
+        "freqfold": options.freqfold,
+        "fold_plan": plan.fold_plan,
+        "fold_plan_paper_labels": [paper_label(f, config.head_dim, plan.rope_dim) if f is not None else None
+                                   for f in plan.fold_plan],
+        "candidate_folds": candidates,
+        "criterion": options.criterion if search_info else None,
+        "search": search_info,
+        "ppl": ppl,
+        "kv_values_per_token_per_layer": {"before": kv_before, "after": kv_after},
+        "kv_values_per_token": {"before": int(sum(kv_before)), "after": int(sum(kv_after)),
+                                "reduction": 1.0 - sum(kv_after) / sum(kv_before)},
+        "layers": result.layers,
+        "data": hashes,
+        "calibration": {"tokens": options.calib_tokens, "seq_len": options.calib_seq_len, "seed": options.seed},
+        "timings_seconds": {k: round(v, 3) for k, v in {**timings, "total": time.perf_counter() - started}.items()},
+        "peak_rss_bytes": peak_rss_bytes(),
+    }

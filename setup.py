@@ -1,0 +1,50 @@
+"""mindyouzhi: turn GQA language models into MLA models with a much smaller KV cache (MindSpore).
+
+The repository keeps the design card's top level (``convert_weights/`` and ``ops/`` next to the
+package); they are installed as the sub-packages ``mindyouzhi.convert_weights`` and
+``mindyouzhi.ops`` so nothing generic lands at the top of site-packages.
+"""
+from setuptools import setup
+
+PACKAGES = [
+    "mindyouzhi",
+    "mindyouzhi.models",
+    "mindyouzhi.transition",
+    "mindyouzhi.eval",
+    "mindyouzhi.export",
+    "mindyouzhi.serve",
+    "mindyouzhi.train",
+    "mindyouzhi.datagen",
+    "mindyouzhi.convert_weights",
+    "mindyouzhi.ops",
+]
+
+setup(
+    name="mindyouzhi",
+    version="0.1.0",
+    description="GQA → MLA conversion with layer-adaptive FreqFold, distillation and serving, on MindSpore",
+    python_requires=">=3.9,<3.13",
+    packages=PACKAGES,
+    package_dir={
+        "mindyouzhi.convert_weights": "convert_weights",
+        "mindyouzhi.ops": "ops",
+    },
+    package_data={"mindyouzhi.ops": ["*.cc", "*.h"], "mindyouzhi.datagen": ["*.yaml"]},
+    install_requires=[
+        "mindspore==2.10.0",
+        "numpy<2",
+        "safetensors>=0.4",
+        "click>=8.1",
+        "tokenizers>=0.19",
+        "gguf>=0.10",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "jinja2>=3",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.52", "accelerate", "cn2an"],
+        "probe": ["mindstudio-probe==26.2.0"],
+    },
+    entry_points={"console_scripts": ["mindyouzhi=mindyouzhi.cli:main"]},
+)
