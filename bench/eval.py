@@ -13,6 +13,10 @@ Runs, on both models in the same process (so timings are comparable: report rati
 * KL(original ‖ converted) and top-1 agreement on the first ``--kl-windows`` windows of 512 tokens
   of WikiText-2 raw test.
 
+Throughput is reported twice: end to end per task (includes MindSpore's graph compilation, one
+per new input shape, so it is noisy), and steady state — forward tokens/s of ``logprobs`` on one
+sequence of 512 and of 2048 tokens after a warm-up call — which is the figure to compare.
+
 Prints the side-by-side table and throughput, and writes ``bench/results/eval.json``.
 """
 from __future__ import annotations
@@ -21,11 +25,15 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mindyouzhi.eval.lm import load_language_model  # noqa: E402
 from mindyouzhi.eval.suite import SuiteEntry, render_markdown, run_suite, suite_summary  # noqa: E402
 from mindyouzhi.eval.tasks.classification import FPB, read_sentences  # noqa: E402
 from mindyouzhi.io_utils import write_json_atomic  # noqa: E402
@@ -59,7 +67,7 @@ def entries(shared: Path, limit: int, subject_limit: int, kl_windows: int, batch
 
 
 def throughput(result: dict) -> dict:
-    """Per task and model: seconds, items/s, tokens/s; and converted / original ratios."""
+    """Per task and model, end to end: seconds, items/s, tokens/s; and converted / original ratios."""
     reference, other = result["models"][0]["label"], result["models"][1]["label"]
     table = {}
     for task in result["tasks"]:
@@ -71,6 +79,20 @@ def throughput(result: dict) -> dict:
                 row["tokens_per_second_ratio"] = round(conv["tokens_per_second"] / ref["tokens_per_second"], 4)
         table[task["name"]] = row
     return table
+
+
+def steady_state_throughput(model_dir: Path, lengths=(512, 2048), repeats: int = 2) -> dict:
+    """Forward tokens/s of ``logprobs`` on one sequence per length, after a warm-up (compile) call."""
+    lm = load_language_model(model_dir)
+    ids = np.random.default_rng(0).integers(0, lm.tokenizer.vocab_size, size=max(lengths)).tolist()
+    speeds = {}
+    for length in lengths:
+        lm.logprobs([ids[:length]])
+        started = time.perf_counter()
+        for _ in range(repeats):
+            lm.logprobs([ids[:length]])
+        speeds[str(length)] = round(repeats * length / (time.perf_counter() - started), 1)
+    return speeds
 
 
 def main() -> None:
@@ -89,6 +111,10 @@ def main() -> None:
         pool = fpb_fewshot_pool(args.shared / "data" / "eval" / "fpb", Path(tmp) / "fpb_fewshot.txt")
         suite = entries(args.shared, args.limit, args.subject_limit, args.kl_windows, args.batch_size, pool)
         result = run_suite([args.original, args.converted], suite, ["original", "converted"])
+    steady = {label: steady_state_throughput(model_dir)
+              for label, model_dir in (("original", args.original), ("converted", args.converted))}
+    steady["converted/original"] = {length: round(steady["converted"][length] / steady["original"][length], 4)
+                                    for length in steady["original"]}
     table = render_markdown(result)
     report = {
         "benchmark": "eval",
@@ -96,6 +122,7 @@ def main() -> None:
                      "batch_size": args.batch_size},
         "comparison": suite_summary(result),
         "throughput": throughput(result),
+        "steady_state_tokens_per_second": steady,
         "table_markdown": table,
     }
     write_json_atomic(args.out, report)
@@ -104,6 +131,9 @@ def main() -> None:
         ratio = row.get("tokens_per_second_ratio")
         speeds = ", ".join(f"{label} {stats.get('tokens_per_second')} tok/s" for label, stats in row["per_model"].items())
         print(f"{name}: {speeds}" + (f" (converted/original {ratio})" if ratio else ""))
+    for length, ratio in steady["converted/original"].items():
+        print(f"steady state, {length}-token forward: original {steady['original'][length]} tok/s, "
+              f"converted {steady['converted'][length]} tok/s (converted/original {ratio})")
     print(f"→ {args.out}")
     json.dumps(report)  # fail loudly here, not in a reader, if anything is not JSON-serialisable
 

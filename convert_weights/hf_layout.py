@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from mindyouzhi.errors import UserError
+from mindyouzhi.convert_weights.safetensors_io import ShardedWriter
 from mindyouzhi.io_utils import atomic_output_dir, sha256_file
 
 CONFIG_FILE = "config.json"
@@ -142,59 +143,18 @@ def write_hf_model_dir(
                 (tmp / name).write_bytes(content)
             else:
                 (tmp / name).write_text(content, encoding="utf-8")
-        _apply_umask(tmp)
     return WrittenModel(Path(out_dir), params, weight_files)
 
 
-def _apply_umask(directory: Path) -> None:
-    """The temporary directory (mkdtemp) and safetensors' files are created owner-only; give the
-    published model the permissions any ordinary file/dir gets, so others can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for path in directory.iterdir():
-        os.chmod(path, 0o666 & ~umask)
-
-
 def _write_safetensors(directory: Path, tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> tuple[int, tuple[str, ...]]:
-    from safetensors.numpy import save_file
-
-    shard_names: list[str] = []
-    weight_map: dict[str, int] = {}  # tensor name -> shard number
-    shard: dict[str, np.ndarray] = {}
-    shard_bytes = 0
+    # "format": "pt" makes transformers accept the files as a PyTorch checkpoint.
+    writer = ShardedWriter(directory, max_shard_bytes, metadata={"format": "pt"})
     params = 0
-    total_bytes = 0
-
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        part = f".shard-{len(shard_names):05d}.safetensors"
-        # "format": "pt" makes transformers accept the file as a PyTorch checkpoint.
-        save_file(shard, str(directory / part), metadata={"format": "pt"})
-        shard_names.append(part)
-        shard, shard_bytes = {}, 0
-
     for name in tensors:
         array = np.ascontiguousarray(tensors[name], dtype=np.float32)
-        if shard and shard_bytes + array.nbytes > max_shard_bytes:
-            flush()
-        shard[name] = array
-        weight_map[name] = len(shard_names)
-        shard_bytes += array.nbytes
-        total_bytes += array.nbytes
+        writer.add(name, array)
         params += array.size
-    if shard or not shard_names:
-        flush()
-
-    if len(shard_names) == 1:
-        os.replace(directory / shard_names[0], directory / SINGLE_WEIGHTS_FILE)
-        return params, (SINGLE_WEIGHTS_FILE,)
-    final = [f"model-{index + 1:05d}-of-{len(shard_names):05d}.safetensors" for index in range(len(shard_names))]
-    for part, name in zip(shard_names, final):
-        os.replace(directory / part, directory / name)
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": {name: final[number] for name, number in weight_map.items()}}
-    (directory / WEIGHTS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return params, tuple(final)
+    return params, tuple(writer.close())
 
 
 def import_summary(

@@ -131,56 +131,82 @@ class SafetensorsStore:
         return self._files[self._where[name]].get(name, dtype)
 
 
-class ShardedWriter:
-    """Write tensors in shards of at most ``max_shard_bytes`` plus an index, as they are produced.
+_DTYPE_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
+                np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
 
-    Tensors are buffered only until a shard is full, so a streaming converter holds at most one
-    shard of output at a time.
+
+class ShardedWriter:
+    """Streaming safetensors writer: each tensor goes to disk as soon as it is added.
+
+    A safetensors header lists every tensor before the data, so tensor bytes are first appended to
+    a spill file per shard and the final file (header + data) is assembled by a streamed copy at
+    ``close``.  Memory stays at one tensor whatever the model size; shards roll over at
+    ``max_shard_bytes`` and get an HF ``model.safetensors.index.json``.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 1 << 30, metadata: Mapping[str, str] | None = None):
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 2 << 30, metadata: Mapping[str, str] | None = None):
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
-        self.metadata = dict(metadata or {"format": "pt"})
-        self._pending: dict[str, np.ndarray] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
+        self.metadata = {k: str(v) for k, v in (metadata or {"format": "pt"}).items()}
+        self._shards: list[dict] = []  # per shard: {"spill": path, "entries": {name: (dtype, shape, begin, end)}, "size": n}
+        self._handle = None
         self._total_bytes = 0
+
+    def _open_shard(self) -> None:
+        self._close_spill()
+        spill = self.out_dir / f".shard-{len(self._shards):05d}.data"
+        self._handle = open(spill, "wb")
+        self._shards.append({"spill": spill, "entries": {}, "size": 0})
+
+    def _close_spill(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
     def add(self, name: str, tensor: np.ndarray) -> None:
         tensor = np.ascontiguousarray(tensor)
-        if self._pending and self._pending_bytes + tensor.nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor
-        self._pending_bytes += tensor.nbytes
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"tensor {name}: dtype {tensor.dtype} cannot be written to safetensors")
+        if not self._shards or (self._shards[-1]["size"] and self._shards[-1]["size"] + tensor.nbytes > self.max_shard_bytes):
+            self._open_shard()
+        shard = self._shards[-1]
+        if name in shard["entries"] or any(name in other["entries"] for other in self._shards):
+            raise ValueError(f"tensor {name} written twice")
+        begin = shard["size"]
+        self._handle.write(tensor.tobytes())
+        shard["size"] = begin + tensor.nbytes
+        shard["entries"][name] = (_DTYPE_NAMES[tensor.dtype], list(tensor.shape), begin, shard["size"])
+        self._total_bytes += tensor.nbytes
 
     def add_all(self, tensors: Iterable[tuple[str, np.ndarray]]) -> None:
         for name, tensor in tensors:
             self.add(name, tensor)
 
-    def _flush(self) -> None:
-        from safetensors.numpy import save_file
-
-        index = len(self._shards)
-        save_file(self._pending, str(self.out_dir / f"shard-{index:05d}.safetensors"), metadata=self.metadata)
-        self._shards.append(list(self._pending))
-        self._total_bytes += self._pending_bytes
-        self._pending, self._pending_bytes = {}, 0
+    def _assemble(self, shard: dict, target: Path) -> None:
+        header = {name: {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+                  for name, (dtype, shape, begin, end) in shard["entries"].items()}
+        header["__metadata__"] = self.metadata
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(target, "wb") as out, open(shard["spill"], "rb") as data:
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            while block := data.read(1 << 24):
+                out.write(block)
+        os.unlink(shard["spill"])
 
     def close(self) -> list[str]:
-        """Flush and name the shards; returns the written file names."""
-        if self._pending or not self._shards:
-            self._flush()
+        """Assemble the shard files (and the index when there are several); returns their names."""
+        if not self._shards:
+            self._open_shard()
+        self._close_spill()
         count = len(self._shards)
-        if count == 1:
-            os.replace(self.out_dir / "shard-00000.safetensors", self.out_dir / "model.safetensors")
-            return ["model.safetensors"]
-        names, weight_map = [], {}
-        for index, tensor_names in enumerate(self._shards):
-            final = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
-            os.replace(self.out_dir / f"shard-{index:05d}.safetensors", self.out_dir / final)
-            names.append(final)
-            weight_map.update({name: final for name in tensor_names})
-        index_doc = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
+        names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        for shard, name in zip(self._shards, names):
+            self._assemble(shard, self.out_dir / name)
+        if count > 1:
+            weight_map = {tensor: name for shard, name in zip(self._shards, names) for tensor in shard["entries"]}
+            index_doc = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2) + "\n")
         return names

@@ -46,6 +46,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, flag: str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publishable(tmp)
     if out.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, trash / "old")
@@ -53,6 +54,19 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, flag: str
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def _publishable(directory: Path) -> None:
+    """mkdtemp (and some writers) create owner-only entries; give the published tree the
+    permissions any ordinary file or directory gets under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -11,7 +11,6 @@ import functools
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Optional
 
 import click
@@ -283,7 +282,8 @@ def ifeval():
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @output_options
 @click.option("--templates", type=click.Path(dir_okay=False), help="Constraint catalogue YAML (default: built in).")
-@click.option("--max-constraints", type=click.IntRange(1, 8), default=3, show_default=True)
+@click.option("--max-constraints", type=click.IntRange(1, 8), default=3, show_default=True,
+              help="Constraints per item (1 to this many).")
 @click.option("--variants", type=click.IntRange(1, 100), default=1, show_default=True,
               help="Constrained items per input sample.")
 @click.option("--skip-bad", is_flag=True, help="Skip and report malformed lines instead of failing.")
@@ -392,14 +392,15 @@ def ifeval_verify(input_path, response_field, out, overwrite, skip_bad, report, 
 @data.command()
 @output_options
 @click.option("--count", type=int, required=True, help="Instructions to generate.")
-@llm_options("llm", "generation (required; e.g. `mindyouzhi serve`)")
+@llm_options("llm", "generation (required; `mindyouzhi serve` works)")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False),
               help="Existing dataset: its domain coverage decides which domains are missing.")
 @click.option("--domains", help="Target domains (taxonomy slugs or free names); default: the finance taxonomy.")
 @click.option("--min-per-domain", type=int, default=50, show_default=True,
               help="A domain with fewer samples in --input counts as missing.")
 @click.option("--language", type=click.Choice(["zh", "en"]), default="zh", show_default=True)
-@click.option("--max-constraints", type=click.IntRange(0, 6), default=2, show_default=True)
+@click.option("--max-constraints", type=click.IntRange(0, 6), default=2, show_default=True,
+              help="Format constraints injected per instruction (1 to this many; 0 for none).")
 @click.option("--cross-ratio", type=float, default=0.5, show_default=True,
               help="Share of instructions that also draw on a knowledge point from another domain.")
 @click.option("--judge", is_flag=True, help="Ask the LLM to judge each answer's substance; drop rejected ones.")

@@ -82,22 +82,25 @@ def parse_budget(text: str, unit: str) -> Budget:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Pool:
+    """Per-sample metadata in typed arrays (well under 100 bytes a sample); never the text."""
+
     offsets: array = field(default_factory=lambda: array("q"))
     costs: array = field(default_factory=lambda: array("q"))
     quality: array = field(default_factory=lambda: array("b"))
     complexity: array = field(default_factory=lambda: array("b"))
-    category: array = field(default_factory=lambda: array("l"))
+    category: array = field(default_factory=lambda: array("l"))  # primary category id
     zlen: array = field(default_factory=lambda: array("l"))
+    produced: array = field(default_factory=lambda: array("l"))  # id of the tagger's category list, -1 if carried
     category_names: list = field(default_factory=list)
     category_ids: dict = field(default_factory=dict)
-    produced_tags: dict = field(default_factory=dict)  # sample index → Tags made by our tagger
+    category_lists: list = field(default_factory=list)  # distinct tagger category lists, shared by many samples
+    category_list_ids: dict = field(default_factory=dict)
     tagged_by_tagger: int = 0
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def add(self, offset: int, cost: int, tags: Tags, zlen: int, produced: bool) -> None:
-        index = len(self.offsets)
         primary = self.category_ids.setdefault(tags.primary, len(self.category_names))
         if primary == len(self.category_names):
             self.category_names.append(tags.primary)
@@ -108,8 +111,20 @@ class Pool:
         self.category.append(primary)
         self.zlen.append(zlen)
         if produced:
-            self.produced_tags[index] = tags
+            list_id = self.category_list_ids.setdefault(tags.categories, len(self.category_lists))
+            if list_id == len(self.category_lists):
+                self.category_lists.append(tags.categories)
+            self.produced.append(list_id)
             self.tagged_by_tagger += 1
+        else:
+            self.produced.append(-1)
+
+    def produced_tags(self, index: int) -> Optional[Tags]:
+        """The tags our tagger made for a sample (None when the sample carried its own)."""
+        list_id = self.produced[index]
+        if list_id < 0:
+            return None
+        return Tags(self.category_lists[list_id], self.quality[index], self.complexity[index])
 
     def cluster_of(self, index: int) -> tuple[str, str]:
         return self.category_names[self.category[index]], difficulty(self.complexity[index])
@@ -240,7 +255,7 @@ class ClusterSelector:
     up to ``batch_size`` of them, each re-checked against the selection as it grows within the round.
     """
 
-    def __init__(self, pool: Pool, texts: TextStore, ranks: list[int], batch_size: int = 32, pool_factor: int = 4):
+    def __init__(self, pool: Pool, texts: TextStore, ranks: array, batch_size: int = 32, pool_factor: int = 4):
         self.pool = pool
         self.texts = texts
         self.ranks = ranks
@@ -311,7 +326,7 @@ class Compressor:
         self.texts = texts
         self.settings = settings
         self.show_progress = show_progress
-        ranks = list(range(len(pool)))
+        ranks = array("l", range(len(pool)))
         random.Random(settings.seed).shuffle(ranks)
         self.ranks = ranks
         self.selector = ClusterSelector(pool, texts, ranks, settings.batch_size)
@@ -469,7 +484,7 @@ def write_selection(path: Path, pool: Pool, compressor: Compressor, writer: Json
         for index in kept:
             handle.seek(pool.offsets[index])
             raw = handle.readline()
-            tags = pool.produced_tags.get(index)
+            tags = pool.produced_tags(index)
             if tags is None:
                 writer.write_raw_line(raw.decode("utf-8").rstrip("\r\n"))
             else:

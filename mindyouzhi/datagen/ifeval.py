@@ -546,7 +546,7 @@ def phrase(template: ConstraintTemplate, params: dict, language: str, rng: rando
     return texts[rng.randrange(len(texts))].format(**values)
 
 
-def verify(constraints: list[dict], response: str, catalog: Optional[Catalog] = None) -> list[dict]:
+def verify(constraints: list[dict], response: str) -> list[dict]:
     """Check a response against emitted constraints ({id, kind, params}); one result per constraint."""
     results = []
     for constraint in constraints:

@@ -48,10 +48,35 @@ def _head_logits(hidden, norm, head, eps):
 
 
 @ms.jit
-def _head_nll(hidden, targets, norm, head, eps):
+def head_nll(hidden, targets, norm, head, eps):
+    """hidden [N, D], targets [N] → NLL [N]."""
     logits = ops.dense(F.rms_norm(hidden, norm, eps), head)
-    picked = ops.gather_elements(logits, 2, targets.expand_dims(-1)).squeeze(-1)
+    picked = ops.gather_elements(logits, 1, targets.expand_dims(-1)).squeeze(-1)
     return ops.logsumexp(logits, -1) - picked
+
+
+@ms.jit
+def head_kl(hidden, reference, norm, head, eps):
+    """KL(reference ‖ hidden) per row for hidden/reference [N, D] through the same head."""
+    log_q = ops.log_softmax(ops.dense(F.rms_norm(hidden, norm, eps), head), -1)
+    log_p = ops.log_softmax(ops.dense(F.rms_norm(reference, norm, eps), head), -1)
+    return ops.sum(ops.exp(log_p) * (log_p - log_q), -1)
+
+
+HEAD_ROWS = 1024  # vocab-wide intermediates per head call: 1024 × 49k × 4 B = 200 MB for SmolLM2
+
+
+def head_rows(fn, hidden, other, norm, head, eps) -> np.ndarray:
+    """Apply a per-token head function over [B, T, D] in chunks of ``HEAD_ROWS`` tokens.
+
+    Logits are vocabulary-wide; computing them for a whole batch at once holds several
+    [B, T, V] float32 temporaries (gigabytes for a 49k vocabulary), so rows are streamed.
+    """
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    other = other.reshape((rows.shape[0],) + tuple(other.shape[2:]))
+    out = [fn(rows[start:start + HEAD_ROWS], other[start:start + HEAD_ROWS], norm, head, eps).asnumpy()
+           for start in range(0, rows.shape[0], HEAD_ROWS)]
+    return np.concatenate(out).reshape(hidden.shape[:2])
 
 
 @ms.jit
@@ -123,7 +148,11 @@ class ModelRunner:
     def token_nll(self, input_ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Per-position NLL of ``targets`` [B, T] after ``input_ids`` [B, T] (float32)."""
         targets = to_tensor(np.asarray(targets, np.int32), ms.int32)
-        return _head_nll(self.hidden(input_ids), targets, self._norm, self._head, self._eps).asnumpy()
+        return head_rows(head_nll, self.hidden(input_ids), targets, self._norm, self._head, self._eps)
+
+    def token_kl(self, input_ids: np.ndarray, reference_hidden) -> np.ndarray:
+        """Per-position KL(reference ‖ this model) where ``reference_hidden`` went through the same head."""
+        return head_rows(head_kl, self.hidden(input_ids), reference_hidden, self._norm, self._head, self._eps)
 
     def logprobs(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Per sequence, [n, vocab] log-softmax of the next-token distribution after ids[:t+1]."""

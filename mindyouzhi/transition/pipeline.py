@@ -107,7 +107,7 @@ def compute_original_grams(config: ModelConfig, store: SafetensorsStore, calib: 
 
 def convert_streaming(model_dir: Path, out_dir: Path, plan: ConversionPlan, calib: np.ndarray,
                       grams_a: Optional[GramCache] = None, keep_stage1: bool = False, batch_size: int = 8,
-                      max_shard_bytes: int = 1 << 30) -> ConversionResult:
+                      max_shard_bytes: int = 2 << 30) -> ConversionResult:
     """Convert ``model_dir`` into ``out_dir`` (which must exist and be empty) following ``plan``."""
     started = time.perf_counter()
     model_dir = Path(model_dir)

@@ -18,43 +18,20 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import mindspore as ms
-from mindspore import nn, ops
 
 from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
 from mindyouzhi.errors import UserError
 from mindyouzhi.io_utils import read_json, write_json_atomic
 from mindyouzhi.models.config import ModelConfig
 from mindyouzhi.models.decoder import read_global_weights, read_layer_weights
-from mindyouzhi.models.layers import RMSNorm, to_tensor
+from mindyouzhi.models.layers import to_tensor
+from mindyouzhi.models.runner import head_kl, head_nll, head_rows
 from mindyouzhi.progress import progress_bar
 
 from .calibration import GramCache, LayerRunner
 from .layers import convert_stage1, convert_stage2, full_rank, hybrid_config
 
 CRITERIA = ("stage1", "final", "kl")
-
-
-class _HeadLoss(nn.Cell):
-    """Final norm + LM head → per-token NLL of the targets, or KL(original ‖ candidate)."""
-
-    def __init__(self, config: ModelConfig, globals_: dict):
-        super().__init__()
-        self.norm = RMSNorm(globals_["model.norm.weight"], config.rms_norm_eps)
-        head = globals_.get("lm_head.weight", globals_["model.embed_tokens.weight"])
-        self.head = ms.Parameter(to_tensor(head), name="head", requires_grad=False)
-
-    def logits(self, hidden):
-        return ops.matmul(self.norm(hidden), self.head.swapaxes(0, 1))
-
-    def nll(self, hidden, targets):
-        logits = self.logits(hidden)
-        picked = ops.gather_elements(logits, 2, targets.expand_dims(-1)).squeeze(-1)
-        return ops.logsumexp(logits, -1) - picked
-
-    def kl(self, hidden, reference_hidden):
-        log_q = ops.log_softmax(self.logits(hidden), -1)
-        log_p = ops.log_softmax(self.logits(reference_hidden), -1)
-        return ops.sum(ops.exp(log_p) * (log_p - log_q), -1)
 
 
 class HybridEvaluator:
@@ -69,9 +46,9 @@ class HybridEvaluator:
         self.batch_size = batch_size
         self.runner = LayerRunner(self.inputs.shape[1], batch_size)
         globals_ = read_global_weights(store, config, where)
-        self._head = _HeadLoss(config, globals_)
-        self._nll = ms.jit(self._head.nll)
-        self._kl = ms.jit(self._head.kl)
+        self._norm = to_tensor(globals_["model.norm.weight"])
+        self._head = to_tensor(globals_.get("lm_head.weight", globals_["model.embed_tokens.weight"]))
+        self._eps = float(config.rms_norm_eps)
         self.boundaries = self._original_pass(globals_["model.embed_tokens.weight"], spill_dir)
         self.layer_forwards_at_start = self.runner.layer_forwards
         self.evaluations = 0
@@ -108,10 +85,12 @@ class HybridEvaluator:
             for layer in layers:
                 hidden = layer(hidden)
             if self.criterion == "kl":
-                values = self._kl(to_tensor(hidden), to_tensor(np.asarray(self.boundaries[-1][begin:end])))
+                values = head_rows(head_kl, to_tensor(hidden), to_tensor(np.asarray(self.boundaries[-1][begin:end])),
+                                   self._norm, self._head, self._eps)
             else:
-                values = self._nll(to_tensor(hidden), to_tensor(self.targets[begin:end], ms.int32))
-            values = values.asnumpy().astype(np.float64)
+                values = head_rows(head_nll, to_tensor(hidden), to_tensor(self.targets[begin:end], ms.int32),
+                                   self._norm, self._head, self._eps)
+            values = values.astype(np.float64)
             total += float(values.sum())
             count += values.size
         mean = total / count

@@ -45,6 +45,15 @@ def test_financeiq_header_with_unnamed_index_column(tmp_path):
     assert questions[0].group == "银行从业资格"
 
 
+def test_financeiq_pairs_dev_and_test_files_by_name(tmp_path):
+    header = ",Question,A,B,C,D,Answer\n"
+    write(tmp_path / "FinanceIQ" / "dev" / "银行从业资格.csv", header + "0,示例题,甲,乙,丙,丁,B\n")
+    test = write(tmp_path / "FinanceIQ" / "test" / "银行从业资格.csv", header + "0,考题,甲,乙,丙,丁,D\n")
+    (item,) = TASKS["financeiq"].load(test.parent, TaskOptions(shots=1))
+    assert item.context.startswith("以下是中国关于银行从业资格考试的单项选择题，请选出其中的正确答案。\n\n示例题\n")
+    assert "答案：B\n\n考题\n" in item.context and item.labels[item.gold] == "D"
+
+
 def test_subject_keys_strip_split_suffixes():
     assert subject_key("x/accountant_val.csv") == "accountant"
     assert subject_key("x/tax_law_test_selected.csv") == "tax_law"

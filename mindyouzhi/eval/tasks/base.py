@@ -141,10 +141,6 @@ def require_object(path: Path, where: str, record: Any) -> dict:
     return record
 
 
-def first_limited(items: Sequence, limit: Optional[int]) -> list:
-    return list(items if limit is None else items[:limit])
-
-
 def balanced_shots(examples: Sequence, label_of: Callable[[Any], str], shots: int) -> list:
     """``shots`` examples taken round-robin over the labels, each label in file order.
 

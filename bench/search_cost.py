@@ -1,0 +1,77 @@
+"""bench/search_cost: the adaptive search on SmolLM2-135M — evaluations, cost, wall time, peak RSS.
+
+Runs ``mindyouzhi convert --freqfold adaptive`` (no uniform trajectories) in a child process and
+reads its report.  Targets (spec §5): ≤ 0.6·L·|S| full-model forward equivalents (the unchanged
+prefix is reused), peak RSS ≤ 1.5 × the model's fp32 size + calibration buffers.
+
+    .venv/bin/python bench/search_cost.py [--search-tokens 4096] [--calib-tokens 16384]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from convert_cost import BASELINE  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--search-tokens", type=int, default=4096)
+    parser.add_argument("--search-seq-len", type=int, default=512)
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    args = parser.parse_args()
+    from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+    from mindyouzhi.models.config import ModelConfig
+
+    model_dir = common.smollm2()
+    calib, _ = common.wikitext()
+    config = ModelConfig.from_dir(model_dir)
+    store = SafetensorsStore(model_dir)
+    model_bytes = sum(4 * int(np.prod(store.shape(name))) for name in store.keys())
+    baseline = int(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True).stdout.split()[-1])
+    with tempfile.TemporaryDirectory() as work:
+        cmd = [str(Path(sys.executable).with_name("mindyouzhi")), "convert", "--model", str(model_dir), "--out", f"{work}/out",
+               "--calib", str(calib), "--calib-tokens", str(args.calib_tokens), "--search-tokens", str(args.search_tokens),
+               "--search-seq-len", str(args.search_seq_len), "--rope-dim", "32", "--kv-lora-rank", "96",
+               "--freqfold", "adaptive", "--no-trajectories", "--json"]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "MINDYOUZHI_NO_PROGRESS": "1"})
+        wall = time.perf_counter() - start
+        if done.returncode:
+            sys.exit(done.stderr[-3000:])
+    report = json.loads(done.stdout)
+    search = report["search"]
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    layers, folds = config.num_hidden_layers, len(report["candidate_folds"])
+    hidden_cache = 4 * args.search_tokens * config.hidden_size * (layers + 1)  # spilled to disk (memmap)
+    calibration = 4 * args.calib_tokens * config.hidden_size * 3 + 8 * layers * (config.hidden_size + 1) ** 2
+    result = {
+        "model": "SmolLM2-135M-Instruct", "layers": layers, "candidate_folds": report["candidate_folds"],
+        "search_tokens": args.search_tokens, "calib_tokens": args.calib_tokens,
+        "evaluations": search["evaluations"], "budget_L_times_S": layers * folds,
+        "search_forward_equivalents": search["search_forward_equivalents"],
+        "ratio_to_L_times_S": search["search_forward_equivalents"] / (layers * folds),
+        "with_uniform_guard_forward_equivalents": search["full_forward_equivalents"],
+        "search_seconds": search["search_seconds"], "whole_convert_wall_seconds": wall,
+        "peak_rss_bytes": peak, "runtime_baseline_rss_bytes": baseline, "model_fp32_bytes": model_bytes,
+        "calibration_buffers_bytes": calibration, "search_hidden_cache_bytes_on_disk": hidden_cache,
+        "peak_above_baseline_over_model": (peak - baseline) / model_bytes,
+        "target_peak_bytes": 1.5 * model_bytes + calibration,
+        "plan": report["fold_plan"], "timings": report["timings_seconds"],
+    }
+    print(common.dump(result))
+    common.save("search_cost", result)
+
+
+if __name__ == "__main__":
+    main()

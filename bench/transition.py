@@ -1,0 +1,178 @@
+"""bench/transition: ppl original → stage 1 → final for every uniform fold and for adaptive.
+
+Same run, same data, per model: calibration and search on WikiText-2 *valid* (disjoint windows),
+evaluation on WikiText-2 raw *test*.  The adaptive plan is chosen by the greedy last-to-first
+search on the search split (criterion: stage-1 ppl, the paper's); every uniform fold is evaluated
+the same way, and each plan is then taken to every requested kv_lora_rank.  Targets (spec §5):
+adaptive ≤ best uniform on the search split, and on SmolLM2 the degradation (ppl − original) cut
+by ≥ 25 % against the best uniform fold.
+
+    .venv/bin/python bench/transition.py [--models smollm2,stories260k] [--calib-tokens 16384] [--eval-windows 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SETTINGS = {  # model → (loader, rope_dim, ranks, eval seq len)
+    "smollm2": (common.smollm2, 32, [96, 160], 2048),
+    "stories260k": (common.stories260k, 4, [16, 32], 512),
+}
+
+
+def stage1_model(config, store, grams, plan, rope_dim):
+    from mindyouzhi.models.decoder import layer_prefix, read_global_weights, read_layer_weights
+    from mindyouzhi.transition.layers import convert_stage1, full_rank, hybrid_config
+
+    weights = dict(read_global_weights(store, config))
+    for index, fold in enumerate(plan):
+        layer = read_layer_weights(store, config, index)
+        stage1 = convert_stage1(config, layer, np.asarray(grams[index]), fold, rope_dim) if fold is not None else None
+        weights.update({layer_prefix(index) + k: v for k, v in (stage1.weights if stage1 else layer).items()})
+    ranks = [full_rank(config, rope_dim) if f is not None else None for f in plan]
+    return hybrid_config(config, plan, ranks, rope_dim, stage=1), weights
+
+
+def stage2_grams(stage1_config, weights, calib, batch_size=8):
+    """Layer-input Grams of the stage-1 model over the calibration windows (stage-2 statistics)."""
+    from mindyouzhi.models.decoder import layer_prefix
+    from mindyouzhi.transition.calibration import LayerRunner, layer_gram
+
+    runner = LayerRunner(calib.shape[1], batch_size)
+    hidden = weights["model.embed_tokens.weight"][calib]
+    grams = []
+    for index in range(stage1_config.num_hidden_layers):
+        layer = {k[len(layer_prefix(index)):]: v for k, v in weights.items() if k.startswith(layer_prefix(index))}
+        grams.append(layer_gram(hidden, layer, stage1_config.rms_norm_eps)[0])
+        hidden = runner.run(stage1_config, index, layer, hidden)
+    return grams
+
+
+def final_model(stage1_config, weights, grams_b, rank):
+    from mindyouzhi.models.decoder import layer_prefix
+    from mindyouzhi.transition.layers import Stage1Layer, convert_stage2
+
+    config = stage1_config
+    out = dict(weights)
+    latent = config.num_key_value_heads * config.head_dim
+    rope = config.mla.rope_dim
+    for index, fold in enumerate(config.mla.fold_plan):
+        if fold is None:
+            continue
+        prefix = layer_prefix(index)
+        layer = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        stage1 = Stage1Layer(layer, latent - rope, rope, 2 * latent - rope)
+        out.update({prefix + k: v for k, v in convert_stage2(stage1, grams_b[index], rank).weights.items()})
+    mla = config.mla.__class__(rope_dim=rope, kv_lora_rank=[rank if f is not None else None for f in config.mla.fold_plan],
+                               fold_plan=config.mla.fold_plan, stage=2)
+    return config.replace(mla=mla), out
+
+
+def run_model(name, args, calib_path, test_path):
+    from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+    from mindyouzhi.eval.ppl import perplexity, token_stream, windows
+    from mindyouzhi.models.config import ModelConfig
+    from mindyouzhi.models.runner import ModelRunner
+    from mindyouzhi.tokenizer import load_tokenizer
+    from mindyouzhi.transition.calibration import GramCache, text_windows
+    from mindyouzhi.transition.folds import legal_folds, paper_label
+    from mindyouzhi.transition.pipeline import compute_original_grams
+    from mindyouzhi.transition.search import CandidateFactory, HybridEvaluator, run_adaptive_search
+
+    loader, rope_dim, ranks, eval_len = SETTINGS[name]
+    model_dir = loader()
+    config = ModelConfig.from_dir(model_dir)
+    store = SafetensorsStore(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    folds = legal_folds(config.head_dim, rope_dim)
+    started = time.perf_counter()
+    calib = text_windows(tokenizer, calib_path, args.calib_tokens, 256, 42, "--calib")
+    search = text_windows(tokenizer, calib_path, args.search_tokens, 512, 43, "--search-data")
+    test = windows(token_stream(tokenizer, test_path, "--eval-data"), eval_len, args.eval_windows, test_path)
+    grams = GramCache()
+    compute_original_grams(config, store, calib, grams)
+    evaluate = lambda runner: perplexity(runner, test).ppl  # noqa: E731
+    original = evaluate(ModelRunner.from_dir(model_dir, with_tokenizer=False))
+    evaluator = HybridEvaluator(config, store, search, "stage1")
+    outcome = run_adaptive_search(evaluator, CandidateFactory(evaluator, grams, rope_dim, None), folds, None,
+                                  {"bench": name}, uniform_guard=True, trajectories=args.trajectories)
+    plans = {f"uniform f={f}": [f] * config.num_hidden_layers for f in folds}
+    plans["adaptive"] = outcome.plan
+    rows = {}
+    for label, plan in plans.items():
+        s1_config, s1_weights = stage1_model(config, store, grams, plan, rope_dim)
+        row = {"plan": plan, "search_stage1_ppl": (outcome.adaptive_score if label == "adaptive"
+                                                   else outcome.uniform_scores[plan[0]]),
+               "test_stage1_ppl": evaluate(ModelRunner.from_weights(s1_config, s1_weights))}
+        grams_b = stage2_grams(s1_config, s1_weights, calib)
+        for rank in ranks:
+            f_config, f_weights = final_model(s1_config, s1_weights, grams_b, rank)
+            row[f"test_final_ppl_rank{rank}"] = evaluate(ModelRunner.from_weights(f_config, f_weights))
+        rows[label] = row
+        print(f"  {name} {label}: {row}", flush=True)
+    uniform_labels = [k for k in rows if k.startswith("uniform")]
+    best_search = min(uniform_labels, key=lambda k: rows[k]["search_stage1_ppl"])
+    summary = {}
+    for metric in ["test_stage1_ppl"] + [f"test_final_ppl_rank{r}" for r in ranks]:
+        best_test = min(uniform_labels, key=lambda k: rows[k][metric])
+        degradation_uniform = rows[best_search][metric] - original
+        degradation_adaptive = rows["adaptive"][metric] - original
+        summary[metric] = {
+            "best_uniform_by_search": best_search, "best_uniform_by_test": best_test,
+            "uniform": rows[best_search][metric], "adaptive": rows["adaptive"][metric],
+            "degradation_cut_vs_search_best_uniform": 1 - degradation_adaptive / degradation_uniform,
+            "degradation_cut_vs_test_best_uniform": 1 - degradation_adaptive / (rows[best_test][metric] - original),
+        }
+    stage1_values = [rows[k]["test_stage1_ppl"] for k in uniform_labels]
+    return {
+        "model": str(model_dir), "rope_dim": rope_dim, "ranks": ranks, "folds": folds,
+        "paper_labels": {str(f): paper_label(f, config.head_dim, rope_dim) for f in folds},
+        "calibration": {"file": str(calib_path), "tokens": int(calib.size)},
+        "search": {"file": str(calib_path), "tokens": int(search.size), "original_ppl": outcome.original,
+                   "adaptive_ppl": outcome.adaptive_score, "uniform_ppl": {str(k): v for k, v in outcome.uniform_scores.items()},
+                   "fell_back_to_uniform": outcome.fell_back_to_uniform, "rounds": outcome.rounds,
+                   "trajectory": {k: [list(p) for p in v] for k, v in outcome.trajectory.items()},
+                   "search_forward_equivalents": outcome.search_forward_equivalents,
+                   "adaptive_not_worse_than_best_uniform": outcome.adaptive_score <= min(outcome.uniform_scores.values())},
+        "evaluation": {"file": str(test_path), "windows": int(test.shape[0]), "seq_len": eval_len},
+        "original_test_ppl": original, "rows": rows, "summary": summary,
+        "pattern": {"stage1_degrades_every_fold": all(v > original for v in stage1_values),
+                    "larger_folds_not_always_better": any(b < a for a, b in zip(stage1_values[1:], stage1_values[:-1]))},
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="stories260k,smollm2")
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--search-tokens", type=int, default=4096)
+    parser.add_argument("--eval-windows", type=int, default=4)
+    parser.add_argument("--no-trajectories", dest="trajectories", action="store_false")
+    args = parser.parse_args()
+    calib, test = common.wikitext()
+    previous = common.RESULTS / "transition.json"  # keep other models' rows from earlier runs
+    results = json.loads(previous.read_text()).get("results", {}) if previous.is_file() else {}
+    for name in args.models.split(","):
+        results[name] = run_model(name, args, calib, test)
+        common.save("transition", {"args": vars(args), "results": results})
+    if args.trajectories:
+        from mindyouzhi.transition.plots import plot_trajectory
+
+        for name in args.models.split(","):
+            result = results[name]
+            plot_trajectory(result["search"]["trajectory"], result["search"]["original_ppl"],
+                            common.RESULTS / f"transition_{name}_trajectory.png")
+    print(common.dump({k: {"original": v["original_test_ppl"], "summary": v["summary"], "pattern": v["pattern"]}
+                       for k, v in results.items() if k in args.models.split(",")}))
+
+
+if __name__ == "__main__":
+    main()

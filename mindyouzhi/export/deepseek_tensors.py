@@ -1,0 +1,94 @@
+"""Our converted tensors → the Hugging Face DeepSeek-V3 checkpoint layout, one tensor at a time.
+
+Names are already DeepSeek's (``q_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``,
+``kv_b_proj``, ``o_proj``; MLP and norms as in HF Llama, which DeepSeek's dense MLP shares).
+What changes is the RoPE row order: our RoPE slice pairs rows (p, p + r/2) (rotate-half), DeepSeek
+checkpoints pair (2p, 2p + 1) (``rope_interleave: true``; transformers' interleaved rotation takes
+``x[0::2]`` / ``x[1::2]`` as the two halves).  Row ``2p`` of the exported slice is therefore our row
+``p`` and row ``2p + 1`` our row ``p + r/2`` — the same pairs at the same frequency, so scores are
+unchanged; queries and keys must be permuted identically.
+
+With ``plan.norm_scale = s ≠ 1`` (source ``rms_norm_eps`` ≠ 1e-6, see ``plan.py``) everything that
+writes the residual stream (embeddings, ``o_proj``, ``down_proj``) and the latent rows of
+``kv_a_proj_with_mqa`` are multiplied by ``s`` so that RMSNorms with ε = 1e-6 reproduce the source
+norms exactly; norm weights, ``q_proj``, the RoPE key rows, ``kv_b_proj`` and ``lm_head`` are not.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+from mindyouzhi.models.decoder import layer_prefix
+from mindyouzhi.models.rope import rotate_half_to_interleaved_rows
+
+from .plan import ExportPlan
+
+# Per-layer tensors copied as they are (local names; identical in our layout and DeepSeek's).
+_COPIED = (
+    "input_layernorm.weight",
+    "self_attn.kv_a_layernorm.weight",
+    "self_attn.kv_b_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+)
+# Per-layer tensors that write the residual stream: scaled by plan.norm_scale.
+_RESIDUAL_WRITERS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def deepseek_v3_tensors(plan: ExportPlan, store: SafetensorsStore) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (DeepSeek-V3 name, fp32 array) for every tensor of the export, in checkpoint order."""
+    yield "model.embed_tokens.weight", _scaled(store.get("model.embed_tokens.weight"), plan.norm_scale)
+    for layer in range(plan.num_layers):
+        yield from _layer_tensors(plan, store, layer)
+    yield "model.norm.weight", store.get("model.norm.weight")
+    # Always an explicit lm_head: vLLM's DeepseekV2/V3ForCausalLM never ties it to the embedding,
+    # so a tied source would otherwise load with an uninitialised head there.
+    head = "model.embed_tokens.weight" if plan.config.tie_word_embeddings else "lm_head.weight"
+    yield "lm_head.weight", store.get(head)
+
+
+def _layer_tensors(plan: ExportPlan, store: SafetensorsStore, layer: int) -> Iterator[tuple[str, np.ndarray]]:
+    prefix = layer_prefix(layer)
+    attn = prefix + "self_attn."
+    order = rotate_half_to_interleaved_rows(plan.rope_dim)
+    head_rows = plan.head_dim + plan.rope_dim
+
+    q = store.get(attn + "q_proj.weight").reshape(plan.num_heads, head_rows, -1)
+    q[:, plan.head_dim:] = q[:, plan.head_dim + order]
+    yield attn + "q_proj.weight", q.reshape(plan.num_heads * head_rows, -1)
+    # A q_proj.bias, if present, is all zero (plan_export refuses any other): dropping it is exact.
+
+    yield attn + "kv_a_proj_with_mqa.weight", _kv_a(plan, store.get(attn + "kv_a_proj_with_mqa.weight"), order)
+    if plan.attention_bias:
+        kv_a_bias = _bias_or_zeros(store, attn + "kv_a_proj_with_mqa.bias", plan.kv_lora_rank + plan.rope_dim)
+        yield attn + "kv_a_proj_with_mqa.bias", _kv_a(plan, kv_a_bias, order)
+        o_bias = _bias_or_zeros(store, attn + "o_proj.bias", plan.config.hidden_size)
+        yield attn + "o_proj.bias", _scaled(o_bias, plan.norm_scale)
+    for name in _COPIED:
+        yield prefix + name, store.get(prefix + name)
+    for name in _RESIDUAL_WRITERS:
+        yield prefix + name, _scaled(store.get(prefix + name), plan.norm_scale)
+
+
+def _kv_a(plan: ExportPlan, rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """kv_a_proj_with_mqa weight or bias: latent rows scaled, RoPE rows interleaved."""
+    rank = plan.kv_lora_rank
+    rows[rank:] = rows[rank + order]
+    _scaled(rows[:rank], plan.norm_scale)  # in place, through the view
+    return rows
+
+
+def _scaled(array: np.ndarray, scale: float) -> np.ndarray:
+    # In place and in float32: a float64 copy of a large embedding would double peak memory, and
+    # the rounding of s itself only moves the effective epsilon by ~1e-7 relative.
+    if scale != 1.0:
+        array *= np.float32(scale)
+    return array
+
+
+def _bias_or_zeros(store: SafetensorsStore, name: str, size: int) -> np.ndarray:
+    # attention_bias switches kv_a and o biases on together; the one the source lacks is zero.
+    return store.get(name) if name in store else np.zeros(size, np.float32)

@@ -1,0 +1,206 @@
+"""What an export needs to know about a converted model, and every reason to refuse one.
+
+All checks run before anything is written: a refused export leaves no trace on disk.  The rules
+come from what stock DeepSeek-V3 implementations build (transformers ``DeepseekV3Attention``,
+vLLM ``DeepseekV2MLAAttention``, MindFormers ``MLASelfAttention``), see docs/deployment.md:
+
+* every layer is MLA with one ``kv_lora_rank`` (the config has a single value);
+* ``kv_a_layernorm`` always exists in those engines, so the model must have been converted with
+  ``--latent-norm`` (the RMSNorm is a per-token nonlinearity on the latent: it cannot be inserted
+  afterwards without changing the model);
+* with ``q_lora_rank: null`` the query projection has no bias anywhere, and a query bias adds a
+  key-dependent term ``b_q · k_j`` to the scores that no other weight can absorb, so a non-zero
+  ``q_proj.bias`` (Qwen2) is not expressible;
+* the RoPE slice must get the same frequencies from a DeepSeek-V3 engine, which builds its table
+  over ``qk_rope_head_dim`` from ``rope_theta``/``rope_scaling``.
+
+One more difference is absorbed rather than refused: the RMSNorm epsilon of ``kv_a_layernorm``.
+transformers (and DeepSeek's reference code) build it with a fixed ``eps=1e-6``, vLLM and
+MindFormers with the config's ``rms_norm_eps``; our model uses the source's ``rms_norm_eps``
+(1e-5 for Llama).  Since ``RMSNorm(s·x; ε) = RMSNorm(x; ε/s²)``, scaling every input of a norm by
+``s = sqrt(1e-6 / ε_source)`` makes a norm with ε = 1e-6 compute exactly the source norm.  So the
+export writes ``rms_norm_eps: 1e-6`` and scales the latent rows of ``kv_a_proj_with_mqa`` and the
+whole residual stream (embeddings, ``o_proj``, ``down_proj``) by ``s``; the explicit ``lm_head``
+reads the normed stream and is unchanged.  Every engine then agrees, whichever epsilon it reads.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+from mindyouzhi.errors import UserError
+from mindyouzhi.models.config import ModelConfig
+from mindyouzhi.models.decoder import expected_global_shapes, expected_layer_shapes, layer_prefix, mla_frequency_indices
+from mindyouzhi.models.rope import inverse_frequencies
+
+FORMATS = ("deepseek-v3", "mindformers")
+
+# The one RMSNorm epsilon every DeepSeek-V3 engine agrees on (transformers hard-codes it for
+# kv_a_layernorm; the others read rms_norm_eps, which the export sets to it).
+DEEPSEEK_NORM_EPS = 1e-6
+
+# Relative difference allowed between our RoPE-slice frequencies and the ones a DeepSeek-V3 engine
+# derives from the exported config: both are float32 tables of the same formula, so anything
+# above float32 rounding means a different schedule, not noise.
+_ROPE_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """The validated facts an exporter writes from (all layers MLA, one rank)."""
+
+    model_dir: Path
+    config: ModelConfig
+    fmt: str
+    num_layers: int
+    num_heads: int
+    head_dim: int  # qk_nope_head_dim = v_head_dim
+    rope_dim: int  # qk_rope_head_dim
+    kv_lora_rank: int
+    kv_a_bias: bool  # write kv_a_proj_with_mqa.bias (some layer has a non-zero one)
+    o_bias: bool  # write o_proj.bias (some layer has a non-zero one)
+    source_kv_values_per_token: int  # the GQA cache of the source model, all layers
+    norm_scale: float  # s = sqrt(DEEPSEEK_NORM_EPS / source eps): residual stream and latent scale (1 = unchanged)
+
+    @property
+    def attention_bias(self) -> bool:
+        # DeepSeek-V3's single flag switches the bias on kv_a_proj_with_mqa *and* o_proj together.
+        return self.kv_a_bias or self.o_bias
+
+    @property
+    def kv_values_per_token_per_layer(self) -> int:
+        return self.kv_lora_rank + self.rope_dim
+
+    @property
+    def kv_values_per_token(self) -> int:
+        return self.num_layers * self.kv_values_per_token_per_layer
+
+
+def plan_export(model_dir: str | Path, fmt: str, store: Optional[SafetensorsStore] = None) -> ExportPlan:
+    """Validate ``model_dir`` for ``fmt`` and return the plan; raise ``UserError`` otherwise."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: unknown export format; choose one of {', '.join(FORMATS)}")
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    where = model_dir / "config.json"
+    mla = _check_mla_section(config, where)
+    store = store if store is not None else SafetensorsStore(model_dir)
+    _check_tensor_set(config, store, model_dir)
+    _check_rope(config, where)
+    q_bias, kv_a_bias, o_bias = _nonzero_biases(config, store)
+    if q_bias:
+        raise UserError(
+            f"{model_dir}: tensor {q_bias} is non-zero, but DeepSeek-V3 with q_lora_rank null has no query bias "
+            f"(transformers, vLLM and MindFormers all build q_proj without one) and a query bias adds a key-dependent "
+            f"score term no other weight can absorb; a {config.model_type} model with query biases cannot be exported "
+            f"to a stock DeepSeek-V3 layout")
+    if fmt == "mindformers" and (kv_a_bias or o_bias):
+        raise UserError(
+            f"{model_dir}: attention bias {kv_a_bias or o_bias} is non-zero, but MindFormers' MLA builds "
+            f"linear_kv_down_proj without bias and ties linear_proj's bias to the MLP biases (add_bias_linear); "
+            f"export with --format deepseek-v3 for transformers instead")
+    if not config.rms_norm_eps > 0:
+        raise UserError(f"{where}: rms_norm_eps {config.rms_norm_eps} must be positive to be re-expressed as "
+                        f"DeepSeek-V3's {DEEPSEEK_NORM_EPS}")
+    rank = int(mla.kv_lora_rank[0])
+    kv_heads = config.num_key_value_heads
+    return ExportPlan(
+        model_dir=model_dir, config=config, fmt=fmt, num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads, head_dim=config.head_dim, rope_dim=int(mla.rope_dim),
+        kv_lora_rank=rank, kv_a_bias=bool(kv_a_bias), o_bias=bool(o_bias),
+        source_kv_values_per_token=config.num_hidden_layers * 2 * kv_heads * config.head_dim,
+        norm_scale=math.sqrt(DEEPSEEK_NORM_EPS / config.rms_norm_eps))
+
+
+def _check_mla_section(config: ModelConfig, where: Path):
+    mla = config.mla
+    if mla is None or all(f is None for f in mla.fold_plan):
+        raise UserError(f"{where}: no converted (MLA) layers: this is not a converted model; "
+                        f"run `mindyouzhi convert --latent-norm` first")
+    gqa = [i for i, f in enumerate(mla.fold_plan) if f is None]
+    if gqa:
+        raise UserError(f"{where}: layers {gqa} are still GQA (mla.fold_plan null): a DeepSeek-V3 model needs every "
+                        f"layer in MLA form; re-run convert without --layers")
+    if mla.rope_all:
+        raise UserError(f"{where}: converted in exactness mode (--rope-all): its RoPE key is "
+                        f"{config.num_key_value_heads * config.head_dim} wide with per-component frequencies, "
+                        f"which no DeepSeek-V3 engine can express; re-run convert without --rope-all")
+    if mla.stage != 2:
+        raise UserError(f"{where}: a stage-{mla.stage} (partial-RoPE, full-latent) model; export needs the low-rank "
+                        f"stage: re-run convert with --stage 2 --latent-norm")
+    if not mla.latent_norm:
+        raise UserError(f"{where}: converted without --latent-norm; stock DeepSeek-V3 engines (transformers, vLLM, "
+                        f"MindIE, MindFormers) always apply kv_a_layernorm, which cannot be added exactly afterwards: "
+                        f"re-run `mindyouzhi convert ... --latent-norm`")
+    ranks = sorted({int(r) for r in mla.kv_lora_rank})
+    if len(ranks) != 1:
+        raise UserError(f"{where}: mla.kv_lora_rank differs across layers ({mla.kv_lora_rank}); DeepSeek-V3 has one "
+                        f"kv_lora_rank for all layers: re-run convert with a single --kv-lora-rank")
+    if config.qk_norm:
+        raise UserError(f"{where}: model_type {config.model_type} has per-head QK norms, which DeepSeek-V3 lacks")
+    if config.head_dim % mla.rope_dim or mla.rope_dim % 2:
+        raise UserError(f"{where}: mla.rope_dim {mla.rope_dim} must be even and divide head_dim {config.head_dim}")
+    return mla
+
+
+def _check_tensor_set(config: ModelConfig, store: SafetensorsStore, model_dir: Path) -> None:
+    """Every checkpoint tensor must be one the exporter maps, with the shape the config implies."""
+    expected = dict(expected_global_shapes(config))
+    for layer in range(config.num_hidden_layers):
+        prefix = layer_prefix(layer)
+        expected.update({prefix + name: shape for name, shape in expected_layer_shapes(config, layer).items()})
+    present = set(store.keys())
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise UserError(f"{model_dir}: tensor {missing[0]} is missing (expected shape {list(expected[missing[0]])})"
+                        + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    extra = sorted(present - set(expected))
+    if extra:
+        raise UserError(f"{model_dir}: tensor {extra[0]} is not part of the converted model the config describes, "
+                        f"so it has no place in a DeepSeek-V3 export")
+    for name, shape in expected.items():
+        if tuple(store.shape(name)) != tuple(shape):
+            raise UserError(f"{model_dir}: tensor {name} has shape {list(store.shape(name))}, expected {list(shape)}")
+
+
+def _check_rope(config: ModelConfig, where: Path) -> None:
+    """The engine's table (width rope_dim, same theta/scaling) must equal our RoPE-slice table."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("mscale_all_dim"):
+        raise UserError(f"{where}: rope_scaling.mscale_all_dim is set; DeepSeek-V3 engines also rescale the softmax "
+                        f"by it, which the converted model does not do")
+    engine = config.replace(head_dim=config.mla.rope_dim)
+    index = mla_frequency_indices(config)
+    # Two lengths: dynamic scaling only changes the table beyond max_position_embeddings.
+    for length in (config.max_position_embeddings, 4 * config.max_position_embeddings):
+        ours, ours_factor = inverse_frequencies(config, length)
+        theirs, their_factor = inverse_frequencies(engine, length)
+        ours = ours[index]
+        error = np.abs(theirs.astype(np.float64) - ours) / np.abs(ours.astype(np.float64))
+        if error.max() > _ROPE_RTOL or abs(ours_factor - their_factor) > _ROPE_RTOL * abs(ours_factor):
+            kind = scaling.get("rope_type", "default")
+            raise UserError(
+                f"{where}: rope_scaling {kind!r} is not reproduced by DeepSeek-V3 engines, which compute it over "
+                f"qk_rope_head_dim={config.mla.rope_dim} instead of head_dim={config.head_dim} (at {length} tokens the "
+                f"RoPE frequencies differ by up to {error.max():.2e} relative, attention factor {ours_factor:.6f} vs "
+                f"{their_factor:.6f}); only default, linear and llama3 scaling export exactly")
+
+
+def _nonzero_biases(config: ModelConfig, store: SafetensorsStore) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """First non-zero q / kv_a / o bias name (None when all are zero or absent).
+
+    Biases are tiny, so reading them all up front costs nothing and lets every refusal happen
+    before the output directory exists.  All-zero biases are dropped on export (exactly)."""
+    found = [None, None, None]
+    for layer in range(config.num_hidden_layers):
+        prefix = layer_prefix(layer) + "self_attn."
+        for slot, proj in enumerate(("q_proj", "kv_a_proj_with_mqa", "o_proj")):
+            name = f"{prefix}{proj}.bias"
+            if found[slot] is None and name in store and np.any(store.get(name) != 0):
+                found[slot] = name
+    return found[0], found[1], found[2]

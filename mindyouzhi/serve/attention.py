@@ -1,0 +1,87 @@
+"""How the decode step reads the paged cache: the one interface the custom kernel plugs into.
+
+A ``DecodeAttention`` supplies two graph-callable functions with the same signature,
+
+    mla(q_latent, q_pe, latent_pool, k_pe_pool, block_tables, query_positions, seq_lens, scale) → [B, H, 1, r]
+    gqa(q, k_pool, v_pool, block_tables, query_positions, seq_lens, scale)                   → [B, H, 1, d]
+
+(queries [B, H, 1, ·]; ``query_positions`` [B, 1] and ``seq_lens`` [B] describe the same thing in
+the two forms the implementations want).  ``gather`` is plain MindSpore ops (gather the blocks,
+mask, softmax: ``mindyouzhi.ops.reference``), portable and the reference; ``custom`` is the AOT
+CPU kernel (``mindyouzhi.ops.paged_attention``), which walks the block table without copying.
+Prefill chunks always use the plain-op form (many queries per sequence).
+
+Compiled-graph shapes differ by implementation.  The plain-op path's cost grows with the gathered
+block-table width, so it runs on exactly the blocks needed, under a dynamic-shape graph (one
+compilation serves every width).  The kernel's cost depends only on the true lengths, so it gets
+a fixed full-context table width and a static graph (MindSpore's AOT custom ops do not run in
+dynamic-shape graphs).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from mindyouzhi.errors import UserError
+from mindyouzhi.ops import reference
+
+CHOICES = ("auto", "custom", "gather")
+
+
+@dataclass(frozen=True)
+class DecodeAttention:
+    name: str
+    mla: Callable
+    gqa: Callable
+    dynamic_shapes: bool  # True: exact table widths, dynamic-shape graph; False: full-width tables
+
+
+def _gather_mla(q_latent, q_pe, latent_pool, k_pe_pool, block_tables, query_positions, seq_lens, scale):
+    return reference.paged_mla_attend(q_latent, q_pe, latent_pool, k_pe_pool, block_tables, query_positions, scale)
+
+
+def _gather_gqa(q, k_pool, v_pool, block_tables, query_positions, seq_lens, scale):
+    return reference.paged_gqa_attend(q, k_pool, v_pool, block_tables, query_positions, scale)
+
+
+GATHER = DecodeAttention("gather", _gather_mla, _gather_gqa, dynamic_shapes=True)
+
+
+def _kernel_attention() -> DecodeAttention:
+    from mindyouzhi.ops import paged_attention
+
+    kernels = paged_attention.custom_ops()
+    mla_kernel, gqa_kernel = kernels.mla, kernels.gqa  # graph code cannot read tuple attributes
+
+    def mla(q_latent, q_pe, latent_pool, k_pe_pool, block_tables, query_positions, seq_lens, scale):
+        out = mla_kernel(q_latent.squeeze(2), q_pe.squeeze(2), latent_pool, k_pe_pool, block_tables, seq_lens, scale)
+        return out.expand_dims(2)
+
+    def gqa(q, k_pool, v_pool, block_tables, query_positions, seq_lens, scale):
+        return gqa_kernel(q.squeeze(2), k_pool, v_pool, block_tables, seq_lens, scale).expand_dims(2)
+
+    return DecodeAttention("custom", mla, gqa, dynamic_shapes=False)
+
+
+_KERNEL: list[DecodeAttention] = []
+
+
+def select_attention(choice: str = "auto") -> DecodeAttention:
+    """``custom`` (error if the kernel cannot be built), ``gather``, or ``auto``: the kernel if it
+    builds, else the plain ops with a one-line notice on stderr (never a silent fallback)."""
+    if choice not in CHOICES:
+        raise UserError(f"--attention {choice}: expected one of {', '.join(CHOICES)}")
+    if choice == "gather":
+        return GATHER
+    from mindyouzhi.ops.paged_attention import KernelBuildError
+
+    try:
+        if not _KERNEL:
+            _KERNEL.append(_kernel_attention())
+        return _KERNEL[0]
+    except KernelBuildError as exc:
+        if choice == "custom":
+            raise
+        print(f"note: using plain-op paged attention ({exc})", file=sys.stderr)
+        return GATHER

@@ -1,0 +1,231 @@
+"""``mindyouzhi export``: converted MLA models → stock DeepSeek-V3 (transformers) and MindFormers names.
+
+Parity is checked against transformers' own ``DeepseekV3ForCausalLM`` (eager attention, fp32): the
+exported directory must give the logits our MindSpore ``ModelRunner`` gives on the converted model.
+"""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hf_fixtures import add_word_tokenizer, build_hf_model, tiny_convertible, write_text
+from mindyouzhi.cli import main
+from mindyouzhi.convert_weights.mindformers_names import (FUSED_LAYER_NAMES, GLOBAL_NAMES, LAYER_NAMES,
+                                                          mindformers_names, unpack_linear_fc1)
+from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+from mindyouzhi.errors import UserError
+from mindyouzhi.export.cli import export_cmd
+from mindyouzhi.export.deepseek import export_deepseek_v3
+from mindyouzhi.models.runner import ModelRunner
+
+IDS = np.random.default_rng(5).integers(4, 124, size=(2, 40))
+FAST = ["--rope-dim", "8", "--kv-lora-rank", "24", "--freqfold", "2", "--calib-tokens", "1024",
+        "--calib-seq-len", "64", "--no-trajectories"]
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def convert(model, out, calib, *args):
+    result = CliRunner().invoke(main, ["convert", "--model", str(model), "--out", str(out), "--calib", str(calib),
+                                       "--json", *args])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def zero_query_bias(model_dir):
+    """Source models whose biases DeepSeek-V3 can express: k/v (and o) biases, query bias zero."""
+    from safetensors.numpy import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    for name in [n for n in tensors if n.endswith("q_proj.bias")]:
+        tensors[name] = np.zeros_like(tensors[name])
+    save_file(tensors, path, metadata={"format": "pt"})
+    return model_dir
+
+
+def transformers_logits(model_dir, ids):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def assert_nothing_written(out):
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*")), "a temporary output directory was left behind"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Converted tiny models: plain llama; qwen2 with k/v biases; llama with q/k/v/o biases and llama3
+    RoPE scaling (query biases zeroed, the only biases DeepSeek-V3 cannot express); and originals."""
+    root = tmp_path_factory.mktemp("export")
+    calib = write_text(root / "calib.txt", 3000, seed=0)
+    sources = {
+        "llama": tiny_convertible(root / "a", "llama"),
+        "qwen2": tiny_convertible(root / "b", "qwen2"),
+        "qwen2_kv_bias": zero_query_bias(tiny_convertible(root / "c", "qwen2")),
+        "llama_bias_llama3": zero_query_bias(add_word_tokenizer(
+            build_hf_model("llama", root / "d", attention_bias=True, rope_parameters=LLAMA3_ROPE))),
+    }
+    converted = {kind: convert(src, root / f"{kind}-mla", calib, *FAST, "--latent-norm")
+                 for kind, src in sources.items()}
+    return sources, converted, calib
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2_kv_bias", "llama_bias_llama3"])
+def test_transformers_deepseek_v3_reproduces_converted_model(models, kind, tmp_path):
+    _, converted, _ = models
+    out = tmp_path / "ds"
+    # Small shards on purpose: the sharded path (index + several files) is what large models take.
+    summary = export_deepseek_v3(converted[kind], out, max_shard_bytes=64 * 1024)
+    ours = ModelRunner.from_dir(converted[kind], with_tokenizer=False).logits(IDS)
+    np.testing.assert_allclose(transformers_logits(out, IDS), ours, atol=1e-4, rtol=0)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert config["first_k_dense_replace"] == 2 and config["q_lora_rank"] is None and config["rope_interleave"]
+    assert (config["kv_lora_rank"], config["qk_rope_head_dim"], config["qk_nope_head_dim"]) == (24, 8, 16)
+    assert config["attention_bias"] is (kind != "llama")
+    assert (config["rope_scaling"] or {}).get("rope_type") == ("llama3" if kind == "llama_bias_llama3" else None)
+    assert summary["kv_cache_values_per_token_per_layer"] == 24 + 8
+    assert len(summary["weight_files"]) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(summary["copied_files"])
+    metadata = [json.loads((out / f).read_bytes()[8:8 + int.from_bytes((out / f).read_bytes()[:8], "little")])
+                ["__metadata__"] for f in summary["weight_files"]]
+    assert all(m == {"format": "pt"} for m in metadata)
+
+
+@pytest.mark.shared
+def test_stories260k_exports_exactly(shared_dir, tmp_path):
+    models_dir = shared_dir / "models" / "stories260K"
+    result = CliRunner().invoke(main, ["import", "--llama2c", str(models_dir / "stories260K.bin"), "--tokenizer",
+                                       str(models_dir / "tok512.bin"), "--out", str(tmp_path / "src")])
+    assert result.exit_code == 0, result.output
+    convert(tmp_path / "src", tmp_path / "mla", shared_dir / "data" / "wikitext-2" / "wiki.valid.tokens",
+            "--rope-dim", "4", "--kv-lora-rank", "32", "--freqfold", "2", "--calib-tokens", "2048",
+            "--calib-seq-len", "64", "--no-trajectories", "--latent-norm")
+    summary = export_deepseek_v3(tmp_path / "mla", tmp_path / "ds")
+    ids = np.random.default_rng(0).integers(3, 512, size=(2, 64))
+    ours = ModelRunner.from_dir(tmp_path / "mla", with_tokenizer=False).logits(ids)
+    # Tied source, source eps 1e-5: checks the explicit lm_head and the epsilon re-expression.
+    np.testing.assert_allclose(transformers_logits(tmp_path / "ds", ids), ours, atol=1e-4, rtol=0)
+    assert summary["kv_cache_values_per_token"] == 5 * (32 + 4)
+    assert "tokenizer_llama2c.json" in summary["copied_files"]
+
+
+def test_mindformers_names_cover_every_tensor(models, tmp_path):
+    _, converted, _ = models
+    export_deepseek_v3(converted["llama"], tmp_path / "hf")
+    export_deepseek_v3(converted["llama"], tmp_path / "mf", fmt="mindformers", max_shard_bytes=64 * 1024)
+    hf, mf = SafetensorsStore(tmp_path / "hf"), SafetensorsStore(tmp_path / "mf")
+    name_map = json.loads((tmp_path / "mf" / "param_name_map.json").read_text())
+    assert set(mf.keys()) == set(name_map) == mindformers_names(2)
+    assert not (tmp_path / "mf" / "model.safetensors.index.json").exists()
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight", "decoder.final_layernorm.weight",
+                 "decoder.layers.1.self_attention.linear_q_proj.weight",
+                 "decoder.layers.0.self_attention.linear_kv_down_proj.weight",
+                 "decoder.layers.0.self_attention.kv_layernorm.weight",
+                 "decoder.layers.1.self_attention.linear_kv_up_proj.weight",
+                 "decoder.layers.0.self_attention.linear_proj.weight", "decoder.layers.1.pre_mlp_layernorm.weight"):
+        assert name in name_map
+    assert mf.shape("decoder.layers.0.mlp.linear_fc1.weight") == (2 * 96, 64)
+    # Every HF tensor lands in exactly one MindFormers tensor, unchanged (fc1: gate/up row-interleaved).
+    covered = set()
+    for hf_name, mf_name in GLOBAL_NAMES.items():
+        np.testing.assert_array_equal(mf.get(mf_name), hf.get(hf_name))
+        covered.add(hf_name)
+    for layer in range(2):
+        for hf_t, mf_t in LAYER_NAMES.items():
+            np.testing.assert_array_equal(mf.get(mf_t.format(i=layer)), hf.get(hf_t.format(i=layer)))
+            covered.add(hf_t.format(i=layer))
+        for mf_t, (gate_t, up_t) in FUSED_LAYER_NAMES.items():
+            gate, up = unpack_linear_fc1(mf.get(mf_t.format(i=layer)))
+            np.testing.assert_array_equal(gate, hf.get(gate_t.format(i=layer)))
+            np.testing.assert_array_equal(up, hf.get(up_t.format(i=layer)))
+            covered.update({gate_t.format(i=layer), up_t.format(i=layer)})
+    assert covered == set(hf.keys())
+    # MindSpore itself reads the files under these names (MindFormers loads through it).
+    import mindspore as ms
+
+    first = sorted(set(name_map.values()))[0]
+    loaded = ms.load_checkpoint(str(tmp_path / "mf" / first), format="safetensors")
+    assert set(loaded) == {n for n, f in name_map.items() if f == first}
+
+
+def test_cli_json_and_summary(models, tmp_path):
+    _, converted, _ = models
+    args = ["--model", str(converted["llama"]), "--out", str(tmp_path / "ds")]
+    result = CliRunner().invoke(export_cmd, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["format"] == "deepseek-v3" and payload["kv_cache_values_per_token"] == 2 * 32
+    assert payload["source_kv_cache_values_per_token"] == 2 * 2 * 2 * 16
+    result = CliRunner().invoke(export_cmd, args + ["--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "24 + 8 = 32 values per layer" in result.stdout and "parity-tested" in result.stdout
+    assert "rms_norm_eps 1e-05 re-expressed" in result.stdout
+
+
+@pytest.mark.parametrize("case, words", [
+    ("no_latent_norm", ["--latent-norm", "kv_a_layernorm", "re-run"]),
+    ("hybrid", ["layers [1]", "GQA", "--layers"]),
+    ("rope_all", ["--rope-all"]),
+    ("not_converted", ["not a converted model"]),
+    ("ranks_differ", ["kv_lora_rank differs", "--kv-lora-rank"]),
+    ("query_bias", ["model.layers.0.self_attn.q_proj.bias", "non-zero", "query bias"]),
+    ("mindformers_bias", ["kv_a_proj_with_mqa.bias", "MindFormers", "--format deepseek-v3"]),
+])
+def test_refusals_write_nothing(models, case, words, tmp_path):
+    sources, converted, calib = models
+    fmt = "deepseek-v3"
+    if case == "no_latent_norm":
+        model = convert(sources["llama"], tmp_path / "m", calib, *FAST)
+    elif case == "hybrid":
+        model = convert(sources["llama"], tmp_path / "m", calib, *FAST, "--latent-norm", "--layers", "0")
+    elif case == "rope_all":
+        model = convert(sources["llama"], tmp_path / "m", calib, "--rope-all", "--freqfold", "1", "--kv-lora-rank",
+                        "full", "--stage", "1", "--calib-tokens", "1024", "--calib-seq-len", "64", "--no-trajectories")
+    elif case == "not_converted":
+        model = sources["llama"]
+    elif case == "ranks_differ":
+        model = tmp_path / "m"
+        shutil.copytree(converted["llama"], model)
+        config = json.loads((model / "config.json").read_text())
+        config["mla"]["kv_lora_rank"] = [24, 16]
+        (model / "config.json").write_text(json.dumps(config))
+    elif case == "query_bias":
+        model = converted["qwen2"]
+    else:
+        model, fmt = converted["qwen2_kv_bias"], "mindformers"
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as error:
+        export_deepseek_v3(model, out, fmt=fmt)
+    for word in words:
+        assert word in str(error.value)
+    assert_nothing_written(out)
+
+
+def test_out_must_differ_from_model(models):
+    _, converted, _ = models
+    with pytest.raises(UserError, match="is --model itself"):
+        export_deepseek_v3(converted["llama"], converted["llama"], overwrite=True)
+    assert (converted["llama"] / "model.safetensors").is_file()
+
+
+def test_existing_out_is_refused_and_kept(models, tmp_path):
+    _, converted, _ = models
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(export_cmd, ["--model", str(converted["llama"]), "--out", str(out)])
+    assert isinstance(result.exception, UserError) and "--overwrite" in str(result.exception)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not list(tmp_path.glob(".out*"))

@@ -1,0 +1,171 @@
+"""Layer-adaptive FreqFold search: greedy correctness, guard against uniform, resume, cached prefix."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hf_fixtures import tiny_convertible, write_text
+from mindyouzhi.cli import main
+from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+from mindyouzhi.eval.ppl import perplexity
+from mindyouzhi.models.config import ModelConfig
+from mindyouzhi.models.decoder import read_global_weights, read_layer_weights
+from mindyouzhi.models.runner import ModelRunner
+from mindyouzhi.tokenizer import load_tokenizer
+from mindyouzhi.transition import search as search_mod
+from mindyouzhi.transition.calibration import GramCache, text_windows
+from mindyouzhi.transition.layers import convert_stage1, full_rank, hybrid_config
+from mindyouzhi.transition.pipeline import compute_original_grams
+from mindyouzhi.transition.search import (CandidateFactory, HybridEvaluator, SearchState, greedy_last_to_first,
+                                          run_adaptive_search)
+
+FOLDS = [1, 2, 4]
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_greedy_equals_brute_force_for_a_separable_criterion(layers):
+    rng = np.random.default_rng(layers)
+    cost = {(layer, fold): rng.uniform(0, 1) for layer in range(layers) for fold in FOLDS}
+
+    def total(plan):
+        return sum(cost[(layer, fold)] for layer, fold in plan.items())
+
+    def evaluate(layer, fold, later):  # the hybrid's criterion: converted layers layer … L-1
+        return total({layer: fold, **later})
+
+    plan = greedy_last_to_first(layers, FOLDS, evaluate, SearchState({}, FOLDS))
+    brute = min(itertools.product(FOLDS, repeat=layers), key=lambda p: total(dict(enumerate(p))))
+    assert tuple(plan[i] for i in range(layers)) == brute
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    model = tiny_convertible(root, "llama", layers=2)
+    calib = write_text(root / "calib.txt", 3000, seed=0)
+    search = write_text(root / "search.txt", 3000, seed=1)
+    config = ModelConfig.from_dir(model)
+    store = SafetensorsStore(model)
+    tokenizer = load_tokenizer(model)
+    grams = GramCache()
+    compute_original_grams(config, store, text_windows(tokenizer, calib, 1024, 64, 42, "--calib"), grams)
+    windows = text_windows(tokenizer, search, 512, 64, 43, "--search-data")
+    return dict(root=root, model=model, calib=calib, search=search, config=config, store=store, grams=grams,
+                windows=windows)
+
+
+def test_cached_prefix_evaluation_equals_full_forward_of_the_hybrid(setup):
+    config, store = setup["config"], setup["store"]
+    evaluator = HybridEvaluator(config, store, setup["windows"], "stage1", batch_size=4)
+    factory = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=None)
+    cached = evaluator.score(1, [factory(1, 4)])  # layer 0 original (cached), layer 1 converted
+    weights = dict(read_global_weights(store, config))
+    weights.update({f"model.layers.0.{k}": v for k, v in read_layer_weights(store, config, 0).items()})
+    stage1 = convert_stage1(config, read_layer_weights(store, config, 1), np.asarray(setup["grams"][1]), 4, 8)
+    weights.update({f"model.layers.1.{k}": v for k, v in stage1.weights.items()})
+    hybrid = hybrid_config(config, [None, 4], [None, full_rank(config, 8)], 8, stage=1)
+    full = perplexity(ModelRunner.from_weights(hybrid, weights), setup["windows"], batch_size=4).ppl
+    assert cached == pytest.approx(full, rel=1e-5)
+    assert cached != pytest.approx(evaluator.original_score(), rel=1e-3)
+
+
+def _search(setup, state_path=None, **kwargs):
+    evaluator = HybridEvaluator(setup["config"], setup["store"], setup["windows"], "stage1", batch_size=4)
+    factory = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=None)
+    return run_adaptive_search(evaluator, factory, FOLDS, state_path, {"test": 1}, **kwargs), evaluator
+
+
+def test_adaptive_plan_is_never_worse_than_the_best_uniform_plan(setup):
+    outcome, evaluator = _search(setup)
+    assert outcome.adaptive_score <= min(outcome.uniform_scores.values()) + 1e-12
+    assert len(outcome.plan) == 2 and set(outcome.plan) <= set(FOLDS)
+    # rounds go last layer first, and every candidate of every round was evaluated
+    assert [r["layer"] for r in outcome.rounds] == [1, 0]
+    assert all(len(r["scores"]) == len(FOLDS) for r in outcome.rounds)
+    # cost: one original pass, then round l runs only layers l…L-1: 1 + |S|·(L+1)/2 full forwards
+    # (for L = 30 and |S| = 6 that is 0.52·L·|S|; a naive search costs L·|S|)
+    assert outcome.search_forward_equivalents == pytest.approx(1 + len(FOLDS) * 3 / 2)
+
+
+def test_killed_search_resumes_and_ends_with_the_same_plan(setup, tmp_path, monkeypatch):
+    reference, _ = _search(setup, trajectories=False)
+    state_path = tmp_path / "state.json"
+    calls = {"n": 0}
+    real_score = search_mod.HybridEvaluator.score
+
+    def dying_score(self, start, layers):
+        calls["n"] += 1
+        if calls["n"] == 1 + len(FOLDS) + 1:  # original, the whole first round, then die in round 2
+            raise KeyboardInterrupt
+        return real_score(self, start, layers)
+
+    monkeypatch.setattr(search_mod.HybridEvaluator, "score", dying_score)
+    with pytest.raises(KeyboardInterrupt):
+        _search(setup, state_path, trajectories=False)
+    saved = json.loads(state_path.read_text())
+    assert saved["decided"] == {"1": reference.plan[1]} and len(saved["scores"]["1"]) == len(FOLDS)
+    monkeypatch.setattr(search_mod.HybridEvaluator, "score", real_score)
+    resumed, evaluator = _search(setup, state_path, trajectories=False)
+    assert resumed.plan == reference.plan
+    for got, want in zip(resumed.rounds, reference.rounds):  # CPU float sums may differ in the last bits
+        assert got["chosen"] == want["chosen"]
+        assert got["scores"] == pytest.approx(want["scores"], rel=1e-6)
+    # the resumed run did not redo the finished round (only round 2 + the uniform guard)
+    assert evaluator.evaluations == len(FOLDS) + len(FOLDS)
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_convert_adaptive_writes_plan_hash_criterion_and_plots(setup, tmp_path):
+    out = tmp_path / "mla"
+    result = _cli("convert", "--model", setup["model"], "--out", out, "--calib", setup["calib"], "--calib-tokens", 1024,
+                  "--calib-seq-len", 64, "--search-data", setup["search"], "--search-tokens", 512, "--search-seq-len", 64,
+                  "--rope-dim", 8, "--kv-lora-rank", 40, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    config = json.loads((out / "config.json").read_text())
+    assert config["mla"]["fold_plan"] == report["fold_plan"]
+    assert report["search"]["mode"] == "adaptive" and report["criterion"] == "stage1"
+    assert report["data"]["search"]["sha256"] and report["search"]["adaptive"] <= min(report["search"]["uniform_scores"].values())
+    assert (out / "search_trajectory.png").stat().st_size > 1000 and (out / "fold_plan.png").stat().st_size > 1000
+    assert not (tmp_path / ".mla.work").exists()  # the work dir is removed after success
+
+
+def test_search_data_equal_to_eval_data_is_refused(setup, tmp_path):
+    copy = tmp_path / "same.txt"
+    copy.write_bytes(setup["search"].read_bytes())
+    result = _cli("convert", "--model", setup["model"], "--out", tmp_path / "o", "--calib", setup["calib"],
+                  "--search-data", setup["search"], "--eval-data", copy)
+    assert result.exit_code == 2
+    assert "--search-data" in result.output and "evaluation split" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_analyze_layers_writes_json_and_plots(setup, tmp_path):
+    out = tmp_path / "study"
+    result = _cli("analyze", "layers", "--model", setup["model"], "--search-data", setup["search"], "--calib",
+                  setup["calib"], "--out", out, "--rope-dim", 8, "--calib-tokens", 1024, "--search-tokens", 512,
+                  "--search-seq-len", 64, "--json")
+    assert result.exit_code == 0, result.output
+    study = json.loads((out / "layers.json").read_text())
+    assert set(study["delta"]) == {"0", "1"} and set(study["delta"]["0"]) == {"1", "2", "4", "8"}
+    assert (out / "layer_sensitivity.png").is_file() and (out / "layer_sensitivity_heatmap.png").is_file()
+
+
+@pytest.mark.parametrize("criterion", ["final", "kl"])
+def test_other_criteria(setup, criterion):
+    evaluator = HybridEvaluator(setup["config"], setup["store"], setup["windows"], criterion, batch_size=4)
+    factory = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=24)
+    original = evaluator.original_score()
+    converted = evaluator.score(1, [factory(1, 2)])
+    if criterion == "kl":
+        assert original == pytest.approx(0.0, abs=1e-6) and converted > 1e-4
+    else:
+        stage1 = HybridEvaluator(setup["config"], setup["store"], setup["windows"], "stage1", batch_size=4)
+        full = CandidateFactory(stage1, setup["grams"], rope_dim=8, rank=None)
+        assert converted != pytest.approx(stage1.score(1, [full(1, 2)]), rel=1e-4)  # rank 24 truncation is visible
+        assert original == pytest.approx(stage1.original_score(), rel=1e-6)
