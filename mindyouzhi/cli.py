@@ -5,28 +5,15 @@ Every command prints a human summary, or with ``--json`` exactly one JSON object
 """
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import click
 
+from mindyouzhi.cli_support import UserErrorGroup, emit
 from mindyouzhi.errors import UserError
 
 
-class _Group(click.Group):
-    """Turns user errors raised anywhere below into one line on stderr and exit code 2."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-
-def emit(payload: dict, as_json: bool, human: str) -> None:
-    click.echo(json.dumps(payload, ensure_ascii=False) if as_json else human)
+_Group = UserErrorGroup
 
 
 @click.group(cls=_Group)
@@ -183,14 +170,11 @@ def analyze_layers_cmd(model_dir, search_data, calib, out, rope_dim, folds, cali
 def _register_optional_commands() -> None:
     """Subcommands that live in their own modules."""
     from mindyouzhi.commands_import import fetch, import_cmd
+    from mindyouzhi.datagen.cli import data
+    from mindyouzhi.export.cli import export_cmd
 
-    main.add_command(import_cmd)
-    main.add_command(fetch)
-    try:  # TEMPORARY-WIRING
-        from mindyouzhi.datagen.cli import data
-        main.add_command(data)
-    except ImportError:
-        pass
+    for command in (import_cmd, fetch, data, export_cmd):
+        main.add_command(command)
     try:  # TEMPORARY-WIRING
         from mindyouzhi.eval.cli import bench_cmd, kl_cmd, suite_cmd
         for command in (bench_cmd, kl_cmd, suite_cmd):

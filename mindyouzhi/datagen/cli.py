@@ -15,19 +15,12 @@ from typing import Optional
 
 import click
 
+from ..cli_support import UserErrorGroup
 from ..errors import UserError
 from ..io_utils import write_json_atomic
 
 
-class DataGroup(click.Group):
-    """A click group that turns a UserError from any subcommand into ``error: …`` and exit code 2."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(UserError.exit_code)
+DataGroup = UserErrorGroup  # ``mindyouzhi data`` also works as a standalone group (tests invoke it directly)
 
 
 def _split_list(value: Optional[str]) -> Optional[list]:

@@ -81,7 +81,7 @@ class ExportPlan:
         return self.num_layers * self.kv_values_per_token_per_layer
 
 
-def plan_export(model_dir: str | Path, fmt: str, store: Optional[SafetensorsStore] = None) -> ExportPlan:
+def plan_export(model_dir: str | Path, fmt: str) -> ExportPlan:
     """Validate ``model_dir`` for ``fmt`` and return the plan; raise ``UserError`` otherwise."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: unknown export format; choose one of {', '.join(FORMATS)}")
@@ -89,7 +89,7 @@ def plan_export(model_dir: str | Path, fmt: str, store: Optional[SafetensorsStor
     config = ModelConfig.from_dir(model_dir)
     where = model_dir / "config.json"
     mla = _check_mla_section(config, where)
-    store = store if store is not None else SafetensorsStore(model_dir)
+    store = SafetensorsStore(model_dir)
     _check_tensor_set(config, store, model_dir)
     _check_rope(config, where)
     q_bias, kv_a_bias, o_bias = _nonzero_biases(config, store)
@@ -135,7 +135,7 @@ def _check_mla_section(config: ModelConfig, where: Path):
                         f"stage: re-run convert with --stage 2 --latent-norm")
     if not mla.latent_norm:
         raise UserError(f"{where}: converted without --latent-norm; stock DeepSeek-V3 engines (transformers, vLLM, "
-                        f"MindIE, MindFormers) always apply kv_a_layernorm, which cannot be added exactly afterwards: "
+                        f"MindFormers) always apply kv_a_layernorm, which cannot be added exactly afterwards: "
                         f"re-run `mindyouzhi convert ... --latent-norm`")
     ranks = sorted({int(r) for r in mla.kv_lora_rank})
     if len(ranks) != 1:

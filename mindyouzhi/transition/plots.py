@@ -26,6 +26,9 @@ def plot_trajectory(trajectory: dict, original: float, path: Path, ylabel: str =
         style = dict(linewidth=2.5, color="black") if label == "adaptive" else dict(linewidth=1.2, alpha=0.85)
         ax.plot(xs, ys, marker="o", markersize=3, label=label, **style)
     ax.axhline(original, color="grey", linestyle="--", linewidth=1, label="original (GQA)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("converted layers (from the last layer down)")
     ax.set_ylabel(ylabel)
     ax.set_yscale("log")

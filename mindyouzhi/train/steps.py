@@ -1,0 +1,252 @@
+"""The jitted train step, in two forms with the same result.
+
+``WholeGraphStep`` — the whole model in one graph (``ms.value_and_grad`` over the ``CausalLM``
+Cell): forward, backward, gradient all-reduce, clipping and the fused AdamW update compiled once.
+Fastest for small models, but MindSpore's CPU graph keeps every layer's intermediates alive:
+measured on SmolLM2-135M-MLA (30 layers) at 128 tokens per micro-batch ≈ 0.15 GB per layer and
+tens of seconds of compilation, so > 12 GB at 2 × 256 tokens.
+
+``LayerwiseStep`` (``recompute_config.recompute: true``) — layer-by-layer with recomputation, the
+training counterpart of ``ModelRunner``: the forward runs one jitted layer function per layer
+shape (weights are arguments, so all 30 layers share one compiled graph) and keeps only each
+layer's input; the backward walks the layers in reverse, recomputing each layer inside a jitted
+``ms.grad`` of ⟨layer(x, w), dy⟩ that returns (dx, dw).  Memory is one layer's graph plus the
+head's [B, T, V] tensors; compilation is a handful of small graphs; the price is one extra
+forward.  The accumulated gradients then go through the same jitted apply step (all-reduce,
+clip, AdamW) as the whole-graph form.
+
+Both compute the gradient of Σ per-token-loss × weight, with weights = loss mask / loss tokens of
+the global batch (see ``trainer``), so micro-batches and ranks combine by summation.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import numpy as np
+
+
+def _per_token_loss(run_mode: str, gkd: dict):
+    from .losses import generalized_jsd, token_cross_entropy
+
+    beta, temperature = float(gkd["beta"]), float(gkd["temperature"])
+    if run_mode == "gkd":
+        def per_token(logits, targets, teacher):
+            return generalized_jsd(logits, teacher, beta, temperature)
+    else:
+        def per_token(logits, targets, teacher):
+            return token_cross_entropy(logits, targets)
+    return per_token
+
+
+def _finisher(optimizer, max_grad_norm: Optional[float], world_size: int):
+    """all-reduce (data parallel) → global-norm clip → AdamW; returns (loss, grad_norm)."""
+    from mindspore import ops
+
+    hyper = ops.HyperMap()
+    reduce = ops.AllReduce() if world_size > 1 else None
+
+    def finish(grads, loss, lr, eps, decay):
+        if world_size > 1:
+            grads = hyper(reduce, grads)
+            loss = reduce(loss)
+        norm = ops.sqrt(ops.addn([(g * g).sum() for g in grads]))
+        if max_grad_norm:
+            factor = ops.minimum(max_grad_norm / (norm + 1e-6), 1.0)
+            grads = hyper(ops.partial(ops.mul, factor), grads)
+        loss = ops.depend(loss, optimizer(grads, lr, eps, decay))
+        return loss, norm
+
+    return finish
+
+
+class WholeGraphStep:
+    def __init__(self, net, params, optimizer, run_mode: str, gkd: dict, max_grad_norm: Optional[float],
+                 world_size: int, accumulation: int, graph_mode: bool):
+        import mindspore as ms
+        from mindspore import ParameterTuple, ops
+
+        per_token = _per_token_loss(run_mode, gkd)
+        finish = _finisher(optimizer, max_grad_norm, world_size)
+        hyper = ops.HyperMap()
+        jit = ms.jit if graph_mode else _identity
+
+        def loss_fn(ids, targets, weights, teacher, cos, sin, mla_cos, mla_sin, mask):
+            logits = net(ids, cos, sin, mla_cos, mla_sin, mask)
+            return (per_token(logits, targets, teacher) * weights).sum()
+
+        grad_fn = ms.value_and_grad(loss_fn, None, params)
+
+        def fused(ids, targets, weights, teacher, lr, eps, decay, cos, sin, mla_cos, mla_sin, mask):
+            loss, grads = grad_fn(ids, targets, weights, teacher, cos, sin, mla_cos, mla_sin, mask)
+            return finish(grads, loss, lr, eps, decay)
+
+        self._fused = jit(fused)
+        self.accumulation = accumulation
+        if accumulation > 1:
+            buffers = ParameterTuple(params).clone(prefix="grad_accumulation", init="zeros")
+
+            def add_into(keep, buffer, grad):
+                return ops.assign(buffer, buffer * keep + grad)
+
+            def accumulate(ids, targets, weights, teacher, keep, cos, sin, mla_cos, mla_sin, mask):
+                loss, grads = grad_fn(ids, targets, weights, teacher, cos, sin, mla_cos, mla_sin, mask)
+                return ops.depend(loss, hyper(ops.partial(add_into, keep), buffers, grads))
+
+            def apply(loss, lr, eps, decay):
+                return finish(buffers, loss, lr, eps, decay)
+
+            self._accumulate = jit(accumulate)
+            self._apply = jit(apply)
+
+    def run(self, micro_batches: Iterable[tuple], lr, eps, decay, tables):
+        """``micro_batches`` yields (ids, targets, weights, teacher) tensors; returns (loss, norm) tensors."""
+        import mindspore as ms
+
+        if self.accumulation == 1:
+            (ids, targets, weights, teacher), = list(micro_batches)
+            return self._fused(ids, targets, weights, teacher, lr, eps, decay, *tables)
+        local = 0.0
+        for index, (ids, targets, weights, teacher) in enumerate(micro_batches):
+            keep = ms.Tensor(0.0 if index == 0 else 1.0, ms.float32)
+            local += float(self._accumulate(ids, targets, weights, teacher, keep, *tables).asnumpy())
+        return self._apply(ms.Tensor(local, ms.float32), lr, eps, decay)
+
+
+def _identity(function):
+    return function
+
+
+class LayerwiseStep:
+    def __init__(self, net, config, params, optimizer, run_mode: str, gkd: dict, max_grad_norm: Optional[float],
+                 world_size: int, graph_mode: bool):
+        import mindspore as ms
+        from mindspore import ops
+
+        from mindyouzhi.models import functional as F
+        from mindyouzhi.models.decoder import mla_dims
+
+        jit = ms.jit if graph_mode else _identity
+        per_token = _per_token_loss(run_mode, gkd)
+        eps = float(config.rms_norm_eps)
+        named = dict(net.parameters_and_names())
+        self.params = list(params)
+        self.slot = {p.name: i for i, p in enumerate(self.params)}
+        self._graphs: dict[tuple, tuple] = {}
+        self.layers = []
+        for index in range(config.num_hidden_layers):
+            prefix = f"model.layers.{index}."
+            if config.is_mla(index):
+                order, dims, kind = F.MLA_LAYER_WEIGHTS, mla_dims(config, index), "mla"
+            else:
+                order, kind = F.GQA_LAYER_WEIGHTS, "gqa"
+                dims = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+            present = tuple(i for i, name in enumerate(order) if prefix + name in named)
+            weights = tuple(named[prefix + order[i]] for i in present)
+            names = tuple(prefix + order[i] for i in present)
+            forward, backward = self._layer_graphs(kind, dims, eps, len(order), present, jit)
+            self.layers.append((forward, backward, weights, names))
+
+        self.embed = named["model.embed_tokens.weight"]
+        self.norm = named["model.norm.weight"]
+        self.head = self.embed if config.tie_word_embeddings else named["lm_head.weight"]
+        self.head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+
+        def head_objective(hidden, norm, head, targets, weights, teacher):
+            logits = ops.dense(F.rms_norm(hidden, norm, eps), head)
+            return (per_token(logits, targets, teacher) * weights).sum()
+
+        def embed_objective(table, ids, upstream):
+            return (ops.gather(table, ids, 0) * upstream).sum()
+
+        def embed(table, ids):
+            return ops.gather(table, ids, 0)
+
+        self._head = jit(ms.value_and_grad(head_objective, grad_position=(0, 1, 2)))
+        self._embed = jit(embed)
+        self._embed_grad = jit(ms.grad(embed_objective, grad_position=0))
+        self._apply = jit(_finisher(optimizer, max_grad_norm, world_size))
+
+    def _layer_graphs(self, kind, dims, eps, width, present, jit):
+        """(forward, backward) for one layer shape, shared by every layer with that shape."""
+        import mindspore as ms
+
+        from mindyouzhi.models import functional as F
+
+        key = (kind, dims, present)
+        if key in self._graphs:
+            return self._graphs[key]
+        layer = F.mla_layer if kind == "mla" else F.gqa_layer
+
+        def full(weights):
+            out = [None] * width
+            for slot, position in enumerate(present):
+                out[position] = weights[slot]
+            return tuple(out)
+
+        if kind == "mla":
+            def forward(x, cos, sin, mla_cos, mla_sin, mask, *weights):
+                return layer(x, mla_cos, mla_sin, mask, *dims, eps, *full(weights))
+        else:
+            def forward(x, cos, sin, mla_cos, mla_sin, mask, *weights):
+                return layer(x, cos, sin, mask, *dims, eps, *full(weights))
+
+        def objective(x, upstream, cos, sin, mla_cos, mla_sin, mask, *weights):
+            return (forward(x, cos, sin, mla_cos, mla_sin, mask, *weights) * upstream).sum()
+
+        backward = ms.grad(objective, grad_position=(0,) + tuple(7 + i for i in range(len(present))))
+        self._graphs[key] = (jit(forward), jit(backward))
+        return self._graphs[key]
+
+    def _micro(self, ids, targets, weights, teacher, tables):
+        """Loss and gradients (aligned with ``self.params``, None where untouched) of one micro-batch."""
+        grads: list = [None] * len(self.params)
+
+        def add(name, grad):
+            slot = self.slot.get(name)
+            if slot is not None:
+                grads[slot] = grad if grads[slot] is None else grads[slot] + grad
+
+        hidden = self._embed(self.embed, ids)
+        inputs = []
+        for forward, _, layer_weights, _ in self.layers:
+            inputs.append(hidden)
+            hidden = forward(hidden, *tables, *layer_weights)
+        loss, (upstream, grad_norm_w, grad_head) = self._head(hidden, self.norm, self.head, targets, weights, teacher)
+        add("model.norm.weight", grad_norm_w)
+        add(self.head_name, grad_head)
+        for (_, backward, layer_weights, names), layer_input in zip(reversed(self.layers), reversed(inputs)):
+            upstream, *layer_grads = backward(layer_input, upstream, *tables, *layer_weights)
+            for name, grad in zip(names, layer_grads):
+                add(name, grad)
+        if "model.embed_tokens.weight" in self.slot:
+            add("model.embed_tokens.weight", self._embed_grad(self.embed, ids, upstream))
+        return loss, grads
+
+    def run(self, micro_batches: Iterable[tuple], lr, eps, decay, tables):
+        import mindspore as ms
+
+        total = None
+        local = 0.0
+        for ids, targets, weights, teacher in micro_batches:
+            loss, grads = self._micro(ids, targets, weights, teacher, tables)
+            local += float(loss.asnumpy())
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+        total = [g if g is not None else ms.ops.zeros_like(p) for g, p in zip(total, self.params)]
+        return self._apply(ms.mutable(tuple(total)), ms.Tensor(local, ms.float32), lr, eps, decay)
+
+
+def build_step(net, config, params, optimizer, recipe, world_size: int):
+    clip = recipe.runner_wrapper["max_grad_norm"] if recipe.runner_wrapper["use_clip_grad"] else None
+    if recipe.recompute:
+        return LayerwiseStep(net, config, params, optimizer, recipe.run_mode, recipe.gkd, clip, world_size,
+                             recipe.graph_mode)
+    return WholeGraphStep(net, params, optimizer, recipe.run_mode, recipe.gkd, clip, world_size,
+                          recipe.runner_config["gradient_accumulation_steps"], recipe.graph_mode)
+
+
+def as_tensors(ids: np.ndarray, targets: np.ndarray, weights: np.ndarray):
+    import mindspore as ms
+
+    from mindyouzhi.models.layers import to_tensor
+
+    return to_tensor(ids, ms.int32), to_tensor(targets, ms.int32), to_tensor(weights)

@@ -1,0 +1,131 @@
+"""GKD and SFT on tiny models: the loss goes down, GKD is 0 for student = teacher, the logged KL
+equals a numpy reference, vocabularies must match, on-policy sampling runs, checkpoints load."""
+import json
+
+import numpy as np
+import pytest
+
+from hf_fixtures import tiny_convertible
+from mindyouzhi.errors import UserError
+from mindyouzhi.train.config import load_recipe
+from mindyouzhi.train.trainer import train
+from test_train_fixtures import shared_models, log_records, write_recipe
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return shared_models(tmp_path_factory)
+
+
+def _run(tmp_path, models, **sections):
+    sections.setdefault("model", {"student": str(models["student"]), "teacher": str(models["teacher"])})
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", **sections))
+    summary = train(recipe, show_progress=False)
+    return recipe, summary, log_records(recipe.output_dir)
+
+
+def _epoch_means(records, steps_per_epoch):
+    losses = [r["loss"] for r in records]
+    return [float(np.mean(losses[i: i + steps_per_epoch])) for i in range(0, len(losses), steps_per_epoch)]
+
+
+def test_gkd_loss_is_zero_when_student_is_teacher(tmp_path, models):
+    teacher = str(models["teacher"])
+    _, _, records = _run(tmp_path, models, model={"student": teacher, "teacher": teacher},
+                         train_dataset={"sources": [str(models["text"])]}, runner_config={"max_steps": 1})
+    # (only the first step: Adam turns the ~1e-7 round-off gradient into a full-size update)
+    assert abs(records[0]["loss"]) < 1e-6 and records[0]["loss_tokens"] == 2 * 31
+    assert records[0]["grad_norm"] < 1e-5
+
+
+@pytest.mark.parametrize("beta,temperature", [(0.0, 1.0), (0.5, 2.0)])
+def test_gkd_loss_equals_numpy_reference(tmp_path, models, beta, temperature):
+    from mindyouzhi.models.runner import ModelRunner
+    from mindyouzhi.tokenizer import load_tokenizer
+    from mindyouzhi.train.data import build_dataset, collate
+    from mindyouzhi.train.losses import generalized_jsd_numpy
+
+    recipe, _, records = _run(tmp_path, models, train_dataset={"sources": [str(models["sft"])], "shuffle": False},
+                              gkd={"beta": beta, "temperature": temperature},
+                              runner_config={"max_steps": 1, "gradient_accumulation_steps": 2})
+    data = build_dataset(load_tokenizer(models["student"]), recipe.sources, 32, False, "r")
+    batch = collate(data.examples[:4], 32, pad_id=2)  # step 0, unshuffled: the first global batch of 4
+    teacher = ModelRunner.from_dir(models["teacher"], with_tokenizer=False).logits(batch.ids)
+    student = ModelRunner.from_dir(models["student"], with_tokenizer=False).logits(batch.ids)
+    reference = generalized_jsd_numpy(student, teacher, batch.mask, beta, temperature)
+    assert records[0]["loss"] == pytest.approx(reference, rel=2e-4)
+    assert records[0]["loss_tokens"] == int(batch.mask.sum())
+
+
+def test_gkd_steps_lower_the_loss_and_checkpoints_are_model_dirs(tmp_path, models):
+    from mindyouzhi.models.runner import ModelRunner
+
+    recipe, summary, records = _run(
+        tmp_path, models,
+        train_dataset={"sources": [{"path": str(models["text"]), "max_samples": 8},
+                                   {"path": str(models["sft"]), "max_samples": 8}]},
+        runner_config={"epochs": 4, "save_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 2},
+        lr_schedule={"learning_rate": 3.0e-3, "warmup_ratio": 0.05})
+    means = _epoch_means(records, 4)
+    assert len(records) == 16 and means[-1] < 0.8 * means[0], means
+    assert records[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and records[0]["lr"] > 0
+    assert all(r["tokens_per_second"] > 0 for r in records)
+    out = recipe.output_dir
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000012", "checkpoint-000016"]
+    assert (out / "checkpoint-000016" / "optimizer.safetensors").is_file()
+    assert json.loads((out / "checkpoint-000012" / "trainer_state.json").read_text())["step"] == 12
+    assert (out / "train_curves.png").stat().st_size > 0
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["mla"]["kv_lora_rank"] == [24, 24]
+    assert (out / "final" / "tokenizer.json").is_file()
+    runner = ModelRunner.from_dir(out / "final")
+    assert runner.logits(np.arange(4, 20)[None]).shape == (1, 16, 128)
+    assert summary["final_model"] == str(out / "final")
+
+
+def test_sft_steps_lower_the_loss_on_responses_only(tmp_path, models):
+    _, _, records = _run(tmp_path, models, run_mode="sft", model={"student": str(models["student"])},
+                         train_dataset={"sources": [{"path": str(models["sft"]), "max_samples": 16}], "packing": True,
+                                        "seq_length": 64},
+                         runner_config={"epochs": 6, "batch_size": 2},
+                         lr_schedule={"learning_rate": 3.0e-3, "warmup_ratio": 0.01})
+    steps_per_epoch = len(records) // 6
+    means = _epoch_means(records, steps_per_epoch)
+    assert means[-1] < 0.8 * means[0], means
+
+
+def test_vocabulary_mismatch_is_refused(tmp_path, models):
+    other = tiny_convertible(tmp_path / "other", "llama", 1, vocab_size=100)
+    with pytest.raises(UserError, match="do not share a vocabulary .*vocab_size 100 vs 128"):
+        _run(tmp_path, models, model={"student": str(models["student"]), "teacher": str(other)},
+             train_dataset={"sources": [str(models["text"])]})
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_on_policy_steps_sample_from_the_student(tmp_path, models):
+    _, summary, records = _run(tmp_path, models, train_dataset={"sources": [{"path": str(models["sft"]),
+                                                                             "max_samples": 8}]},
+                               gkd={"lmbda": 1.0, "max_new_tokens": 5, "generation_temperature": 1.0},
+                               runner_config={"max_steps": 2})
+    assert [r["on_policy"] for r in records] == [True, True]
+    assert all(0 < r["loss_tokens"] <= 2 * 5 and np.isfinite(r["loss"]) for r in records)
+
+
+@pytest.mark.parametrize("run_mode", ["gkd", "sft"])
+def test_layerwise_recompute_step_equals_the_whole_graph_step(tmp_path, models, run_mode):
+    from test_train_fixtures import final_weights
+
+    common = dict(run_mode=run_mode, train_dataset={"sources": [{"path": str(models["sft"]), "max_samples": 16}]},
+                  runner_config={"max_steps": 3, "gradient_accumulation_steps": 2},
+                  optimizer={"weight_decay": 0.01})
+    if run_mode == "sft":
+        common["model"] = {"student": str(models["student"])}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, _, whole = _run(tmp_path / "a", models, **common)
+    _, summary, layerwise = _run(tmp_path / "b", models, recompute_config={"recompute": True}, **common)
+    np.testing.assert_allclose([r["loss"] for r in layerwise], [r["loss"] for r in whole], rtol=1e-5)
+    np.testing.assert_allclose([r["grad_norm"] for r in layerwise], [r["grad_norm"] for r in whole], rtol=1e-4)
+    want, got = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0, err_msg=name)
