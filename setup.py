@@ -11,6 +11,8 @@ PACKAGES = [
     "mindyouzhi.models",
     "mindyouzhi.transition",
     "mindyouzhi.eval",
+    "mindyouzhi.eval.tasks",
+    "mindyouzhi.probe",
     "mindyouzhi.export",
     "mindyouzhi.serve",
     "mindyouzhi.train",

@@ -167,23 +167,23 @@ def analyze_layers_cmd(model_dir, search_data, calib, out, rope_dim, folds, cali
     emit(result, as_json, f"layer sensitivity → {out}\n  original ppl {result['original']:.4f}\n  best fold per layer: {best}")
 
 
-def _register_optional_commands() -> None:
-    """Subcommands that live in their own modules."""
+def _register_commands() -> None:
+    """Subcommands that live next to the code they drive."""
     from mindyouzhi.commands_import import fetch, import_cmd
     from mindyouzhi.datagen.cli import data
+    from mindyouzhi.eval.cli import bench_cmd, kl_cmd, suite_cmd
     from mindyouzhi.export.cli import export_cmd
+    from mindyouzhi.probe.cli import probe
+    from mindyouzhi.serve.cli import capacity_cmd, generate_cmd, serve_cmd
+    from mindyouzhi.train.cli import train_cmd
 
-    for command in (import_cmd, fetch, data, export_cmd):
+    for command in (import_cmd, fetch, data, export_cmd, generate_cmd, serve_cmd, capacity_cmd, train_cmd, probe):
         main.add_command(command)
-    try:  # TEMPORARY-WIRING
-        from mindyouzhi.eval.cli import bench_cmd, kl_cmd, suite_cmd
-        for command in (bench_cmd, kl_cmd, suite_cmd):
-            eval_group.add_command(command)
-    except ImportError:
-        pass
+    for command in (bench_cmd, kl_cmd, suite_cmd):
+        eval_group.add_command(command)
 
 
-_register_optional_commands()
+_register_commands()
 
 if __name__ == "__main__":
     main()

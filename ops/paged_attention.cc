@@ -18,10 +18,10 @@
 //       inputs  q [B, H, d], k [N, S, KV, d], v [N, S, KV, d], tables, lens, scale
 //       output  out [B, H, d]
 //
-// One task handles all the heads of a (sequence, KV group) block by block: a block's rows are
-// contiguous and stay in L1 while every head reads them, so each cached row comes from memory
-// once per task — the reuse that lets MLA, whose single latent row serves all H heads, move 3x
-// fewer bytes per token than GQA on SmolLM2.  Tasks are spread over OpenMP threads.  The
+// One task handles all the heads of a (sequence, KV group) in a single pass over its blocks: a
+// block's rows are contiguous, come from memory once and are read by every head from L1 — the
+// reuse that lets MLA, whose single latent row serves all H heads, move 3x fewer bytes per token
+// than GQA on SmolLM2.  Tasks are spread over OpenMP threads.  The
 // arithmetic uses 16-lane GCC/Clang vector types (split by the compiler on narrower ISAs), so the
 // dot products keep their partial sums in registers instead of reducing lane by lane.
 // Return codes (non-zero = MindSpore raises): 1 bad arity, 2 bad dtype, 3 bad shape, 4 block id
@@ -131,52 +131,46 @@ struct CacheView {
 };
 
 // Queries: heads rows of q1 [heads, dim1] and q2 [heads, dim2]; writes out [heads, value_dim].
-// Returns false if the block table names a block outside the pool.
+// One pass over the cache with an online softmax (running max and sum per head, the output
+// rescaled when the max grows), so every block is fetched from memory once and then read by all
+// heads from L1.  Returns false if the block table names a block outside the pool.
 bool AttendHeads(const float *q1, const float *q2, int64_t heads, const CacheView &cache, const int32_t *table,
                  int64_t tokens, const Paged &paged, float scale, float *out) {
-  const int64_t size = paged.block_size, dim = cache.value_dim;
+  const int64_t size = paged.block_size, dim = cache.value_dim, full = dim - dim % kLanes;
   std::memset(out, 0, sizeof(float) * heads * dim);
   if (tokens == 0) return true;
   const int64_t blocks = (tokens + size - 1) / size;
   for (int64_t i = 0; i < blocks; ++i)
     if (table[i] < 0 || table[i] >= paged.num_blocks) return false;
 
-  std::vector<float> scores(heads * tokens);
-  for (int64_t i = 0; i < blocks; ++i) {
-    const int64_t first_row = static_cast<int64_t>(table[i]) * size, count = std::min(size, tokens - i * size);
-    for (int64_t h = 0; h < heads; ++h) {
-      float *row_scores = scores.data() + h * tokens + i * size;
-      for (int64_t t = 0; t < count; ++t) {
-        const int64_t row = first_row + t;
-        float s = Dot(q1 + h * cache.dim1, cache.key1 + row * cache.stride1, cache.dim1);
-        if (cache.dim2 > 0) s += Dot(q2 + h * cache.dim2, cache.key2 + row * cache.stride2, cache.dim2);
-        row_scores[t] = s * scale;
-      }
-    }
-  }
-
-  std::vector<float> inv_sums(heads);
-  for (int64_t h = 0; h < heads; ++h) {
-    float *row = scores.data() + h * tokens;
-    float peak = row[0];
-    for (int64_t t = 1; t < tokens; ++t) peak = std::max(peak, row[t]);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < tokens; ++t) {
-      row[t] = ExpNonPositive(row[t] - peak);
-      sum += row[t];
-    }
-    inv_sums[h] = 1.0f / sum;
-  }
-
-  // Weighted values, block by block: each output chunk stays in a register across the block.
-  const int64_t full = dim - dim % kLanes;
+  std::vector<float> weights(size), running_max(heads), running_sum(heads, 0.0f);
   for (int64_t i = 0; i < blocks; ++i) {
     const int64_t first_row = static_cast<int64_t>(table[i]) * size, count = std::min(size, tokens - i * size);
     const float *values = cache.value + first_row * cache.value_stride;
     for (int64_t h = 0; h < heads; ++h) {
-      const float *weights = scores.data() + h * tokens + i * size;
+      float block_max = -INFINITY;
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t row = first_row + t;
+        float s = Dot(q1 + h * cache.dim1, cache.key1 + row * cache.stride1, cache.dim1);
+        if (cache.dim2 > 0) s += Dot(q2 + h * cache.dim2, cache.key2 + row * cache.stride2, cache.dim2);
+        weights[t] = s * scale;
+        block_max = std::max(block_max, weights[t]);
+      }
       float *out_row = out + h * dim;
+      if (i == 0 || block_max > running_max[h]) {
+        const float rescale = i == 0 ? 0.0f : ExpNonPositive(running_max[h] - block_max);
+        running_sum[h] *= rescale;
+        for (int64_t j = 0; j < dim; ++j) out_row[j] *= rescale;
+        running_max[h] = block_max;
+      }
+      float block_sum = 0.0f;
+#pragma omp simd reduction(+ : block_sum)
+      for (int64_t t = 0; t < count; ++t) {
+        weights[t] = ExpNonPositive(weights[t] - running_max[h]);
+        block_sum += weights[t];
+      }
+      running_sum[h] += block_sum;
+      // Each output chunk stays in a register across the block's rows.
       for (int64_t j = 0; j < full; j += kLanes) {
         Vec acc = Load(out_row + j);
         for (int64_t t = 0; t < count; ++t) acc += weights[t] * Load(values + t * cache.value_stride + j);
@@ -186,8 +180,10 @@ bool AttendHeads(const float *q1, const float *q2, int64_t heads, const CacheVie
         for (int64_t t = 0; t < count; ++t) out_row[j] += weights[t] * values[t * cache.value_stride + j];
     }
   }
-  for (int64_t h = 0; h < heads; ++h)
-    for (int64_t j = 0; j < dim; ++j) out[h * dim + j] *= inv_sums[h];
+  for (int64_t h = 0; h < heads; ++h) {
+    const float inverse = 1.0f / running_sum[h];
+    for (int64_t j = 0; j < dim; ++j) out[h * dim + j] *= inverse;
+  }
   return true;
 }
 

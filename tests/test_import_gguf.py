@@ -116,6 +116,11 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm2_dir, smollm2_gguf
         torch.set_num_threads(threads)
     assert ours_logits.shape == (1, 64, 49152)
     assert torch.allclose(ours_logits, reference_logits, atol=1e-4, rtol=0)
+    # and our MindSpore model on the imported dir against transformers' own GGUF loading
+    from mindyouzhi.models.runner import ModelRunner
+
+    mindspore_logits = ModelRunner.from_dir(smollm2_dir[0], with_tokenizer=False).logits(ids.numpy())
+    assert np.abs(mindspore_logits - reference_logits.numpy()).max() < 1e-3
 
 
 @pytest.mark.shared

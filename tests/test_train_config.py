@@ -1,5 +1,4 @@
 """Recipe validation: bad keys, types, env variables and missing files fail clearly before any work."""
-import os
 from pathlib import Path
 
 import pytest

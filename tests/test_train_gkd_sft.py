@@ -111,15 +111,16 @@ def test_on_policy_steps_sample_from_the_student(tmp_path, models):
     assert all(0 < r["loss_tokens"] <= 2 * 5 and np.isfinite(r["loss"]) for r in records)
 
 
-@pytest.mark.parametrize("run_mode", ["gkd", "sft"])
-def test_layerwise_recompute_step_equals_the_whole_graph_step(tmp_path, models, run_mode):
+@pytest.mark.parametrize("run_mode,trainable", [("gkd", "all"), ("sft", "all"), ("gkd", "attention")])
+def test_layerwise_recompute_step_equals_the_whole_graph_step(tmp_path, models, run_mode, trainable):
     from test_train_fixtures import final_weights
 
     common = dict(run_mode=run_mode, train_dataset={"sources": [{"path": str(models["sft"]), "max_samples": 16}]},
                   runner_config={"max_steps": 3, "gradient_accumulation_steps": 2},
-                  optimizer={"weight_decay": 0.01})
-    if run_mode == "sft":
-        common["model"] = {"student": str(models["student"])}
+                  optimizer={"weight_decay": 0.01},
+                  model={"student": str(models["student"]), "trainable": trainable})
+    if run_mode == "gkd":
+        common["model"]["teacher"] = str(models["teacher"])
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     _, _, whole = _run(tmp_path / "a", models, **common)
@@ -129,3 +130,10 @@ def test_layerwise_recompute_step_equals_the_whole_graph_step(tmp_path, models, 
     want, got = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0, err_msg=name)
+    if trainable == "attention":  # everything outside self_attn is the student's original weights
+        from safetensors.numpy import load_file
+
+        before = load_file(str(models["student"] / "model.safetensors"))
+        for name in want:
+            frozen = ".self_attn." not in name
+            assert np.array_equal(got[name], before[name]) == frozen, name

@@ -93,3 +93,24 @@ def test_save_load_roundtrip_reproduces_in_memory_model(models, tmp_path):
     on_disk = ModelRunner.from_dir(out, with_tokenizer=False).logits(IDS)
     in_memory = ModelRunner.from_weights(loaded, {k: store.get(k) for k in store.keys()}).logits(IDS)
     np.testing.assert_array_equal(on_disk, in_memory)
+
+
+@pytest.mark.shared
+def test_exactness_ladder_on_stories260k(shared_dir, tmp_path):
+    """(a) and (b) on a real pretrained model (stories260K, 5 layers, head_dim 8, 4 KV heads)."""
+    from mindyouzhi.convert_weights.llama2c import import_llama2c
+
+    base = shared_dir / "models" / "stories260K"
+    model = tmp_path / "stories"
+    import_llama2c(base / "stories260K.bin", base / "tok512.bin", model)
+    calib = shared_dir / "data" / "wikitext-2" / "wiki.valid.tokens"
+    ids = np.random.default_rng(5).integers(3, 512, size=(1, 96))
+    original = ModelRunner.from_dir(model, with_tokenizer=False).logits(ids)
+    convert(model, tmp_path / "all", calib, "--rope-all", "--freqfold", "1", "--kv-lora-rank", "full", "--stage", "1")
+    np.testing.assert_allclose(ModelRunner.from_dir(tmp_path / "all", with_tokenizer=False).logits(ids), original,
+                               atol=1e-4, rtol=0)
+    convert(model, tmp_path / "s1", calib, "--rope-dim", "4", "--freqfold", "2", "--stage", "1")
+    convert(model, tmp_path / "s2", calib, "--rope-dim", "4", "--freqfold", "2", "--kv-lora-rank", "full")
+    stage1 = ModelRunner.from_dir(tmp_path / "s1", with_tokenizer=False).logits(ids)
+    np.testing.assert_allclose(ModelRunner.from_dir(tmp_path / "s2", with_tokenizer=False).logits(ids), stage1,
+                               atol=1e-4, rtol=0)

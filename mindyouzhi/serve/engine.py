@@ -201,7 +201,14 @@ class Engine:
                  progress: Optional[Callable[[int], None]] = None) -> list[Completion]:
         """Run ``prompts`` to completion together (continuous batching); results in input order."""
         per_request = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, per_request)]
+        ids: list[str] = []
+        try:
+            for prompt, request_params in zip(prompts, per_request):
+                ids.append(self.add_request(prompt, request_params))
+        except UserError:
+            for request_id in ids:  # all or nothing: no half-submitted batch left in the queue
+                self.scheduler.finish(self._sequences.pop(request_id))
+            raise
         outputs: dict[str, list[int]] = {request_id: [] for request_id in ids}
         reasons: dict[str, str] = {}
         sequences = {request_id: self._sequences[request_id] for request_id in ids}

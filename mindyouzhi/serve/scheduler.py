@@ -148,8 +148,13 @@ class Scheduler:
             if self.admission == "reserve":
                 fits = self.blocks_for(seq.lifetime_tokens) <= self.allocator.num_free - self._outstanding_reservations()
             else:
-                fits = self.blocks_for(seq.num_tokens + 1) + self.watermark <= self.allocator.num_free
+                # Room for the prompt and the first decoded token, plus the watermark when others
+                # run (an idle pool admits anything that passed check_fits).
+                first_step = self.blocks_for(min(seq.num_tokens + 1, seq.lifetime_tokens))
+                fits = first_step + (self.watermark if self.running else 0) <= self.allocator.num_free
             if not fits:
+                if not self.running and not admitted:
+                    raise RuntimeError(f"scheduler: {seq.request_id} does not fit an idle pool (check_fits let it in)")
                 break  # strict arrival order: a large request is not starved by small ones behind it
             self.waiting.popleft()
             seq.block_ids = self.allocator.allocate(now)

@@ -66,6 +66,14 @@ class AdamW(nn.Cell):
         return self.hyper_map(ops.partial(_update, lr, self.beta1, self.beta2, eps, decay, self.no_decay),
                               self.params, self.exp_avg, self.exp_avg_sq, grads, self.decayed)
 
+    def apply_eagerly(self, grads, lr, eps, decay) -> None:
+        """The same update, one fused kernel per parameter outside any graph: no graph holding
+        temporaries for every parameter at once (used by the layer-wise step)."""
+        for param, exp_avg, exp_avg_sq, grad, decayed in zip(self.params, self.exp_avg, self.exp_avg_sq, grads,
+                                                             self.decayed):
+            _FUSED(param, exp_avg, exp_avg_sq, lr, self.beta1, self.beta2, eps, decay if decayed else self.no_decay,
+                   grad)
+
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Optimizer state by name (each moment keeps its parameter's name after the prefix)."""
         return {p.name: p.asnumpy() for p in (*self.exp_avg, *self.exp_avg_sq)}

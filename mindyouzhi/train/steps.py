@@ -12,8 +12,8 @@ shape (weights are arguments, so all 30 layers share one compiled graph) and kee
 layer's input; the backward walks the layers in reverse, recomputing each layer inside a jitted
 ``ms.grad`` of ⟨layer(x, w), dy⟩ that returns (dx, dw).  Memory is one layer's graph plus the
 head's [B, T, V] tensors; compilation is a handful of small graphs; the price is one extra
-forward.  The accumulated gradients then go through the same jitted apply step (all-reduce,
-clip, AdamW) as the whole-graph form.
+forward.  The accumulated gradients are all-reduced, clipped and applied one parameter at a time
+(the same fused AdamW kernel, outside a graph).
 
 Both compute the gradient of Σ per-token-loss × weight, with weights = loss mask / loss tokens of
 the global batch (see ``trainer``), so micro-batches and ranks combine by summation.
@@ -142,8 +142,10 @@ class LayerwiseStep:
                 dims = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
             present = tuple(i for i, name in enumerate(order) if prefix + name in named)
             weights = tuple(named[prefix + order[i]] for i in present)
-            names = tuple(prefix + order[i] for i in present)
-            forward, backward = self._layer_graphs(kind, dims, eps, len(order), present, jit)
+            # gradients only for trainable weights (``model.trainable: attention`` skips the MLP's dW)
+            wanted = tuple(slot for slot, i in enumerate(present) if prefix + order[i] in self.slot)
+            names = tuple(prefix + order[present[slot]] for slot in wanted)
+            forward, backward = self._layer_graphs(kind, dims, eps, len(order), present, wanted, jit)
             self.layers.append((forward, backward, weights, names))
 
         self.embed = named["model.embed_tokens.weight"]
@@ -161,18 +163,23 @@ class LayerwiseStep:
         def embed(table, ids):
             return ops.gather(table, ids, 0)
 
-        self._head = jit(ms.value_and_grad(head_objective, grad_position=(0, 1, 2)))
+        self.head_positions = (0,) + tuple(position for position, name in ((1, "model.norm.weight"),
+                                                                        (2, self.head_name)) if name in self.slot)
+        self._head = jit(ms.value_and_grad(head_objective, grad_position=self.head_positions))
         self._embed = jit(embed)
         self._embed_grad = jit(ms.grad(embed_objective, grad_position=0))
-        self._apply = jit(_finisher(optimizer, max_grad_norm, world_size))
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.world_size = world_size
 
-    def _layer_graphs(self, kind, dims, eps, width, present, jit):
-        """(forward, backward) for one layer shape, shared by every layer with that shape."""
+    def _layer_graphs(self, kind, dims, eps, width, present, wanted, jit):
+        """(forward, backward) for one layer shape, shared by every layer with that shape; the
+        backward returns (dx, d(weights[wanted]))."""
         import mindspore as ms
 
         from mindyouzhi.models import functional as F
 
-        key = (kind, dims, present)
+        key = (kind, dims, present, wanted)
         if key in self._graphs:
             return self._graphs[key]
         layer = F.mla_layer if kind == "mla" else F.gqa_layer
@@ -193,11 +200,11 @@ class LayerwiseStep:
         def objective(x, upstream, cos, sin, mla_cos, mla_sin, mask, *weights):
             return (forward(x, cos, sin, mla_cos, mla_sin, mask, *weights) * upstream).sum()
 
-        backward = ms.grad(objective, grad_position=(0,) + tuple(7 + i for i in range(len(present))))
+        backward = ms.grad(objective, grad_position=(0,) + tuple(7 + slot for slot in wanted))
         self._graphs[key] = (jit(forward), jit(backward))
         return self._graphs[key]
 
-    def _micro(self, ids, targets, weights, teacher, tables):
+    def _micro(self, ids, targets, weights, teacher, tables, layer_values):
         """Loss and gradients (aligned with ``self.params``, None where untouched) of one micro-batch."""
         grads: list = [None] * len(self.params)
 
@@ -208,14 +215,17 @@ class LayerwiseStep:
 
         hidden = self._embed(self.embed, ids)
         inputs = []
-        for forward, _, layer_weights, _ in self.layers:
+        for (forward, _, _, _), layer_weights in zip(self.layers, layer_values):
             inputs.append(hidden)
             hidden = forward(hidden, *tables, *layer_weights)
-        loss, (upstream, grad_norm_w, grad_head) = self._head(hidden, self.norm, self.head, targets, weights, teacher)
-        add("model.norm.weight", grad_norm_w)
-        add(self.head_name, grad_head)
-        for (_, backward, layer_weights, names), layer_input in zip(reversed(self.layers), reversed(inputs)):
-            upstream, *layer_grads = backward(layer_input, upstream, *tables, *layer_weights)
+        loss, head_out = self._head(hidden, self.norm, self.head, targets, weights, teacher)
+        upstream, *head_grads = head_out if isinstance(head_out, (tuple, list)) else (head_out,)  # 1 position: bare
+        for position, grad in zip(self.head_positions[1:], head_grads):
+            add("model.norm.weight" if position == 1 else self.head_name, grad)
+        for (_, backward, _, names), layer_weights, layer_input in zip(reversed(self.layers), reversed(layer_values),
+                                                                       reversed(inputs)):
+            grads_out = backward(layer_input, upstream, *tables, *layer_weights)
+            upstream, *layer_grads = grads_out if isinstance(grads_out, (tuple, list)) else (grads_out,)
             for name, grad in zip(names, layer_grads):
                 add(name, grad)
         if "model.embed_tokens.weight" in self.slot:
@@ -225,14 +235,36 @@ class LayerwiseStep:
     def run(self, micro_batches: Iterable[tuple], lr, eps, decay, tables):
         import mindspore as ms
 
+        # Plain-tensor copies of this step's weights: a Parameter passed to a jitted function keys the
+        # compile cache by its identity (30 layers = 30 graphs); tensors of one shape share one graph.
+        layer_values = [tuple(p.value() for p in layer[2]) for layer in self.layers]
         total = None
         local = 0.0
         for ids, targets, weights, teacher in micro_batches:
-            loss, grads = self._micro(ids, targets, weights, teacher, tables)
+            loss, grads = self._micro(ids, targets, weights, teacher, tables, layer_values)
             local += float(loss.asnumpy())
             total = grads if total is None else [a + b for a, b in zip(total, grads)]
         total = [g if g is not None else ms.ops.zeros_like(p) for g, p in zip(total, self.params)]
-        return self._apply(ms.mutable(tuple(total)), ms.Tensor(local, ms.float32), lr, eps, decay)
+        return self._apply_eagerly(total, local, lr, eps, decay)
+
+    def _apply_eagerly(self, grads, local_loss: float, lr, eps, decay):
+        """all-reduce → clip → AdamW one parameter at a time (PyNative).  As one graph, the apply step
+        for SmolLM2 took ~30 s to compile and ~3 GB for temporaries of all 270 tensors at once."""
+        import mindspore as ms
+        from mindspore import ops
+
+        loss = ms.Tensor(np.float32(local_loss))
+        if self.world_size > 1:
+            reduce = ops.AllReduce()
+            grads = [reduce(g) for g in grads]
+            loss = reduce(loss)
+        norm = float(np.sqrt(sum(float((g * g).sum().asnumpy()) for g in grads)))
+        if self.max_grad_norm:
+            factor = min(1.0, self.max_grad_norm / (norm + 1e-6))
+            if factor < 1.0:
+                grads = [g * factor for g in grads]
+        self.optimizer.apply_eagerly(grads, lr, eps, decay)
+        return loss, ms.Tensor(np.float32(norm))
 
 
 def build_step(net, config, params, optimizer, recipe, world_size: int):

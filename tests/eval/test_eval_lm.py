@@ -120,17 +120,18 @@ def test_choices_sharing_a_context_share_one_forward():
 
 
 def test_shapes_are_bucketed_so_a_jitted_model_compiles_few_graphs():
-    assert [bucketed_length(n, 64) for n in (1, 64, 65, 300, 700, 1500)] == [64, 64, 128, 320, 768, 1536]
-    assert all(n <= bucketed_length(n, 8) <= max(1.25 * n, n + 7) for n in range(1, 5000))
+    assert [bucketed_length(n, 64) for n in (1, 64, 65, 300, 700, 1500, 2100)] == [64, 64, 128, 384, 768, 1536, 3072]
+    assert all(n <= bucketed_length(n, 8) <= max(1.5 * n, n + 7) for n in range(1, 5000))
+    assert sorted({bucketed_length(n, 64) for n in range(1, 4097)}) == [64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
     tokenizer = PieceTokenizer(PIECES)
     lm = PrefixHashLM(tokenizer)
     requests = [("xy" * n, "z") for n in range(1, 40)]
     ContinuationScorer(lm, batch_size=4, pad_multiple=16).score(requests)
     # 39 requests of 3..79 ids, in 10 batches: the short last batch is filled with dummy rows and
-    # every length is rounded up to a multiple of 16, so the model sees 5 shapes instead of 10.
+    # every length is rounded up to 16, 32, 48, 64 or 96, so the model sees 5 shapes instead of 10.
     shapes = {(len(batch), max(len(seq) for seq in batch)) for batch in lm.calls}
     assert len(lm.calls) == 10
-    assert shapes == {(4, 16), (4, 32), (4, 48), (4, 64), (4, 80)}
+    assert shapes == {(4, 16), (4, 32), (4, 48), (4, 64), (4, 96)}
 
 
 def test_token_budget_limits_rows_per_forward():

@@ -1,0 +1,1 @@
+"""Precision checks with msprobe (mindstudio-probe): layer-by-layer comparison of two models."""
