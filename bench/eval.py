@@ -8,8 +8,9 @@ Runs, on both models in the same process (so timings are comparable: report rati
   so the few-shot examples are drawn from the 50%-agreement sentences that are *not* in AllAgree
   (written to a temporary file, never into the repository);
 * SST-5 test, first ``--limit`` sentences, 3-shot from the train split;
-* FinEval val and C-Eval val, the first ``--subject-limit`` questions of every subject, 5-shot from
-  the dev split (the benchmarks' own protocol);
+* FinEval val and C-Eval val, the first ``--subject-limit`` questions of every subject,
+  ``--exam-shots`` (default 5, the benchmarks' own protocol) from the dev split.  5-shot prompts
+  reach 2.7k tokens; on a machine short of memory ``--exam-shots 2`` keeps them under ~1.3k;
 * KL(original ‖ converted) and top-1 agreement on the first ``--kl-windows`` windows of 512 tokens
   of WikiText-2 raw test.
 
@@ -49,7 +50,8 @@ def fpb_fewshot_pool(fpb_dir: Path, out: Path) -> Path:
     return out
 
 
-def entries(shared: Path, limit: int, subject_limit: int, kl_windows: int, batch_size: int, fpb_pool: Path) -> list[SuiteEntry]:
+def entries(shared: Path, limit: int, subject_limit: int, exam_shots: int, kl_windows: int, batch_size: int,
+            fpb_pool: Path) -> list[SuiteEntry]:
     data = shared / "data" / "eval"
     common = {"batch_size": batch_size}
     return [
@@ -57,10 +59,10 @@ def entries(shared: Path, limit: int, subject_limit: int, kl_windows: int, batch
                    {**common, "shots": 3, "limit": limit, "fewshot_data": fpb_pool}),
         SuiteEntry("SST-5 test (3-shot)", "sst5", data / "sst5" / "stsa.fine.test",
                    {**common, "shots": 3, "limit": limit, "fewshot_data": data / "sst5" / "stsa.fine.train"}),
-        SuiteEntry(f"FinEval val ({subject_limit}/subject, 5-shot)", "fineval", data / "fineval" / "val",
-                   {**common, "shots": 5, "limit": subject_limit}),
-        SuiteEntry(f"C-Eval val ({subject_limit}/subject, 5-shot)", "ceval", data / "ceval" / "val",
-                   {**common, "shots": 5, "limit": subject_limit}),
+        SuiteEntry(f"FinEval val ({subject_limit}/subject, {exam_shots}-shot)", "fineval", data / "fineval" / "val",
+                   {**common, "shots": exam_shots, "limit": subject_limit}),
+        SuiteEntry(f"C-Eval val ({subject_limit}/subject, {exam_shots}-shot)", "ceval", data / "ceval" / "val",
+                   {**common, "shots": exam_shots, "limit": subject_limit}),
         SuiteEntry("KL on WikiText-2 test (512)", "kl", shared / "data" / "wikitext-2" / "wiki.test.raw",
                    {"seq_len": 512, "max_windows": kl_windows, "batch_size": 1}),
     ]
@@ -102,6 +104,7 @@ def main() -> None:
     parser.add_argument("--shared", required=True, type=Path, help="the shared/ folder (data/eval, data/wikitext-2)")
     parser.add_argument("--limit", type=int, default=200, help="sentences of FPB and SST-5")
     parser.add_argument("--subject-limit", type=int, default=3, help="questions per FinEval / C-Eval subject")
+    parser.add_argument("--exam-shots", type=int, default=5, help="few-shot examples for FinEval / C-Eval")
     parser.add_argument("--kl-windows", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -109,7 +112,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         pool = fpb_fewshot_pool(args.shared / "data" / "eval" / "fpb", Path(tmp) / "fpb_fewshot.txt")
-        suite = entries(args.shared, args.limit, args.subject_limit, args.kl_windows, args.batch_size, pool)
+        suite = entries(args.shared, args.limit, args.subject_limit, args.exam_shots, args.kl_windows, args.batch_size, pool)
         result = run_suite([args.original, args.converted], suite, ["original", "converted"])
     steady = {label: steady_state_throughput(model_dir)
               for label, model_dir in (("original", args.original), ("converted", args.converted))}
@@ -118,8 +121,8 @@ def main() -> None:
     table = render_markdown(result)
     report = {
         "benchmark": "eval",
-        "settings": {"limit": args.limit, "subject_limit": args.subject_limit, "kl_windows": args.kl_windows,
-                     "batch_size": args.batch_size},
+        "settings": {"limit": args.limit, "subject_limit": args.subject_limit, "exam_shots": args.exam_shots,
+                     "kl_windows": args.kl_windows, "batch_size": args.batch_size},
         "comparison": suite_summary(result),
         "throughput": throughput(result),
         "steady_state_tokens_per_second": steady,

@@ -64,16 +64,16 @@ def test_gkd_steps_lower_the_loss_and_checkpoints_are_model_dirs(tmp_path, model
         tmp_path, models,
         train_dataset={"sources": [{"path": str(models["text"]), "max_samples": 8},
                                    {"path": str(models["sft"]), "max_samples": 8}]},
-        runner_config={"epochs": 4, "save_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 2},
+        runner_config={"epochs": 3, "save_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 2},
         lr_schedule={"learning_rate": 3.0e-3, "warmup_ratio": 0.05})
     means = _epoch_means(records, 4)
-    assert len(records) == 16 and means[-1] < 0.8 * means[0], means
+    assert len(records) == 12 and means[-1] < 0.8 * means[0], means
     assert records[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and records[0]["lr"] > 0
     assert all(r["tokens_per_second"] > 0 for r in records)
     out = recipe.output_dir
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000012", "checkpoint-000016"]
-    assert (out / "checkpoint-000016" / "optimizer.safetensors").is_file()
-    assert json.loads((out / "checkpoint-000012" / "trainer_state.json").read_text())["step"] == 12
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000008", "checkpoint-000012"]
+    assert (out / "checkpoint-000012" / "optimizer.safetensors").is_file()
+    assert json.loads((out / "checkpoint-000008" / "trainer_state.json").read_text())["step"] == 8
     assert (out / "train_curves.png").stat().st_size > 0
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["mla"]["kv_lora_rank"] == [24, 24]
@@ -105,10 +105,10 @@ def test_vocabulary_mismatch_is_refused(tmp_path, models):
 def test_on_policy_steps_sample_from_the_student(tmp_path, models):
     _, summary, records = _run(tmp_path, models, train_dataset={"sources": [{"path": str(models["sft"]),
                                                                              "max_samples": 8}]},
-                               gkd={"lmbda": 1.0, "max_new_tokens": 5, "generation_temperature": 1.0},
-                               runner_config={"max_steps": 2})
-    assert [r["on_policy"] for r in records] == [True, True]
-    assert all(0 < r["loss_tokens"] <= 2 * 5 and np.isfinite(r["loss"]) for r in records)
+                               gkd={"lmbda": 1.0, "max_new_tokens": 3, "generation_temperature": 1.0},
+                               runner_config={"max_steps": 1})
+    assert [r["on_policy"] for r in records] == [True]
+    assert all(0 < r["loss_tokens"] <= 2 * 3 and np.isfinite(r["loss"]) for r in records)
 
 
 @pytest.mark.parametrize("run_mode,trainable", [("gkd", "all"), ("sft", "all"), ("gkd", "attention")])

@@ -11,7 +11,9 @@ from mindyouzhi.train.schedule import CosineWithWarmUp, warmup_steps_for
 def _ms(array, dtype=None):
     import mindspore as ms
 
-    ms.set_device("CPU")
+    from mindyouzhi.models.runner import ensure_device
+
+    ensure_device()
     return ms.Tensor(np.asarray(array), dtype or ms.float32)
 
 
@@ -67,8 +69,6 @@ def test_adamw_matches_torch_formula_with_decay_on_matrices_only():
     from mindspore import Parameter
 
     from mindyouzhi.train.optim import AdamW
-
-    ms.set_device("CPU")
     rng = np.random.default_rng(3)
     matrix0, vector0 = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(3,)).astype(np.float32)
     params = [Parameter(_ms(matrix0.copy()), name="m.weight"), Parameter(_ms(vector0.copy()), name="norm.weight")]

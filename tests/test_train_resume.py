@@ -26,13 +26,13 @@ def _recipe(tmp_path, models, name):
                         train_dataset={"sources": [{"path": str(models["text"]), "max_samples": 40},
                                                    {"path": str(models["sft"]), "max_samples": 20}],
                                        "seq_length": 32},
-                        runner_config={"max_steps": 24, "save_steps": 4, "batch_size": 2},
+                        runner_config={"max_steps": 16, "save_steps": 4, "batch_size": 2},
                         optimizer={"weight_decay": 0.01})
 
 
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, models):
     reference = train(load_recipe(_recipe(tmp_path, models, "straight")), show_progress=False)
-    assert reference["steps_run"] == 24
+    assert reference["steps_run"] == 16
 
     killed_recipe = _recipe(tmp_path, models, "killed")
     out = tmp_path / "killed"
@@ -48,13 +48,13 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, models):
 
     resumed = train(load_recipe(killed_recipe), show_progress=False)
     assert resumed["resumed_from"] is not None and resumed["start_step"] >= 8
-    assert resumed["steps_run"] == 24 - resumed["start_step"]
+    assert resumed["steps_run"] == 16 - resumed["start_step"]
     want, got = final_weights(tmp_path / "straight"), final_weights(out)
     assert sorted(want) == sorted(got)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=1e-6, rtol=0, err_msg=name)
     curve, replayed = log_records(tmp_path / "straight"), log_records(out)
-    assert [r["step"] for r in replayed] == list(range(1, 25))
+    assert [r["step"] for r in replayed] == list(range(1, 17))
     np.testing.assert_allclose([r["loss"] for r in replayed], [r["loss"] for r in curve], rtol=1e-5)
     np.testing.assert_allclose([r["lr"] for r in replayed], [r["lr"] for r in curve], rtol=1e-12)
 
