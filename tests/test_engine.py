@@ -178,6 +178,7 @@ def test_scheduler_preempts_the_youngest_running_sequence():
 
 def test_scheduler_reserve_policy_never_preempts():
     scheduler = Scheduler(BlockAllocator(9), block_size=4, admission="reserve")
-    sequences = [Sequence(str(i), [1] * 5, SamplingParams(max_new_tokens=8)) for i in range(3)]  # 12 slots = 3 blocks each
+    # each needs 5 + 8 - 1 = 12 slots = 3 blocks over its life: two fit the 8 usable blocks
+    sequences = [Sequence(str(i), [1] * 5, SamplingParams(max_new_tokens=8)) for i in range(3)]
     assert _simulate(scheduler, sequences, steps=6) == []
     assert len(scheduler.running) == 2 and len(scheduler.waiting) == 1

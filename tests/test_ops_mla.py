@@ -26,13 +26,18 @@ def paged_inputs(batch, blocks, block_size, width):
     return tensor(tables, np.int32), tensor(lengths, np.int32)
 
 
+def mla_inputs(shape):
+    """q_latent, q_pe, latent pool, k_pe pool, block tables, lengths for one MLA_SHAPES entry."""
+    batch, heads, rank, rope, blocks, block_size, width = shape
+    normal = lambda *dims: tensor(RNG.standard_normal(dims))  # noqa: E731
+    return (normal(batch, heads, rank), normal(batch, heads, rope), normal(blocks, block_size, rank),
+            normal(blocks, block_size, rope), *paged_inputs(batch, blocks, block_size, width))
+
+
 @pytest.mark.parametrize("shape", MLA_SHAPES)
 def test_mla_kernel_equals_reference(shape):
-    batch, heads, rank, rope, blocks, block_size, width = shape
-    q_latent, q_pe = tensor(RNG.standard_normal((batch, heads, rank))), tensor(RNG.standard_normal((batch, heads, rope)))
-    latent, k_pe = tensor(RNG.standard_normal((blocks, block_size, rank))), tensor(RNG.standard_normal((blocks, block_size, rope)))
-    tables, lengths = paged_inputs(batch, blocks, block_size, width)
-    scale = 1.0 / np.sqrt(rank + rope)
+    q_latent, q_pe, latent, k_pe, tables, lengths = mla_inputs(shape)
+    scale = 1.0 / np.sqrt(shape[2] + shape[3])
     got = paged_attention.paged_mla_decode(q_latent, q_pe, latent, k_pe, tables, lengths, scale).asnumpy()
     want = reference.paged_mla_decode_reference(q_latent, q_pe, latent, k_pe, tables, lengths, scale).asnumpy()
     assert np.abs(want).max() > 0.1 and not got[0].any()  # a real comparison; the padding row is zero
@@ -51,10 +56,7 @@ def test_gqa_kernel_equals_reference(kv_heads):
 
 
 def test_kernel_runs_inside_a_compiled_graph():
-    batch, heads, rank, rope, blocks, block_size, width = MLA_SHAPES[0]
-    q_latent, q_pe = tensor(RNG.standard_normal((batch, heads, rank))), tensor(RNG.standard_normal((batch, heads, rope)))
-    latent, k_pe = tensor(RNG.standard_normal((blocks, block_size, rank))), tensor(RNG.standard_normal((blocks, block_size, rope)))
-    tables, lengths = paged_inputs(batch, blocks, block_size, width)
+    q_latent, q_pe, latent, k_pe, tables, lengths = mla_inputs(MLA_SHAPES[0])
     mla = paged_attention.custom_ops().mla
 
     @ms.jit

@@ -112,7 +112,8 @@ class KVPool:
         self.tensors: list[tuple[Tensor, Tensor]] = []
         for layout in self.layouts:
             # np.zeros maps untouched pages lazily: resident memory grows as blocks are used.
-            pair = tuple(np.zeros((num_blocks, block_size) + shape, np.float32) for shape in (layout.first, layout.second))
+            pair = tuple(np.zeros((num_blocks, block_size) + shape, np.float32)
+                         for shape in (layout.first, layout.second))
             self.arrays.append(pair)
             self.tensors.append(tuple(Tensor.from_numpy(array) for array in pair))
         self.allocator = BlockAllocator(num_blocks)

@@ -145,11 +145,13 @@ class PagedModel:
             self._layers.append((kind, pool.tensors[index], scale_tensor(scale), args))
         cos, sin, mla_cos, mla_sin = runner.rope(self.max_positions)
         kinds = {kind for kind, *_ in self._layers}
-        self._rope = {kind: tables for kind, tables in (("gqa", (cos, sin)), ("mla", (mla_cos, mla_sin))) if kind in kinds}
+        tables = {"gqa": (cos, sin), "mla": (mla_cos, mla_sin)}  # MLA layers rotate with their own table
+        self._rope = {kind: tables[kind] for kind in kinds}
 
-    # The per-call inputs every layer shares.
     def _run_layers(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, tables: np.ndarray,
                     seq_lens: np.ndarray, attention: DecodeAttention):
+        """Embed → every layer (writing the pool) → final hidden states; the paging inputs are
+        built once per call and shared by all layers."""
         x = self.runner.embed(Tensor(ids, ms.int32))
         rope = {kind: (Tensor(cos[positions]), Tensor(sin[positions])) for kind, (cos, sin) in self._rope.items()}
         shared = (Tensor(slots, ms.int32),)

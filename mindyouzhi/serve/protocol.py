@@ -185,16 +185,18 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> GenerationReques
     prompt_ids = _completion_prompt(body, served) if kind == "completion" else _chat_prompt(body, served)
     if not prompt_ids:
         raise _invalid("the prompt is empty", "prompt" if kind == "completion" else "messages")
+    # Tokens the request may generate: its whole life must fit the context and the pool (the last
+    # sampled token is never cached, hence the + 1).
+    room = min(served.context, served.pool_tokens + 1) - len(prompt_ids)
+    if room < 1:
+        raise _invalid(f"the prompt has {len(prompt_ids)} tokens, which leaves no room in the model's context "
+                       f"({served.context}) or the KV pool ({served.pool_tokens} tokens)",
+                       "messages" if kind == "chat" else "prompt")
     max_tokens = _integer(body, "max_completion_tokens", 1) if kind == "chat" else None
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1)
-    room = min(served.context, served.pool_tokens + 1) - len(prompt_ids)
-    if max_tokens is None:
-        # OpenAI: 16 for completions; for chat, as much as the context allows.
+    if max_tokens is None:  # OpenAI: 16 for completions; for chat, as much as the context allows
         max_tokens = 16 if kind == "completion" else room
-    if room < 1:
-        raise _invalid(f"the prompt has {len(prompt_ids)} tokens, which leaves no room in the model's context "
-                       f"({served.context}) or the KV pool ({served.pool_tokens} tokens)", "messages" if kind == "chat" else "prompt")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise _invalid("'stream_options' must be an object", "stream_options")
