@@ -69,3 +69,37 @@ def save(name: str, payload: dict) -> Path:
 
 def dump(payload) -> str:
     return json.dumps(payload, indent=2, ensure_ascii=False)
+
+
+# What the MindSpore runtime alone costs in RSS (import + CPU device + our conversion modules):
+# the cost benches report peaks both absolute and above this baseline.
+_BASELINE_SCRIPT = ("import numpy, mindspore as ms, resource; ms.set_device('CPU'); import mindyouzhi.transition.convert; "
+                    "import mindyouzhi.models.runner; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+
+
+def runtime_baseline_rss() -> int:
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1])
+
+
+def cli() -> str:
+    """The ``mindyouzhi`` entry point of the running interpreter's environment."""
+    return str(Path(sys.executable).with_name("mindyouzhi"))
+
+
+def child_peak(cmd: list[str]) -> tuple[float, int, str]:
+    """Run ``cmd`` (progress bars off); (wall seconds, peak RSS bytes of the child, stdout).
+
+    RUSAGE_CHILDREN reports the largest child so far, so run one measured child per process."""
+    import resource
+    import subprocess
+    import time
+
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MINDYOUZHI_NO_PROGRESS": "1"})
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, done.stdout

@@ -11,32 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
-import time
-from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
-
-BASELINE = ("import numpy, mindspore as ms, resource; ms.set_device('CPU'); import mindyouzhi.transition.convert; "
-            "import mindyouzhi.models.runner; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-
-
-def child_peak(cmd: list[str]) -> tuple[float, int, str]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "MINDYOUZHI_NO_PROGRESS": "1"})
-    seconds = time.perf_counter() - start
-    if done.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, max(peak, before) * 1024, done.stdout
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -49,10 +30,9 @@ def main() -> None:
     model_dir = common.smollm2()
     calib, _ = common.wikitext()
     config = ModelConfig.from_dir(model_dir)
-    python = str(Path(sys.executable))
-    baseline = int(subprocess.run([python, "-c", BASELINE], capture_output=True, text=True, check=True).stdout.split()[-1])
+    baseline = common.runtime_baseline_rss()
     with tempfile.TemporaryDirectory() as work:
-        seconds, peak, stdout = child_peak([str(Path(sys.executable).with_name("mindyouzhi")), "convert", "--model", str(model_dir),
+        seconds, peak, stdout = common.child_peak([common.cli(), "convert", "--model", str(model_dir),
                                             "--out", f"{work}/out", "--calib", str(calib), "--calib-tokens", str(args.calib_tokens),
                                             "--rope-dim", "32", "--kv-lora-rank", str(args.rank), "--freqfold", str(args.fold),
                                             "--json"])

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from convert_cost import BASELINE  # noqa: E402
 
 
 def main() -> None:
@@ -38,20 +34,15 @@ def main() -> None:
     config = ModelConfig.from_dir(model_dir)
     store = SafetensorsStore(model_dir)
     model_bytes = sum(4 * int(np.prod(store.shape(name))) for name in store.keys())
-    baseline = int(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True).stdout.split()[-1])
+    baseline = common.runtime_baseline_rss()
     with tempfile.TemporaryDirectory() as work:
-        cmd = [str(Path(sys.executable).with_name("mindyouzhi")), "convert", "--model", str(model_dir), "--out", f"{work}/out",
+        cmd = [common.cli(), "convert", "--model", str(model_dir), "--out", f"{work}/out",
                "--calib", str(calib), "--calib-tokens", str(args.calib_tokens), "--search-tokens", str(args.search_tokens),
                "--search-seq-len", str(args.search_seq_len), "--rope-dim", "32", "--kv-lora-rank", "96",
                "--freqfold", "adaptive", "--no-trajectories", "--json"]
-        start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "MINDYOUZHI_NO_PROGRESS": "1"})
-        wall = time.perf_counter() - start
-        if done.returncode:
-            sys.exit(done.stderr[-3000:])
-    report = json.loads(done.stdout)
+        wall, peak, stdout = common.child_peak(cmd)
+    report = json.loads(stdout)
     search = report["search"]
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     layers, folds = config.num_hidden_layers, len(report["candidate_folds"])
     hidden_cache = 4 * args.search_tokens * config.hidden_size * (layers + 1)  # spilled to disk (memmap)
     calibration = 4 * args.calib_tokens * config.hidden_size * 3 + 8 * layers * (config.hidden_size + 1) ** 2

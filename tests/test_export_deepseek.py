@@ -80,7 +80,7 @@ def models(tmp_path_factory):
     return sources, converted, calib
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2_kv_bias", "llama_bias_llama3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen2_kv_bias", "llama_bias_llama3"])
 def test_transformers_deepseek_v3_reproduces_converted_model(models, kind, tmp_path):
     _, converted, _ = models
     out = tmp_path / "ds"
@@ -91,7 +91,13 @@ def test_transformers_deepseek_v3_reproduces_converted_model(models, kind, tmp_p
 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3" and config["architectures"] == ["DeepseekV3ForCausalLM"]
-    assert config["first_k_dense_replace"] == 2 and config["q_lora_rank"] is None and config["rope_interleave"]
+    assert config["first_k_dense_replace"] == 2 and config["rope_interleave"]
+    # Query biases (full Qwen2) go through q_a_proj → pinned q_a_layernorm → q_b_proj, nothing else does.
+    hidden = json.loads((converted[kind] / "config.json").read_text())["hidden_size"]
+    assert config["q_lora_rank"] == (hidden + 64 - hidden % 64 if kind == "qwen2" else None)
+    names = set(SafetensorsStore(out).keys())
+    assert ("model.layers.0.self_attn.q_b_proj.weight" in names) is (kind == "qwen2")
+    assert ("model.layers.0.self_attn.q_proj.weight" in names) is (kind != "qwen2")
     assert (config["kv_lora_rank"], config["qk_rope_head_dim"], config["qk_nope_head_dim"]) == (24, 8, 16)
     assert config["attention_bias"] is (kind != "llama")
     assert (config["rope_scaling"] or {}).get("rope_type") == ("llama3" if kind == "llama_bias_llama3" else None)
@@ -180,7 +186,7 @@ def test_cli_json_and_summary(models, tmp_path):
     ("rope_all", ["--rope-all"]),
     ("not_converted", ["not a converted model"]),
     ("ranks_differ", ["kv_lora_rank differs", "--kv-lora-rank"]),
-    ("query_bias", ["model.layers.0.self_attn.q_proj.bias", "non-zero", "query bias"]),
+    ("mindformers_query_bias", ["model.layers.0.self_attn.q_proj.bias", "MindFormers", "--format deepseek-v3"]),
     ("mindformers_bias", ["kv_a_proj_with_mqa.bias", "MindFormers", "--format deepseek-v3"]),
 ])
 def test_refusals_write_nothing(models, case, words, tmp_path):
@@ -201,8 +207,8 @@ def test_refusals_write_nothing(models, case, words, tmp_path):
         config = json.loads((model / "config.json").read_text())
         config["mla"]["kv_lora_rank"] = [24, 16]
         (model / "config.json").write_text(json.dumps(config))
-    elif case == "query_bias":
-        model = converted["qwen2"]
+    elif case == "mindformers_query_bias":
+        model, fmt = converted["qwen2"], "mindformers"
     else:
         model, fmt = converted["qwen2_kv_bias"], "mindformers"
     out = tmp_path / "out"

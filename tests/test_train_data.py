@@ -7,7 +7,7 @@ import pytest
 from hf_fixtures import add_word_tokenizer
 from mindyouzhi.errors import UserError
 from mindyouzhi.train.data import BatchPlan, collate, pack, text_examples
-from mindyouzhi.train.sft import conversation, encode_conversation, read_records
+from mindyouzhi.train.sft import Example, conversation, encode_conversation, read_records, truncate
 from test_train_fixtures import add_chat_template
 
 
@@ -99,3 +99,21 @@ def test_batch_order_is_seeded_and_shards_match_accumulation():
     assert two_ranks == single
     with pytest.raises(UserError, match="fewer than one global batch of 64"):
         BatchPlan(37, 64, 1, -1, 0, True, "recipe r.yaml")
+
+
+def test_truncate_keeps_the_response_of_a_long_prompt():
+    def example(prompt, response):
+        ids = np.arange(prompt + response, dtype=np.int32)
+        return Example(ids, np.arange(prompt + response) >= prompt, prompt)
+
+    short = truncate(example(10, 50), 32)  # prompt fits: the response loses its end
+    assert short.ids.tolist() == list(range(32)) and short.prompt_length == 10
+    long_both = truncate(example(100, 60), 32)  # half the window for the response, prompt cut in the middle
+    assert long_both.ids.tolist() == list(range(4)) + list(range(88, 100)) + list(range(100, 116))
+    assert long_both.prompt_length == 16 and long_both.loss.tolist() == [False] * 16 + [True] * 16
+    long_prompt = truncate(example(100, 5), 32)  # a short response is kept whole
+    assert long_prompt.ids.tolist()[-5:] == list(range(100, 105)) and long_prompt.prompt_length == 27
+    assert long_prompt.ids.tolist()[:6] == list(range(6)) and long_prompt.ids[6] == 100 - 21
+    assert truncate(example(20, 0), 32) is None  # nothing to learn: dropped
+    untouched = example(5, 5)
+    assert truncate(untouched, 32) is untouched

@@ -48,6 +48,10 @@ class LanguageModel(Protocol):
         """New token ids only."""
         ...
 
+    # Optional: ``logprobs_rows(batch, spans)`` → per sequence only rows ``start:stop`` of
+    # ``logprobs``.  When a model has it the scorer asks for the continuation rows alone (the
+    # ModelRunner then never builds a [T, vocab] array); otherwise it slices ``logprobs``.
+
 
 def load_language_model(model_dir) -> LanguageModel:
     """Load a model directory (GQA, MLA or hybrid) with its tokenizer.
@@ -108,9 +112,10 @@ def _leading_ids(tokenizer: Tokenizer, encoded: Sequence[int]) -> list[int]:
 class ContinuationScorer:
     """Log-likelihood of continuations given contexts, batched, with shared forwards.
 
-    ``logprobs`` returns a full [length, vocab] float32 array per sequence (0.2 MB per token for a
-    49k vocabulary, several times that inside the forward), so ``max_batch_tokens`` caps
-    sequences × padded length per call: long few-shot prompts go fewer to a batch.
+    Only the continuation rows are needed.  A model with ``logprobs_rows`` (the ModelRunner) is
+    asked for exactly those; a plain ``logprobs`` returns a full [length, vocab] float32 array per
+    sequence (0.2 MB per token for a 49k vocabulary), which is then sliced.  ``max_batch_tokens``
+    caps sequences × padded length per call: long few-shot prompts go fewer to a batch.
 
     A jitted backend compiles one graph per input shape, and benchmark prompts all differ in
     length.  Measured with SmolLM2-135M on CPU: a new shape costs 3-12 s of compilation, and every
@@ -181,20 +186,39 @@ class ContinuationScorer:
             for chunk, rows_per_batch in self._batches(forwards):
                 batch = [self._padded(forwards[f], pad_id) for f in chunk]
                 fill = [[pad_id]] * (rows_per_batch - len(batch)) if self.pad_multiple > 1 else []
-                rows = self.lm.logprobs(batch + fill)
-                if len(rows) != len(batch) + len(fill):
-                    raise RuntimeError(f"logprobs returned {len(rows)} arrays for a batch of {len(batch) + len(fill)}")
-                for f, seq, logprobs in zip(chunk, batch, rows):
-                    if logprobs.shape[0] != len(seq):
-                        raise RuntimeError(f"logprobs returned {logprobs.shape[0]} rows for {len(seq)} ids")
+                spans = [self._span(forwards[f], [encoded[i] for i in served[f]]) for f in chunk]
+                spans += [(0, 1)] * len(fill)
+                rows = self._logprobs(batch + fill, spans)
+                for f, (start, stop), logprobs in zip(chunk, spans, rows):
+                    if logprobs.shape[0] != stop - start:
+                        raise RuntimeError(f"logprobs returned {logprobs.shape[0]} rows for {stop - start} wanted")
                     for index in served[f]:
-                        results[index] = _read_score(logprobs, encoded[index])
+                        results[index] = _read_score(logprobs, encoded[index], start)
                 self.stats.forward_sequences += len(batch)
                 self.stats.forward_tokens += sum(len(forwards[f]) for f in chunk)
                 bar.update(len(chunk))
         finally:
             bar.close()
         return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _span(forward: tuple[int, ...], requests: Sequence[_EncodedRequest]) -> tuple[int, int]:
+        """The rows of ``forward`` that hold the continuations of the requests it serves."""
+        return min(len(r.inputs) - len(r.targets) for r in requests), max(len(r.inputs) for r in requests)
+
+    def _logprobs(self, batch: list[list[int]], spans: list[tuple[int, int]]) -> list[np.ndarray]:
+        rows_only = getattr(self.lm, "logprobs_rows", None)
+        if rows_only is not None:
+            rows = rows_only(batch, spans)
+        else:
+            rows = self.lm.logprobs(batch)
+            for seq, full in zip(batch, rows):
+                if full.shape[0] != len(seq):
+                    raise RuntimeError(f"logprobs returned {full.shape[0]} rows for {len(seq)} ids")
+            rows = [full[start:stop] for full, (start, stop) in zip(rows, spans)]
+        if len(rows) != len(batch):
+            raise RuntimeError(f"logprobs returned {len(rows)} arrays for a batch of {len(batch)}")
+        return rows
 
     def _padded_length(self, length: int) -> int:
         if self.pad_multiple == 1:
@@ -245,9 +269,10 @@ def bucketed_length(length: int, min_multiple: int) -> int:
     return -(-length // step) * step
 
 
-def _read_score(logprobs: np.ndarray, request: _EncodedRequest) -> ContinuationScore:
+def _read_score(logprobs: np.ndarray, request: _EncodedRequest, offset: int = 0) -> ContinuationScore:
+    """``logprobs`` holds the forward's rows from ``offset`` on."""
     n_targets = len(request.targets)
-    end = len(request.inputs)
+    end = len(request.inputs) - offset
     rows = logprobs[end - n_targets : end]
     targets = np.asarray(request.targets)
     picked = rows[np.arange(n_targets), targets].astype(np.float64)

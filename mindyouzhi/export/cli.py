@@ -22,7 +22,7 @@ from .plan import FORMATS
 @click.option("--overwrite", is_flag=True, help="replace an existing --out")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the summary")
 def export_cmd(model_dir, fmt, out, overwrite, as_json):
-    """Export a converted MLA model as a stock DeepSeek-V3 model (dense MLP, q_lora_rank null)."""
+    """Export a converted MLA model as a stock DeepSeek-V3 model (dense MLP; q_lora_rank null unless the source has query biases)."""
     from .deepseek import export_deepseek_v3, summary_text
 
     summary = export_deepseek_v3(model_dir, out, overwrite=overwrite, fmt=fmt)

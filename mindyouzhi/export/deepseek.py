@@ -115,6 +115,7 @@ def _summary(plan: ExportPlan, out: Path, weight_files: list[str], count: int, p
         "qk_rope_head_dim": plan.rope_dim,
         "v_head_dim": plan.head_dim,
         "kv_lora_rank": plan.kv_lora_rank,
+        "q_lora_rank": plan.q_lora_rank,
         "attention_bias": plan.attention_bias,
         "rope_scaling": (plan.config.rope_scaling or {}).get("rope_type"),
         "kv_cache_values_per_token_per_layer": plan.kv_values_per_token_per_layer,
@@ -136,7 +137,8 @@ def summary_text(summary: dict) -> str:
     per_layer = summary["kv_cache_values_per_token_per_layer"]
     lines = [
         f"exported {summary['format']} → {summary['out']} ({', '.join(summary['weight_files'])})",
-        f"  {summary['layers']} layers, {summary['heads']} heads, q_lora_rank null, kv_lora_rank "
+        f"  {summary['layers']} layers, {summary['heads']} heads, q_lora_rank {summary['q_lora_rank'] or 'null'}, "
+        f"kv_lora_rank "
         f"{summary['kv_lora_rank']}, qk_rope_head_dim {summary['qk_rope_head_dim']}, "
         f"qk_nope_head_dim = v_head_dim {summary['v_head_dim']}",
         f"  KV cache per token: {summary['kv_lora_rank']} + {summary['qk_rope_head_dim']} = {per_layer} values per "
@@ -150,9 +152,13 @@ def summary_text(summary: dict) -> str:
     if engines["tested"]:
         lines.append(f"  loads in: {'; '.join(engines['tested'])} (logits parity-tested on CPU)")
     lines.append(f"  written for: {'; '.join(engines['targets'])} (not run here; see docs/deployment.md)")
+    if summary["q_lora_rank"]:
+        lines.append(f"  query biases carried exactly through q_a_proj → q_a_layernorm → q_b_proj (q_lora_rank "
+                     f"{summary['q_lora_rank']} = hidden + constant channels; see docs/deployment.md)")
     if summary["attention_bias"]:
-        lines.append("  attention_bias: true (kv_a_proj_with_mqa and o_proj biases): transformers applies them; vLLM's "
-                     "DeepSeek model has no attention biases and skips them while loading, so it would be wrong")
+        lines.append("  attention_bias: true (q_a_proj, kv_a_proj_with_mqa and o_proj biases): transformers applies "
+                     "them; vLLM's DeepSeek model has no attention biases and skips them while loading, so it would "
+                     "be wrong")
     if summary["rope_scaling"]:
         lines.append(f"  rope_scaling {summary['rope_scaling']}: exact in transformers; vLLM rewrites any rope_scaling "
                      f"of a DeepSeek model to deepseek_yarn, which changes the frequencies")

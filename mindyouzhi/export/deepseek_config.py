@@ -6,6 +6,8 @@ Field by field, why:
   this index on by an MoE; setting it to the layer count keeps all MLPs dense (our SwiGLU).  The
   MoE fields must still be valid for the config classes to load, so they get the smallest legal
   values (one expert, one group); no engine builds an MoE from them.
+* ``q_lora_rank``: null, unless the source has query biases — then ``hidden_size + k`` with the
+  pinned-norm factorisation of ``plan.py`` (the only stock path that carries a query bias).
 * ``num_key_value_heads = num_attention_heads``: after ``kv_b_proj`` every head has its own key
   and value (engines that expand the latent read this).
 * ``qk_nope_head_dim = v_head_dim = head_dim`` and ``qk_rope_head_dim = rope_dim``: our queries
@@ -48,7 +50,7 @@ def deepseek_v3_config(plan: ExportPlan) -> dict[str, Any]:
         "num_hidden_layers": plan.num_layers,
         "num_attention_heads": plan.num_heads,
         "num_key_value_heads": plan.num_heads,
-        "q_lora_rank": None,
+        "q_lora_rank": plan.q_lora_rank,
         "kv_lora_rank": plan.kv_lora_rank,
         "qk_nope_head_dim": plan.head_dim,
         "qk_rope_head_dim": plan.rope_dim,
@@ -82,6 +84,10 @@ def deepseek_v3_config(plan: ExportPlan) -> dict[str, Any]:
         "source_rms_norm_eps": config.rms_norm_eps,
         "residual_scale": plan.norm_scale,
     }
+    if plan.query is not None:
+        data["mindyouzhi"]["query_bias_factorisation"] = {
+            "q_lora_rank": plan.query.rank, "constant_channels": plan.query.constant_channels,
+            "note": "q_proj with bias rewritten as q_a_proj (+bias) → pinned q_a_layernorm → q_b_proj; exact"}
     return data
 
 

@@ -12,6 +12,9 @@ With ``plan.norm_scale = s ≠ 1`` (source ``rms_norm_eps`` ≠ 1e-6, see ``plan
 writes the residual stream (embeddings, ``o_proj``, ``down_proj``) and the latent rows of
 ``kv_a_proj_with_mqa`` are multiplied by ``s`` so that RMSNorms with ε = 1e-6 reproduce the source
 norms exactly; norm weights, ``q_proj``, the RoPE key rows, ``kv_b_proj`` and ``lm_head`` are not.
+
+A source with query biases gets ``q_a_proj`` / ``q_a_layernorm`` / ``q_b_proj`` instead of
+``q_proj`` (``plan.query``; the construction is explained in ``plan.py``).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
 from mindyouzhi.models.decoder import layer_prefix
 from mindyouzhi.models.rope import rotate_half_to_interleaved_rows
 
-from .plan import ExportPlan
+from .plan import DEEPSEEK_NORM_EPS, ExportPlan
 
 # Per-layer tensors copied as they are (local names; identical in our layout and DeepSeek's).
 _COPIED = (
@@ -54,12 +57,15 @@ def _layer_tensors(plan: ExportPlan, store: SafetensorsStore, layer: int) -> Ite
     prefix = layer_prefix(layer)
     attn = prefix + "self_attn."
     order = rotate_half_to_interleaved_rows(plan.rope_dim)
-    head_rows = plan.head_dim + plan.rope_dim
 
-    q = store.get(attn + "q_proj.weight").reshape(plan.num_heads, head_rows, -1)
-    q[:, plan.head_dim:] = q[:, plan.head_dim + order]
-    yield attn + "q_proj.weight", q.reshape(plan.num_heads * head_rows, -1)
-    # A q_proj.bias, if present, is all zero (plan_export refuses any other): dropping it is exact.
+    q = _interleaved_query(plan, store.get(attn + "q_proj.weight"), order)
+    if plan.query is None:
+        # A q_proj.bias, if present, is all zero (plan_export chose the q_a/q_b path otherwise).
+        yield attn + "q_proj.weight", q
+    else:
+        q_bias = _bias_or_zeros(store, attn + "q_proj.bias", q.shape[0])
+        yield from _factorised_query(plan, store.get(prefix + "input_layernorm.weight"), q,
+                                     _interleaved_query(plan, q_bias, order), attn)
 
     yield attn + "kv_a_proj_with_mqa.weight", _kv_a(plan, store.get(attn + "kv_a_proj_with_mqa.weight"), order)
     if plan.attention_bias:
@@ -71,6 +77,33 @@ def _layer_tensors(plan: ExportPlan, store: SafetensorsStore, layer: int) -> Ite
         yield prefix + name, store.get(prefix + name)
     for name in _RESIDUAL_WRITERS:
         yield prefix + name, _scaled(store.get(prefix + name), plan.norm_scale)
+
+
+def _interleaved_query(plan: ExportPlan, rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """q_proj weight or bias with each head's RoPE rows in DeepSeek's interleaved order."""
+    per_head = rows.reshape(plan.num_heads, plan.head_dim + plan.rope_dim, -1)
+    per_head[:, plan.head_dim:] = per_head[:, plan.head_dim + order]
+    return per_head.reshape(rows.shape)
+
+
+def _factorised_query(plan: ExportPlan, norm_weight: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+                      attn: str) -> Iterator[tuple[str, np.ndarray]]:
+    """``W x̂ + b`` as q_b_proj(q_a_layernorm(q_a_proj(x̂))) with a pinned norm (see plan.py)."""
+    query = plan.query
+    hidden, k = weight.shape[1], query.constant_channels
+    alpha = query.input_scale(float(np.abs(norm_weight).max()))
+    gain = query.norm_gain(DEEPSEEK_NORM_EPS)
+    q_a = np.zeros((query.rank, hidden), np.float32)
+    q_a[np.arange(hidden), np.arange(hidden)] = alpha
+    q_a_bias = np.zeros(query.rank, np.float32)
+    q_a_bias[hidden:] = 1.0
+    q_b = np.empty((weight.shape[0], query.rank), np.float32)
+    q_b[:, :hidden] = np.asarray(weight, np.float64) / (alpha * gain)
+    q_b[:, hidden:] = (np.asarray(bias, np.float64) / (k * gain))[:, None]
+    yield attn + "q_a_proj.weight", q_a
+    yield attn + "q_a_proj.bias", q_a_bias
+    yield attn + "q_a_layernorm.weight", np.ones(query.rank, np.float32)
+    yield attn + "q_b_proj.weight", q_b
 
 
 def _kv_a(plan: ExportPlan, rows: np.ndarray, order: np.ndarray) -> np.ndarray:

@@ -9,8 +9,10 @@ vLLM ``DeepseekV2MLAAttention``, MindFormers ``MLASelfAttention``), see docs/dep
   ``--latent-norm`` (the RMSNorm is a per-token nonlinearity on the latent: it cannot be inserted
   afterwards without changing the model);
 * with ``q_lora_rank: null`` the query projection has no bias anywhere, and a query bias adds a
-  key-dependent term ``b_q · k_j`` to the scores that no other weight can absorb, so a non-zero
-  ``q_proj.bias`` (Qwen2) is not expressible;
+  key-dependent term ``b_q · k_j`` to the scores that no other weight can absorb.  A non-zero
+  ``q_proj.bias`` (Qwen2) is therefore exported through the low-rank query path instead, which
+  does carry a bias (``q_a_proj``, under ``attention_bias``): see ``query_factorisation`` below.
+  MindFormers' MLA has no query bias at all, so ``--format mindformers`` refuses such models;
 * the RoPE slice must get the same frequencies from a DeepSeek-V3 engine, which builds its table
   over ``qk_rope_head_dim`` from ``rope_theta``/``rope_scaling``.
 
@@ -22,6 +24,18 @@ MindFormers with the config's ``rms_norm_eps``; our model uses the source's ``rm
 export writes ``rms_norm_eps: 1e-6`` and scales the latent rows of ``kv_a_proj_with_mqa`` and the
 whole residual stream (embeddings, ``o_proj``, ``down_proj``) by ``s``; the explicit ``lm_head``
 reads the normed stream and is unchanged.  Every engine then agrees, whichever epsilon it reads.
+
+**Query biases through ``q_a_proj`` → ``q_a_layernorm`` → ``q_b_proj``.**  The engine computes
+``q = B · RMSNorm(A x̂ + a₀)``.  With ``q_lora_rank = D + k`` we set ``A = [α·I_D ; 0]`` and
+``a₀ = [0 ; c·1_k]``, so the normed vector is ``v = [α x̂ ; c…c]`` and
+``mean(v²) = (α²‖x̂‖² + k c²) / (D + k)``.  ``x̂`` is the output of the layer's input RMSNorm, so
+``‖x̂‖² ≤ D · max γ²`` for every token (γ its weight); choosing ``α² = δ k c² / (D max γ²)`` pins
+``mean(v²)`` to the constant ``k c² / (D + k)`` within a relative ``δ`` (1e-9 here: far below fp32
+rounding), and the norm becomes a fixed scale ``g``.  Then ``B = [W_q / (α g) | b_q / (k c g) …]``
+reproduces ``W_q x̂ + b_q``.  Floating point keeps relative precision under the ``α`` scaling
+(fp32 and bf16 share the exponent range), so the result is exact to rounding in both.  The price:
+``D (D + k)`` extra weights per layer for ``q_a_proj`` (≈ D² — about 5 % more parameters for a 7B
+model), nothing in the KV cache.
 """
 from __future__ import annotations
 
@@ -49,6 +63,33 @@ DEEPSEEK_NORM_EPS = 1e-6
 # above float32 rounding means a different schedule, not noise.
 _ROPE_RTOL = 1e-6
 
+# Query factorisation (see the module docstring): constant channels c = 1, padded so that
+# q_lora_rank = hidden + k is a multiple of 64 (k ≥ 1), and the norm pinned within δ.
+_Q_PAD_MULTIPLE = 64
+_Q_PIN_DELTA = 1e-9
+
+
+@dataclass(frozen=True)
+class QueryFactorisation:
+    """How a biased query projection becomes q_a_proj (+bias) → q_a_layernorm → q_b_proj."""
+
+    rank: int  # q_lora_rank = hidden_size + constant_channels
+    constant_channels: int  # k
+
+    @staticmethod
+    def for_hidden(hidden: int) -> "QueryFactorisation":
+        k = _Q_PAD_MULTIPLE - hidden % _Q_PAD_MULTIPLE
+        return QueryFactorisation(hidden + k, k)
+
+    def input_scale(self, max_norm_weight: float) -> float:
+        """α of the module docstring, for a layer whose input-norm weights are at most ``max_norm_weight``."""
+        hidden = self.rank - self.constant_channels
+        return math.sqrt(_Q_PIN_DELTA * self.constant_channels / (hidden * max(max_norm_weight, 1e-30) ** 2))
+
+    def norm_gain(self, eps: float) -> float:
+        """g: what q_a_layernorm (weight 1) multiplies by once its mean square is pinned."""
+        return 1.0 / math.sqrt(self.constant_channels / self.rank + eps)
+
 
 @dataclass(frozen=True)
 class ExportPlan:
@@ -64,13 +105,18 @@ class ExportPlan:
     kv_lora_rank: int
     kv_a_bias: bool  # write kv_a_proj_with_mqa.bias (some layer has a non-zero one)
     o_bias: bool  # write o_proj.bias (some layer has a non-zero one)
+    query: Optional[QueryFactorisation]  # set when some q_proj.bias is non-zero (q_a/q_b path)
     source_kv_values_per_token: int  # the GQA cache of the source model, all layers
     norm_scale: float  # s = sqrt(DEEPSEEK_NORM_EPS / source eps): residual stream and latent scale (1 = unchanged)
 
     @property
     def attention_bias(self) -> bool:
-        # DeepSeek-V3's single flag switches the bias on kv_a_proj_with_mqa *and* o_proj together.
-        return self.kv_a_bias or self.o_bias
+        # DeepSeek-V3's single flag switches the bias on q_a_proj, kv_a_proj_with_mqa and o_proj together.
+        return self.kv_a_bias or self.o_bias or self.query is not None
+
+    @property
+    def q_lora_rank(self) -> Optional[int]:
+        return self.query.rank if self.query else None
 
     @property
     def kv_values_per_token_per_layer(self) -> int:
@@ -93,17 +139,11 @@ def plan_export(model_dir: str | Path, fmt: str) -> ExportPlan:
     _check_tensor_set(config, store, model_dir)
     _check_rope(config, where)
     q_bias, kv_a_bias, o_bias = _nonzero_biases(config, store)
-    if q_bias:
+    if fmt == "mindformers" and (q_bias or kv_a_bias or o_bias):
         raise UserError(
-            f"{model_dir}: tensor {q_bias} is non-zero, but DeepSeek-V3 with q_lora_rank null has no query bias "
-            f"(transformers, vLLM and MindFormers all build q_proj without one) and a query bias adds a key-dependent "
-            f"score term no other weight can absorb; a {config.model_type} model with query biases cannot be exported "
-            f"to a stock DeepSeek-V3 layout")
-    if fmt == "mindformers" and (kv_a_bias or o_bias):
-        raise UserError(
-            f"{model_dir}: attention bias {kv_a_bias or o_bias} is non-zero, but MindFormers' MLA builds "
-            f"linear_kv_down_proj without bias and ties linear_proj's bias to the MLP biases (add_bias_linear); "
-            f"export with --format deepseek-v3 for transformers instead")
+            f"{model_dir}: attention bias {q_bias or kv_a_bias or o_bias} is non-zero, but MindFormers' MLA builds "
+            f"its query and linear_kv_down_proj without bias and ties linear_proj's bias to the MLP biases "
+            f"(add_bias_linear); export with --format deepseek-v3 for transformers instead")
     if not config.rms_norm_eps > 0:
         raise UserError(f"{where}: rms_norm_eps {config.rms_norm_eps} must be positive to be re-expressed as "
                         f"DeepSeek-V3's {DEEPSEEK_NORM_EPS}")
@@ -113,6 +153,7 @@ def plan_export(model_dir: str | Path, fmt: str) -> ExportPlan:
         model_dir=model_dir, config=config, fmt=fmt, num_layers=config.num_hidden_layers,
         num_heads=config.num_attention_heads, head_dim=config.head_dim, rope_dim=int(mla.rope_dim),
         kv_lora_rank=rank, kv_a_bias=bool(kv_a_bias), o_bias=bool(o_bias),
+        query=QueryFactorisation.for_hidden(config.hidden_size) if q_bias else None,
         source_kv_values_per_token=config.num_hidden_layers * 2 * kv_heads * config.head_dim,
         norm_scale=math.sqrt(DEEPSEEK_NORM_EPS / config.rms_norm_eps))
 

@@ -79,6 +79,9 @@ def head_rows(fn, hidden, other, norm, head, eps) -> np.ndarray:
     return np.concatenate(out).reshape(hidden.shape[:2])
 
 
+SPAN_ROWS = 128  # rows per head call in ``logprobs_rows``: 128 × 49k × 4 B = 25 MB for SmolLM2
+
+
 @ms.jit
 def _head_logprobs(hidden, norm, head, eps):
     return ops.log_softmax(ops.dense(F.rms_norm(hidden, norm, eps), head), -1)
@@ -164,6 +167,35 @@ class ModelRunner:
             padded[row, : len(seq)] = seq  # right padding: causal attention never sees it
         out = _head_logprobs(self.hidden(padded), self._norm, self._head, self._eps).asnumpy()
         return [out[row, : len(seq)] for row, seq in enumerate(batch)]
+
+    def logprobs_rows(self, batch: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Per sequence, only rows ``start:stop`` of ``logprobs`` (e.g. a continuation's rows).
+
+        The hidden states of the whole batch are small ([B, T, D]); the vocabulary-wide part is what
+        costs memory and compilation.  Here it runs on just the wanted rows, in fixed chunks of
+        ``SPAN_ROWS`` (the last one zero-padded) so one compiled head graph serves every request
+        length — instead of a [B, T, V] graph per prompt shape (gigabytes at 3k tokens).
+        """
+        if not batch:
+            return []
+        if len(spans) != len(batch):
+            raise ValueError(f"{len(spans)} spans for {len(batch)} sequences")
+        length = max(len(seq) for seq in batch)
+        padded = np.zeros((len(batch), length), dtype=np.int32)
+        for row, seq in enumerate(batch):
+            padded[row, : len(seq)] = seq
+        hidden = self.hidden(padded).asnumpy()
+        picked = [hidden[row, start:stop] for row, (start, stop) in enumerate(spans)]
+        for row, (start, stop) in enumerate(spans):
+            if not 0 <= start < stop <= len(batch[row]):
+                raise ValueError(f"span {start}:{stop} outside a sequence of {len(batch[row])} ids")
+        rows = np.concatenate(picked)
+        count = rows.shape[0]
+        rows = np.concatenate([rows, np.zeros((-count % SPAN_ROWS, rows.shape[1]), rows.dtype)])
+        out = np.concatenate([_head_logprobs(to_tensor(rows[i:i + SPAN_ROWS]), self._norm, self._head,
+                                             self._eps).asnumpy() for i in range(0, rows.shape[0], SPAN_ROWS)])
+        bounds = np.cumsum([0] + [stop - start for start, stop in spans])
+        return [out[bounds[i]:bounds[i + 1]] for i in range(len(spans))]
 
     def greedy_generate(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
         from .generation import generate

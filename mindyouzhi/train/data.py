@@ -4,7 +4,7 @@
   and cut into non-overlapping windows of ``seq_length`` tokens, exactly like ``eval ppl``; every
   token after the first is a target.
 * ``sft`` sources go through :mod:`mindyouzhi.train.sft` (chat template, loss on responses only),
-  truncated to ``seq_length``; ``packing`` concatenates consecutive examples into full windows
+  fitted to ``seq_length`` (``sft.truncate``: long prompts lose their middle, not the response); ``packing`` concatenates consecutive examples into full windows
   (attention is not isolated between packed examples).
 
 Order: optimizer step ``s`` consumes global batch ``s`` of the epoch permutation drawn from

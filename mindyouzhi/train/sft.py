@@ -189,8 +189,25 @@ def encode_conversation(tokenizer, messages: Sequence[dict], where: str, source:
 
 
 def truncate(example: Example, seq_length: int) -> Optional[Example]:
-    """Keep the first ``seq_length`` tokens; None if no target is left."""
-    if len(example.ids) > seq_length:
-        example = Example(example.ids[:seq_length], example.loss[:seq_length], min(example.prompt_length, seq_length),
-                          example.source)
+    """Fit ``example`` into ``seq_length`` tokens; None if no target would be left.
+
+    A prompt shorter than half the window is kept whole and the response is cut at the end.  A
+    longer prompt (long filings, few-shot context) would otherwise leave no response at all, so the
+    response keeps ``max(half the window, what the prompt leaves)`` tokens (all of it when shorter)
+    and the prompt gives up its *middle*: its first quarter (system turn, start of the user turn)
+    and its end (the question and the assistant header the response follows) stay.  Prompt tokens
+    carry no loss, so the cut only shortens the context.
+    """
+    length, prompt = len(example.ids), example.prompt_length
+    if length > seq_length:
+        keep_response = min(length - prompt, max(seq_length // 2, seq_length - prompt))
+        keep_prompt = seq_length - keep_response
+        if keep_prompt >= prompt:
+            index = np.arange(seq_length)
+        else:
+            head = keep_prompt // 4
+            index = np.concatenate([np.arange(head), np.arange(prompt - (keep_prompt - head), prompt),
+                                    np.arange(prompt, prompt + keep_response)])
+            prompt = keep_prompt
+        example = Example(example.ids[index], example.loss[index], prompt, example.source)
     return example if example.loss_tokens > 0 else None
