@@ -70,7 +70,8 @@ def eval_ppl(model_dir, data, seq_len, max_windows, batch_size, as_json):
 @click.option("--search-seq-len", default=512, show_default=True)
 @click.option("--layers", default=None, help="layers to convert: all | 0-3,7 | last:N (others stay GQA)")
 @click.option("--stage", default=2, show_default=True, type=int, help="1 = stop after RoRoPE/FreqFold (partial-RoPE model)")
-@click.option("--latent-norm", is_flag=True, help="add kv_a_layernorm (initialised to the identity on average)")
+@click.option("--latent-norm", is_flag=True, help="add a learnable kv_a_layernorm, initialised to the identity on average (lossy until trained; "
+                   "`export` does not need it: it writes an exact linear norm otherwise)")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="report ppl at each stage on this text")
 @click.option("--eval-seq-len", default=2048, show_default=True)
 @click.option("--eval-max-windows", type=int, default=None)

@@ -15,7 +15,7 @@ from .plan import FORMATS
 
 @click.command("export")
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="converted model directory (mindyouzhi convert ... --latent-norm, all layers)")
+              help="converted model directory (mindyouzhi convert, all layers, one --kv-lora-rank)")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="deepseek-v3", show_default=True,
               help="deepseek-v3: Hugging Face DeepseekV3ForCausalLM layout; mindformers: MindFormers mcore names")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="directory to write")

@@ -116,6 +116,7 @@ def _summary(plan: ExportPlan, out: Path, weight_files: list[str], count: int, p
         "v_head_dim": plan.head_dim,
         "kv_lora_rank": plan.kv_lora_rank,
         "q_lora_rank": plan.q_lora_rank,
+        "linear_latent_norm": plan.linear_latent_norm,
         "attention_bias": plan.attention_bias,
         "rope_scaling": (plan.config.rope_scaling or {}).get("rope_type"),
         "kv_cache_values_per_token_per_layer": plan.kv_values_per_token_per_layer,
@@ -152,6 +153,9 @@ def summary_text(summary: dict) -> str:
     if engines["tested"]:
         lines.append(f"  loads in: {'; '.join(engines['tested'])} (logits parity-tested on CPU)")
     lines.append(f"  written for: {'; '.join(engines['targets'])} (not run here; see docs/deployment.md)")
+    if summary["linear_latent_norm"]:
+        lines.append("  kv_a_layernorm written as an exact identity (latent rows scaled by a tiny σ, weight sqrt(1e-6)/σ): "
+                     "serve in bf16 or fp32, not fp16 (see docs/deployment.md)")
     if summary["q_lora_rank"]:
         lines.append(f"  query biases carried exactly through q_a_proj → q_a_layernorm → q_b_proj (q_lora_rank "
                      f"{summary['q_lora_rank']} = hidden + constant channels; see docs/deployment.md)")

@@ -13,11 +13,14 @@ writes the residual stream (embeddings, ``o_proj``, ``down_proj``) and the laten
 ``kv_a_proj_with_mqa`` are multiplied by ``s`` so that RMSNorms with ε = 1e-6 reproduce the source
 norms exactly; norm weights, ``q_proj``, the RoPE key rows, ``kv_b_proj`` and ``lm_head`` are not.
 
+A model converted without ``--latent-norm`` gets a ``kv_a_layernorm`` that is exactly the
+identity (latent rows scaled by a tiny σ, weight ``sqrt(ε)/σ``; ``plan.latent_scale``).
 A source with query biases gets ``q_a_proj`` / ``q_a_layernorm`` / ``q_b_proj`` instead of
 ``q_proj`` (``plan.query``; the construction is explained in ``plan.py``).
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
@@ -26,12 +29,11 @@ from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
 from mindyouzhi.models.decoder import layer_prefix
 from mindyouzhi.models.rope import rotate_half_to_interleaved_rows
 
-from .plan import DEEPSEEK_NORM_EPS, ExportPlan
+from .plan import DEEPSEEK_NORM_EPS, ExportPlan, latent_scale
 
 # Per-layer tensors copied as they are (local names; identical in our layout and DeepSeek's).
 _COPIED = (
     "input_layernorm.weight",
-    "self_attn.kv_a_layernorm.weight",
     "self_attn.kv_b_proj.weight",
     "post_attention_layernorm.weight",
     "mlp.gate_proj.weight",
@@ -67,12 +69,21 @@ def _layer_tensors(plan: ExportPlan, store: SafetensorsStore, layer: int) -> Ite
         yield from _factorised_query(plan, store.get(prefix + "input_layernorm.weight"), q,
                                      _interleaved_query(plan, q_bias, order), attn)
 
-    yield attn + "kv_a_proj_with_mqa.weight", _kv_a(plan, store.get(attn + "kv_a_proj_with_mqa.weight"), order)
+    kv_a = store.get(attn + "kv_a_proj_with_mqa.weight")
+    kv_a_bias = _bias_or_zeros(store, attn + "kv_a_proj_with_mqa.bias", plan.kv_lora_rank + plan.rope_dim)
+    if plan.linear_latent_norm:
+        # No norm of our own: pin the engine's to the identity (plan.py, "linear latent norm").
+        scale = latent_scale(store.get(prefix + "input_layernorm.weight"), kv_a[:plan.kv_lora_rank],
+                             kv_a_bias[:plan.kv_lora_rank], DEEPSEEK_NORM_EPS)
+        latent_norm = np.full(plan.kv_lora_rank, math.sqrt(DEEPSEEK_NORM_EPS) / scale, np.float32)
+    else:
+        scale, latent_norm = plan.norm_scale, store.get(attn + "kv_a_layernorm.weight")
+    yield attn + "kv_a_proj_with_mqa.weight", _kv_a(plan, kv_a, order, scale)
     if plan.attention_bias:
-        kv_a_bias = _bias_or_zeros(store, attn + "kv_a_proj_with_mqa.bias", plan.kv_lora_rank + plan.rope_dim)
-        yield attn + "kv_a_proj_with_mqa.bias", _kv_a(plan, kv_a_bias, order)
+        yield attn + "kv_a_proj_with_mqa.bias", _kv_a(plan, kv_a_bias, order, scale)
         o_bias = _bias_or_zeros(store, attn + "o_proj.bias", plan.config.hidden_size)
         yield attn + "o_proj.bias", _scaled(o_bias, plan.norm_scale)
+    yield attn + "kv_a_layernorm.weight", latent_norm
     for name in _COPIED:
         yield prefix + name, store.get(prefix + name)
     for name in _RESIDUAL_WRITERS:
@@ -106,11 +117,11 @@ def _factorised_query(plan: ExportPlan, norm_weight: np.ndarray, weight: np.ndar
     yield attn + "q_b_proj.weight", q_b
 
 
-def _kv_a(plan: ExportPlan, rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+def _kv_a(plan: ExportPlan, rows: np.ndarray, order: np.ndarray, latent_scale: float) -> np.ndarray:
     """kv_a_proj_with_mqa weight or bias: latent rows scaled, RoPE rows interleaved."""
     rank = plan.kv_lora_rank
     rows[rank:] = rows[rank + order]
-    _scaled(rows[:rank], plan.norm_scale)  # in place, through the view
+    _scaled(rows[:rank], latent_scale)  # in place, through the view
     return rows
 
 

@@ -5,9 +5,9 @@ come from what stock DeepSeek-V3 implementations build (transformers ``DeepseekV
 vLLM ``DeepseekV2MLAAttention``, MindFormers ``MLASelfAttention``), see docs/deployment.md:
 
 * every layer is MLA with one ``kv_lora_rank`` (the config has a single value);
-* ``kv_a_layernorm`` always exists in those engines, so the model must have been converted with
-  ``--latent-norm`` (the RMSNorm is a per-token nonlinearity on the latent: it cannot be inserted
-  afterwards without changing the model);
+* ``kv_a_layernorm`` always exists in those engines.  A model converted with ``--latent-norm``
+  brings its own; for one converted without (the default, and the exact conversion) the export
+  makes the engine's norm *linear* — see "linear latent norm" below;
 * with ``q_lora_rank: null`` the query projection has no bias anywhere, and a query bias adds a
   key-dependent term ``b_q · k_j`` to the scores that no other weight can absorb.  A non-zero
   ``q_proj.bias`` (Qwen2) is therefore exported through the low-rank query path instead, which
@@ -24,6 +24,17 @@ MindFormers with the config's ``rms_norm_eps``; our model uses the source's ``rm
 export writes ``rms_norm_eps: 1e-6`` and scales the latent rows of ``kv_a_proj_with_mqa`` and the
 whole residual stream (embeddings, ``o_proj``, ``down_proj``) by ``s``; the explicit ``lm_head``
 reads the normed stream and is unchanged.  Every engine then agrees, whichever epsilon it reads.
+
+**Linear latent norm (models converted without ``--latent-norm``).**  The engine computes
+``w ⊙ c / sqrt(mean(c²) + ε)`` on the latent.  Writing the latent rows (and bias) of
+``kv_a_proj_with_mqa`` scaled by a tiny ``σ`` makes ``mean((σc)²) ≤ δ ε`` for every token, so the
+norm divides by ``sqrt(ε)`` within a relative ``δ/2`` and ``w = sqrt(ε)/σ`` gives back ``c``: the
+norm is the identity and the export is exact.  The bound is a worst case, not a calibration
+average: ``c = D x̂ + b`` with ``‖x̂‖² ≤ D_in · max γ²`` as above, so
+``‖c‖ ≤ ‖D‖₂ sqrt(D_in) max γ + ‖b‖`` and ``σ² = δ ε r / bound²``.  The latent *before* the norm is
+then ~1e-7 in size, which fp32 and bf16 represent with full relative precision (same exponent
+range as fp32) but fp16 does not (subnormal below 6e-5): such exports must be served in bf16 or
+fp32, never fp16.  Engines cache the *normed* latent, which is at the model's own scale.
 
 **Query biases through ``q_a_proj`` → ``q_a_layernorm`` → ``q_b_proj``.**  The engine computes
 ``q = B · RMSNorm(A x̂ + a₀)``.  With ``q_lora_rank = D + k`` we set ``A = [α·I_D ; 0]`` and
@@ -67,6 +78,8 @@ _ROPE_RTOL = 1e-6
 # q_lora_rank = hidden + k is a multiple of 64 (k ≥ 1), and the norm pinned within δ.
 _Q_PAD_MULTIPLE = 64
 _Q_PIN_DELTA = 1e-9
+# Linear latent norm: the largest possible mean square of the scaled latent, as a fraction of ε.
+_LATENT_PIN_DELTA = 1e-7
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,7 @@ class QueryFactorisation:
         hidden = self.rank - self.constant_channels
         return math.sqrt(_Q_PIN_DELTA * self.constant_channels / (hidden * max(max_norm_weight, 1e-30) ** 2))
 
-    def norm_gain(self, eps: float) -> float:
+    def norm_gain(self, eps: float) -> float:  # noqa: D102 (documented above)
         """g: what q_a_layernorm (weight 1) multiplies by once its mean square is pinned."""
         return 1.0 / math.sqrt(self.constant_channels / self.rank + eps)
 
@@ -106,6 +119,7 @@ class ExportPlan:
     kv_a_bias: bool  # write kv_a_proj_with_mqa.bias (some layer has a non-zero one)
     o_bias: bool  # write o_proj.bias (some layer has a non-zero one)
     query: Optional[QueryFactorisation]  # set when some q_proj.bias is non-zero (q_a/q_b path)
+    linear_latent_norm: bool  # converted without --latent-norm: the export adds an exact, linear one
     source_kv_values_per_token: int  # the GQA cache of the source model, all layers
     norm_scale: float  # s = sqrt(DEEPSEEK_NORM_EPS / source eps): residual stream and latent scale (1 = unchanged)
 
@@ -154,6 +168,7 @@ def plan_export(model_dir: str | Path, fmt: str) -> ExportPlan:
         num_heads=config.num_attention_heads, head_dim=config.head_dim, rope_dim=int(mla.rope_dim),
         kv_lora_rank=rank, kv_a_bias=bool(kv_a_bias), o_bias=bool(o_bias),
         query=QueryFactorisation.for_hidden(config.hidden_size) if q_bias else None,
+        linear_latent_norm=not mla.latent_norm,
         source_kv_values_per_token=config.num_hidden_layers * 2 * kv_heads * config.head_dim,
         norm_scale=math.sqrt(DEEPSEEK_NORM_EPS / config.rms_norm_eps))
 
@@ -162,7 +177,7 @@ def _check_mla_section(config: ModelConfig, where: Path):
     mla = config.mla
     if mla is None or all(f is None for f in mla.fold_plan):
         raise UserError(f"{where}: no converted (MLA) layers: this is not a converted model; "
-                        f"run `mindyouzhi convert --latent-norm` first")
+                        f"run `mindyouzhi convert` first")
     gqa = [i for i, f in enumerate(mla.fold_plan) if f is None]
     if gqa:
         raise UserError(f"{where}: layers {gqa} are still GQA (mla.fold_plan null): a DeepSeek-V3 model needs every "
@@ -173,11 +188,7 @@ def _check_mla_section(config: ModelConfig, where: Path):
                         f"which no DeepSeek-V3 engine can express; re-run convert without --rope-all")
     if mla.stage != 2:
         raise UserError(f"{where}: a stage-{mla.stage} (partial-RoPE, full-latent) model; export needs the low-rank "
-                        f"stage: re-run convert with --stage 2 --latent-norm")
-    if not mla.latent_norm:
-        raise UserError(f"{where}: converted without --latent-norm; stock DeepSeek-V3 engines (transformers, vLLM, "
-                        f"MindFormers) always apply kv_a_layernorm, which cannot be added exactly afterwards: "
-                        f"re-run `mindyouzhi convert ... --latent-norm`")
+                        f"stage: re-run convert with --stage 2")
     ranks = sorted({int(r) for r in mla.kv_lora_rank})
     if len(ranks) != 1:
         raise UserError(f"{where}: mla.kv_lora_rank differs across layers ({mla.kv_lora_rank}); DeepSeek-V3 has one "
@@ -230,6 +241,18 @@ def _check_rope(config: ModelConfig, where: Path) -> None:
                 f"qk_rope_head_dim={config.mla.rope_dim} instead of head_dim={config.head_dim} (at {length} tokens the "
                 f"RoPE frequencies differ by up to {error.max():.2e} relative, attention factor {ours_factor:.6f} vs "
                 f"{their_factor:.6f}); only default, linear and llama3 scaling export exactly")
+
+
+def latent_scale(norm_weight: np.ndarray, down: np.ndarray, bias: Optional[np.ndarray], eps: float) -> float:
+    """σ of the linear latent norm for one layer: ``mean((σc)²) ≤ δ ε`` for any input (module docstring).
+
+    ``norm_weight`` is the layer's input-norm weight, ``down`` [r, D] the latent rows of
+    ``kv_a_proj_with_mqa`` and ``bias`` their bias (or None)."""
+    rows = np.asarray(down, np.float64)
+    bound = np.linalg.norm(rows, 2) * math.sqrt(rows.shape[1]) * float(np.abs(norm_weight).max())
+    if bias is not None:
+        bound += float(np.linalg.norm(np.asarray(bias, np.float64)))
+    return math.sqrt(_LATENT_PIN_DELTA * eps * rows.shape[0]) / max(bound, 1e-30)
 
 
 def _nonzero_biases(config: ModelConfig, store: SafetensorsStore) -> tuple[Optional[str], Optional[str], Optional[str]]:
