@@ -32,7 +32,13 @@ _DTYPES = {
 
 
 class SafetensorsFile:
-    """One ``.safetensors`` file: header parsed eagerly, tensors read lazily through a memmap."""
+    """One ``.safetensors`` file: header parsed eagerly, each tensor read on demand.
+
+    Reads are plain ``readinto`` calls into a fresh buffer, not a memmap: a memmap's touched pages
+    count as resident memory of the process for as long as it is open, so a streaming pass over a
+    whole checkpoint would look (and, under memory pressure, behave) like holding all of it.  A
+    read copy lives exactly as long as the caller keeps the array; the page cache stays the
+    kernel's."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -57,7 +63,6 @@ class SafetensorsFile:
         for name, entry in header.items():
             if entry.get("dtype") not in _DTYPES:
                 raise UserError(f"{self.path}: tensor {name} has unsupported dtype {entry.get('dtype')}")
-        self._mmap = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -70,18 +75,20 @@ class SafetensorsFile:
 
     def get(self, name: str, dtype=np.float32) -> np.ndarray:
         """Return tensor ``name`` as a fresh array (floating tensors converted to ``dtype``)."""
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         entry = self._entries[name]
         begin, end = entry["data_offsets"]
-        raw = self._mmap[self._data_start + begin : self._data_start + end]
+        raw = bytearray(end - begin)
+        with open(self.path, "rb") as handle:
+            handle.seek(self._data_start + begin)
+            if handle.readinto(raw) != len(raw):
+                raise UserError(f"{self.path}: tensor {name} is truncated (the file is shorter than its header says)")
         kind = entry["dtype"]
-        array = raw.view(_DTYPES[kind]).reshape(entry["shape"])
+        array = np.frombuffer(raw, dtype=_DTYPES[kind]).reshape(entry["shape"])  # writable: owns ``raw``
         if kind == "BF16":
             array = (array.astype(np.uint32) << 16).view(np.float32)
-        if dtype is not None and np.issubdtype(array.dtype, np.floating):
-            return np.array(array, dtype=dtype, copy=True)
-        return np.array(array, copy=True)
+        if dtype is not None and np.issubdtype(array.dtype, np.floating) and array.dtype != dtype:
+            return array.astype(dtype)
+        return array
 
 
 class SafetensorsStore:

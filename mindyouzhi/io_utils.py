@@ -69,6 +69,39 @@ def _publishable(directory: Path) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
+LOCK_NAME = "lock"
+
+
+@contextlib.contextmanager
+def locked_work_dir(work: str | os.PathLike, out: str | os.PathLike, restart: bool = False) -> Iterator[Path]:
+    """Hold ``work`` (a resumable job's state directory) for this process alone.
+
+    Two jobs writing the same ``--out`` would share and delete each other's state; the second one
+    is refused instead.  The lock is ``flock`` on ``work/lock`` (released by the kernel if the
+    process dies, so a killed job never leaves a stale lock).  ``restart`` empties the directory
+    once the lock is held.
+    """
+    import fcntl
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"--out {out}: another run is writing it (its state directory {work} is locked); "
+                        f"wait for that run to finish or choose another --out") from None
+    try:
+        if restart:
+            for entry in work.iterdir():
+                if entry.name != LOCK_NAME:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        yield work
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON next to ``path`` then rename, so a kill never leaves a truncated file."""
     path = Path(path)

@@ -70,6 +70,18 @@ def test_existing_output_needs_overwrite(env, tmp_path):
     assert (out / "keep.txt").read_text() == "precious"
 
 
+def test_concurrent_run_on_the_same_out_is_refused(env, tmp_path):
+    """A second convert to the same --out would share (and delete) the first one's resumable state."""
+    from mindyouzhi.io_utils import locked_work_dir
+
+    out = tmp_path / "o"
+    with locked_work_dir(tmp_path / ".o.work", out):  # a run in progress
+        assert_refused(*convert(env, out, "--rope-dim", 8, "--freqfold", 2), "another run", "locked", out=out)
+    code, output = convert(env, out, "--rope-dim", 8, "--freqfold", 2)  # free again: runs, cleans up
+    assert code == 0, output
+    assert not (tmp_path / ".o.work").exists()
+
+
 def test_missing_calibration_file(env, tmp_path):
     out = tmp_path / "o"
     code, output = run("convert", "--model", env["model"], "--out", out, "--calib", tmp_path / "nope.txt")

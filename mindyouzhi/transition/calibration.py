@@ -64,12 +64,22 @@ def layer_gram(hidden: np.ndarray, layer_weights: dict, eps: float, keep_normed:
     return (gram, normed) if keep_normed else (gram, None)
 
 
+# Tokens per layer call.  A compiled layer graph keeps its intermediates (attention scores of
+# every head included) for the life of the process; measured on a SmolLM2 layer: 8 × 512 tokens
+# per call +867 MB, 2 × 512 +168 MB, at the same speed (0.37 s vs 0.33 s per 8 windows).
+LAYER_CALL_TOKENS = 1024
+
+
 class LayerRunner:
-    """Advance hidden states [n, T, D] through one decoder layer built from numpy weights (jitted)."""
+    """Advance hidden states [n, T, D] through one decoder layer built from numpy weights (jitted).
+
+    Windows go ``batch_size`` at a time, capped at ``LAYER_CALL_TOKENS`` tokens per call, and the
+    last call is zero-padded to the same shape: one compiled graph per layer kind, of bounded size.
+    """
 
     def __init__(self, seq_len: int, batch_size: int = 8):
         self.seq_len = seq_len
-        self.batch_size = batch_size
+        self.batch_size = max(1, min(batch_size, LAYER_CALL_TOKENS // seq_len))
         self._mask = to_tensor(causal_mask(seq_len))
         self.layer_forwards = 0  # tokens·layers processed, for cost accounting
 
@@ -80,9 +90,13 @@ class LayerRunner:
 
         def run(hidden: np.ndarray) -> np.ndarray:
             out = np.empty_like(hidden)
-            for start in range(0, hidden.shape[0], self.batch_size):
-                batch = to_tensor(hidden[start:start + self.batch_size])
-                out[start:start + self.batch_size] = fn(batch, cos, sin, mcos, msin, mask).asnumpy()
+            step = self.batch_size
+            for start in range(0, hidden.shape[0], step):
+                batch = np.asarray(hidden[start:start + step])
+                real = batch.shape[0]
+                if real < step:  # zero rows stay zero through RMSNorm; they are dropped below
+                    batch = np.concatenate([batch, np.zeros((step - real,) + batch.shape[1:], batch.dtype)])
+                out[start:start + real] = fn(to_tensor(batch), cos, sin, mcos, msin, mask).asnumpy()[:real]
             self.layer_forwards += hidden.shape[0]
             return out
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 
 from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
 from mindyouzhi.errors import UserError
-from mindyouzhi.io_utils import atomic_output_dir, check_output_dir, peak_rss_bytes, sha256_file, write_json_atomic
+from mindyouzhi.io_utils import (atomic_output_dir, check_output_dir, locked_work_dir, peak_rss_bytes, sha256_file,
+                                 write_json_atomic)
 from mindyouzhi.models.config import ModelConfig
 from mindyouzhi.models.decoder import read_global_weights
 
@@ -161,78 +161,77 @@ def convert(options: ConvertOptions) -> dict:
     timings["calibration_tokenize"] = time.perf_counter() - t0
     store = SafetensorsStore(options.model)
     work = options.work_dir or options.out.parent / f".{options.out.name}.work"
-    if options.restart and work.exists():
-        shutil.rmtree(work)
-    search_info: dict = {}
-    grams = None
-    fixed_fold = None if options.freqfold in ("adaptive", "uniform") else int(options.freqfold)
-    if fixed_fold is not None:
-        plan_folds = [fixed_fold if i in layers else None for i in range(config.num_hidden_layers)]
-    else:
-        t0 = time.perf_counter()
-        grams = GramCache(work / "grams")
-        compute_original_grams(config, store, calib, grams, options.batch_size, str(options.model))
-        timings["calibration"] = time.perf_counter() - t0
-        search_path = data_files["search"]
-        search_windows = text_windows(tokenizer, search_path, options.search_tokens, options.search_seq_len,
-                                      options.seed + 1, "--search-data")
-        t0 = time.perf_counter()
-        evaluator = HybridEvaluator(config, store, search_windows, options.criterion, options.batch_size,
-                                    spill_dir=work / "hidden", where=str(options.model))
-        timings["search_prefix"] = time.perf_counter() - t0
-        factory = CandidateFactory(evaluator, grams, rope_dim, rank)
-        t0 = time.perf_counter()
-        if options.freqfold == "uniform":
-            best, scores = best_uniform(evaluator, factory, candidates, layers)
-            plan_folds = [best if i in layers else None for i in range(config.num_hidden_layers)]
-            search_info = {"mode": "uniform", "uniform_scores": {str(f): s for f, s in scores.items()}, "chosen": best,
-                           "evaluations": evaluator.evaluations,
-                           "full_forward_equivalents": evaluator.full_forward_equivalents()}
+    with locked_work_dir(work, options.out, options.restart):
+        search_info: dict = {}
+        grams = None
+        fixed_fold = None if options.freqfold in ("adaptive", "uniform") else int(options.freqfold)
+        if fixed_fold is not None:
+            plan_folds = [fixed_fold if i in layers else None for i in range(config.num_hidden_layers)]
         else:
-            fingerprint = {"model": _model_fingerprint(options.model), "search": hashes["search"]["sha256"],
-                           "calib": hashes["calib"]["sha256"], "criterion": options.criterion, "rope_dim": rope_dim,
-                           "rank": rank, "seed": options.seed, "search_tokens": options.search_tokens,
-                           "search_seq_len": options.search_seq_len, "calib_tokens": options.calib_tokens,
-                           "layers": sorted(layers)}
-            outcome = run_adaptive_search(evaluator, factory, candidates, work / "search_state.json", fingerprint,
-                                          options.uniform_guard, options.trajectories, layers)
-            plan_folds = outcome.plan
-            search_info = {
-                "mode": "adaptive", "criterion": options.criterion, "original": outcome.original,
-                "adaptive": outcome.adaptive_score,
-                "uniform_scores": {str(f): s for f, s in outcome.uniform_scores.items()},
-                "fell_back_to_uniform": outcome.fell_back_to_uniform, "rounds": outcome.rounds,
-                "trajectory": {k: [list(p) for p in v] for k, v in outcome.trajectory.items()},
-                "evaluations": outcome.evaluations,
-                "full_forward_equivalents": outcome.full_forward_equivalents,
-                "search_forward_equivalents": outcome.search_forward_equivalents,
-                "budget_forward_equivalents": len(layers) * len(candidates),
-                "search_seconds": outcome.seconds,
-            }
-        timings["search"] = time.perf_counter() - t0
-        search_info["search_windows"] = list(search_windows.shape)
-    plan = ConversionPlan(rope_dim, plan_folds, rank, options.stage, options.latent_norm, options.rope_all)
-    with atomic_output_dir(options.out, options.overwrite) as tmp:
-        t0 = time.perf_counter()
-        result = convert_streaming(options.model, tmp, plan, calib, grams, keep_stage1=options.eval_data is not None,
-                                   batch_size=options.batch_size)
-        timings["convert"] = time.perf_counter() - t0
-        (tmp / "config.json").write_text(_json(result.config.to_hf_dict()))
-        copy_side_files(options.model, tmp)
-        ppl = {}
-        if options.eval_data is not None:
             t0 = time.perf_counter()
-            ppl = _evaluate_stages(options, config, result, tokenizer, store, tmp)
-            timings["evaluation"] = time.perf_counter() - t0
-        report = _report(options, config, result, plan, rank, candidates, search_info, ppl, hashes, timings, started)
-        if search_info.get("trajectory"):
-            plot_trajectory(search_info["trajectory"], search_info["original"], tmp / "search_trajectory.png",
-                            ylabel=f"search criterion ({options.criterion})")
-        if any(f is not None for f in plan_folds):
-            plot_plan(plan_folds, tmp / "fold_plan.png", {"rope_dim": rope_dim, "kv_lora_rank": rank or "full"})
-        write_json_atomic(tmp / "report.json", report)
-    if work.exists() and not options.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+            grams = GramCache(work / "grams")
+            compute_original_grams(config, store, calib, grams, options.batch_size, str(options.model))
+            timings["calibration"] = time.perf_counter() - t0
+            search_path = data_files["search"]
+            search_windows = text_windows(tokenizer, search_path, options.search_tokens, options.search_seq_len,
+                                          options.seed + 1, "--search-data")
+            t0 = time.perf_counter()
+            evaluator = HybridEvaluator(config, store, search_windows, options.criterion, options.batch_size,
+                                        spill_dir=work / "hidden", where=str(options.model))
+            timings["search_prefix"] = time.perf_counter() - t0
+            factory = CandidateFactory(evaluator, grams, rope_dim, rank)
+            t0 = time.perf_counter()
+            if options.freqfold == "uniform":
+                best, scores = best_uniform(evaluator, factory, candidates, layers)
+                plan_folds = [best if i in layers else None for i in range(config.num_hidden_layers)]
+                search_info = {"mode": "uniform", "uniform_scores": {str(f): s for f, s in scores.items()}, "chosen": best,
+                               "evaluations": evaluator.evaluations,
+                               "full_forward_equivalents": evaluator.full_forward_equivalents()}
+            else:
+                fingerprint = {"model": _model_fingerprint(options.model), "search": hashes["search"]["sha256"],
+                               "calib": hashes["calib"]["sha256"], "criterion": options.criterion, "rope_dim": rope_dim,
+                               "rank": rank, "seed": options.seed, "search_tokens": options.search_tokens,
+                               "search_seq_len": options.search_seq_len, "calib_tokens": options.calib_tokens,
+                               "layers": sorted(layers)}
+                outcome = run_adaptive_search(evaluator, factory, candidates, work / "search_state.json", fingerprint,
+                                              options.uniform_guard, options.trajectories, layers)
+                plan_folds = outcome.plan
+                search_info = {
+                    "mode": "adaptive", "criterion": options.criterion, "original": outcome.original,
+                    "adaptive": outcome.adaptive_score,
+                    "uniform_scores": {str(f): s for f, s in outcome.uniform_scores.items()},
+                    "fell_back_to_uniform": outcome.fell_back_to_uniform, "rounds": outcome.rounds,
+                    "trajectory": {k: [list(p) for p in v] for k, v in outcome.trajectory.items()},
+                    "evaluations": outcome.evaluations,
+                    "full_forward_equivalents": outcome.full_forward_equivalents,
+                    "search_forward_equivalents": outcome.search_forward_equivalents,
+                    "budget_forward_equivalents": len(layers) * len(candidates),
+                    "search_seconds": outcome.seconds,
+                }
+            timings["search"] = time.perf_counter() - t0
+            search_info["search_windows"] = list(search_windows.shape)
+        plan = ConversionPlan(rope_dim, plan_folds, rank, options.stage, options.latent_norm, options.rope_all)
+        with atomic_output_dir(options.out, options.overwrite) as tmp:
+            t0 = time.perf_counter()
+            result = convert_streaming(options.model, tmp, plan, calib, grams, keep_stage1=options.eval_data is not None,
+                                       batch_size=options.batch_size)
+            timings["convert"] = time.perf_counter() - t0
+            (tmp / "config.json").write_text(_json(result.config.to_hf_dict()))
+            copy_side_files(options.model, tmp)
+            ppl = {}
+            if options.eval_data is not None:
+                t0 = time.perf_counter()
+                ppl = _evaluate_stages(options, config, result, tokenizer, store, tmp)
+                timings["evaluation"] = time.perf_counter() - t0
+            report = _report(options, config, result, plan, rank, candidates, search_info, ppl, hashes, timings, started)
+            if search_info.get("trajectory"):
+                plot_trajectory(search_info["trajectory"], search_info["original"], tmp / "search_trajectory.png",
+                                ylabel=f"search criterion ({options.criterion})")
+            if any(f is not None for f in plan_folds):
+                plot_plan(plan_folds, tmp / "fold_plan.png", {"rope_dim": rope_dim, "kv_lora_rank": rank or "full"})
+            write_json_atomic(tmp / "report.json", report)
+        if not options.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
     return report
 
 
