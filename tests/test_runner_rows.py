@@ -20,7 +20,7 @@ def tiny(tmp_path_factory):
 
 
 def test_rows_equal_full_logprobs(tiny, monkeypatch):
-    monkeypatch.setattr(runner_module, "SPAN_ROWS", 8)  # several chunks and a padded last one
+    monkeypatch.setattr(runner_module, "HEAD_ROWS", 8)  # several chunks and a padded last one
     rng = np.random.default_rng(0)
     batch = [list(rng.integers(4, 120, size=n)) for n in (23, 9, 17)]
     spans = [(3, 23), (0, 9), (16, 17)]

@@ -73,25 +73,29 @@ HEAD_ROWS = 128
 def head_rows(fn, hidden, other, norm, head, eps) -> np.ndarray:
     """Apply a per-token head function over [B, T, D] in fixed chunks of ``HEAD_ROWS`` tokens.
 
-    ``other`` is the per-token second input ([B, T] targets or [B, T, D] reference states); the
-    last chunk is zero-padded (padding rows are computed and dropped).
+    ``other`` is the per-token second input ([B, T] targets or [B, T, D] reference states).
     """
-    rows = _padded_rows(hidden.reshape(-1, hidden.shape[-1]))
-    other = _padded_rows(other.reshape((-1,) + tuple(other.shape[2:])))
-    count = hidden.shape[0] * hidden.shape[1]
-    out = [fn(rows[start:start + HEAD_ROWS], other[start:start + HEAD_ROWS], norm, head, eps).asnumpy()
-           for start in range(0, count, HEAD_ROWS)]
-    return np.concatenate(out)[:count].reshape(hidden.shape[:2])
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    other = other.reshape((-1,) + tuple(other.shape[2:]))
+    return _in_head_chunks(lambda r, o: fn(r, o, norm, head, eps), rows, other).reshape(hidden.shape[:2])
+
+
+def _in_head_chunks(fn, *per_row) -> np.ndarray:
+    """``fn`` over row-aligned inputs (tensors or arrays, first axis = rows) in chunks of exactly
+    ``HEAD_ROWS`` rows — the last one zero-padded, its padding rows dropped — concatenated."""
+    count = per_row[0].shape[0]
+    padded = [_padded_rows(x) for x in per_row]
+    out = [fn(*(x[start:start + HEAD_ROWS] for x in padded)).asnumpy() for start in range(0, count, HEAD_ROWS)]
+    return np.concatenate(out)[:count]
 
 
 def _padded_rows(rows):
+    if isinstance(rows, np.ndarray):
+        rows = to_tensor(rows)
     missing = -rows.shape[0] % HEAD_ROWS
     if not missing:
         return rows
     return ops.concat([rows, ops.zeros((missing,) + tuple(rows.shape[1:]), rows.dtype)])
-
-
-SPAN_ROWS = HEAD_ROWS  # rows per head call in ``logprobs_rows`` (same reasoning)
 
 
 @ms.jit
@@ -185,27 +189,23 @@ class ModelRunner:
 
         The hidden states of the whole batch are small ([B, T, D]); the vocabulary-wide part is what
         costs memory and compilation.  Here it runs on just the wanted rows, in fixed chunks of
-        ``SPAN_ROWS`` (the last one zero-padded) so one compiled head graph serves every request
+        ``HEAD_ROWS`` (the last one zero-padded) so one compiled head graph serves every request
         length — instead of a [B, T, V] graph per prompt shape (gigabytes at 3k tokens).
         """
         if not batch:
             return []
         if len(spans) != len(batch):
             raise ValueError(f"{len(spans)} spans for {len(batch)} sequences")
+        for seq, (start, stop) in zip(batch, spans):
+            if not 0 <= start < stop <= len(seq):
+                raise ValueError(f"span {start}:{stop} outside a sequence of {len(seq)} ids")
         length = max(len(seq) for seq in batch)
         padded = np.zeros((len(batch), length), dtype=np.int32)
         for row, seq in enumerate(batch):
             padded[row, : len(seq)] = seq
         hidden = self.hidden(padded).asnumpy()
-        picked = [hidden[row, start:stop] for row, (start, stop) in enumerate(spans)]
-        for row, (start, stop) in enumerate(spans):
-            if not 0 <= start < stop <= len(batch[row]):
-                raise ValueError(f"span {start}:{stop} outside a sequence of {len(batch[row])} ids")
-        rows = np.concatenate(picked)
-        count = rows.shape[0]
-        rows = np.concatenate([rows, np.zeros((-count % SPAN_ROWS, rows.shape[1]), rows.dtype)])
-        out = np.concatenate([_head_logprobs(to_tensor(rows[i:i + SPAN_ROWS]), self._norm, self._head,
-                                             self._eps).asnumpy() for i in range(0, rows.shape[0], SPAN_ROWS)])
+        rows = np.concatenate([hidden[row, start:stop] for row, (start, stop) in enumerate(spans)])
+        out = _in_head_chunks(lambda r: _head_logprobs(r, self._norm, self._head, self._eps), rows)
         bounds = np.cumsum([0] + [stop - start for start, stop in spans])
         return [out[bounds[i]:bounds[i + 1]] for i in range(len(spans))]
 
