@@ -60,20 +60,21 @@ def _layer_tensors(plan: ExportPlan, store: SafetensorsStore, layer: int) -> Ite
     attn = prefix + "self_attn."
     order = rotate_half_to_interleaved_rows(plan.rope_dim)
 
+    norm_weight = store.get(prefix + "input_layernorm.weight")  # bounds x̂ for both pinned norms
     q = _interleaved_query(plan, store.get(attn + "q_proj.weight"), order)
     if plan.query is None:
         # A q_proj.bias, if present, is all zero (plan_export chose the q_a/q_b path otherwise).
         yield attn + "q_proj.weight", q
     else:
         q_bias = _bias_or_zeros(store, attn + "q_proj.bias", q.shape[0])
-        yield from _factorised_query(plan, store.get(prefix + "input_layernorm.weight"), q,
+        yield from _factorised_query(plan, norm_weight, q,
                                      _interleaved_query(plan, q_bias, order), attn)
 
     kv_a = store.get(attn + "kv_a_proj_with_mqa.weight")
     kv_a_bias = _bias_or_zeros(store, attn + "kv_a_proj_with_mqa.bias", plan.kv_lora_rank + plan.rope_dim)
     if plan.linear_latent_norm:
         # No norm of our own: pin the engine's to the identity (plan.py, "linear latent norm").
-        scale = latent_scale(store.get(prefix + "input_layernorm.weight"), kv_a[:plan.kv_lora_rank],
+        scale = latent_scale(norm_weight, kv_a[:plan.kv_lora_rank],
                              kv_a_bias[:plan.kv_lora_rank], DEEPSEEK_NORM_EPS)
         latent_norm = np.full(plan.kv_lora_rank, math.sqrt(DEEPSEEK_NORM_EPS) / scale, np.float32)
     else:
@@ -117,11 +118,11 @@ def _factorised_query(plan: ExportPlan, norm_weight: np.ndarray, weight: np.ndar
     yield attn + "q_b_proj.weight", q_b
 
 
-def _kv_a(plan: ExportPlan, rows: np.ndarray, order: np.ndarray, latent_scale: float) -> np.ndarray:
+def _kv_a(plan: ExportPlan, rows: np.ndarray, order: np.ndarray, scale: float) -> np.ndarray:
     """kv_a_proj_with_mqa weight or bias: latent rows scaled, RoPE rows interleaved."""
     rank = plan.kv_lora_rank
     rows[rank:] = rows[rank + order]
-    _scaled(rows[:rank], latent_scale)  # in place, through the view
+    _scaled(rows[:rank], scale)  # in place, through the view
     return rows
 
 
