@@ -21,6 +21,9 @@ PACKAGES = [
     "mindyouzhi.ops",
 ]
 
+# pyarrow 26 refuses to import under numpy < 2, which MindSpore 2.10 needs.
+PYARROW = "pyarrow>=14,<26"
+
 setup(
     name="mindyouzhi",
     version="0.1.0",
@@ -36,17 +39,23 @@ setup(
         "mindspore==2.10.0",
         "numpy<2",
         "safetensors>=0.4",
-        "click>=8.1",
+        "click>=8.2",  # CliRunner keeps stderr apart from stdout (the --json tests rely on it)
         "tokenizers>=0.19",
         "gguf>=0.10",
         "pyyaml>=6",
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "jinja2>=3",
+        # Benchmark scorers: IFEval's language checks, MATH-500 answer equivalence, CFLUE's
+        # Chinese word segmentation (ROUGE-L / BLEU).
+        "langdetect>=1.0.9",
+        "sympy>=1.12",
+        "jieba>=0.42",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.52", "accelerate", "cn2an"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.52", "accelerate", "cn2an", PYARROW],
         "probe": ["mindstudio-probe==26.2.0"],
+        "parquet": [PYARROW],  # .parquet calibration/evaluation text (e.g. Hugging Face's wikitext files)
     },
     entry_points={"console_scripts": ["mindyouzhi=mindyouzhi.cli:main"]},
 )

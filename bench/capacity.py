@@ -9,7 +9,7 @@ request than the arithmetic predicts; ``reserve`` admission holds a request only
 life fits, so every sequence counted as held really had its full context in the pool at the same
 time (the run ends when that wave produces its last token; the extra request is still waiting).
 
-Target (spec §5, bench/capacity): measured MLA/GQA concurrency ≥ 0.95 × the ideal byte ratio
+Target: measured MLA/GQA concurrency ≥ 0.95 × the ideal byte ratio
 (the paper reports 2.69× against an ideal 3.56× for openPangu-7B).  Prints the figures and writes
 ``bench/results/capacity.json``.
 """

@@ -103,3 +103,12 @@ def child_peak(cmd: list[str]) -> tuple[float, int, str]:
     if done.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
     return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, done.stdout
+
+
+def wikitext_hf_rows(raw: str) -> str:
+    """WikiText as the Hugging Face rows joined with blank lines (GPTQ / TransMLA / lm-eval convention).
+
+    Each line of the raw file is one row and keeps its newline; a blank or whitespace-only line is
+    the empty row; the rows are joined with ``"\\n\\n"``."""
+    rows = ["" if not line.strip() else line for line in raw.splitlines(keepends=True)]
+    return "\n\n".join(rows)

@@ -11,7 +11,7 @@ entries written straight into each sequence's own blocks, because decode cost do
 the values and prefilling 8k-token contexts on two CPU cores would dominate the run.  Steps of
 the two models alternate, so machine noise hits both alike; medians are reported.
 
-Checks (spec §5, bench/decode): MLA KV bytes per token = (kv_lora_rank + rope_dim)·4·layers
+Checks: MLA KV bytes per token = (kv_lora_rank + rope_dim)·4·layers
 exactly (GQA: 2·kv_heads·head_dim·4·layers); MLA decode not slower than GQA from 2k context on.
 Prints the table and writes ``bench/results/decode.json``.
 """

@@ -1,4 +1,4 @@
-"""Benchmark: how much of the conversion's perplexity loss post-training recovers (spec §5 ``bench/recover``).
+"""Benchmark: how much of the conversion's perplexity loss post-training recovers.
 
     python bench/recover.py [--teacher DIR] [--student DIR] [--shared ../shared] [--work DIR]
                             [--gkd-steps 40] [--sft-steps 8] [--eval-windows 40]

@@ -1,7 +1,7 @@
 """bench/search_cost: the adaptive search on SmolLM2-135M — evaluations, cost, wall time, peak RSS.
 
 Runs ``mindyouzhi convert --freqfold adaptive`` (no uniform trajectories) in a child process and
-reads its report.  Targets (spec §5): ≤ 0.6·L·|S| full-model forward equivalents (the unchanged
+reads its report.  Targets: ≤ 0.6·L·|S| full-model forward equivalents (the unchanged
 prefix is reused), peak RSS ≤ 1.5 × the model's fp32 size + calibration buffers.
 
     .venv/bin/python bench/search_cost.py [--search-tokens 4096] [--calib-tokens 16384]

@@ -3,11 +3,19 @@
 Same run, same data, per model: calibration and search on WikiText-2 *valid* (disjoint windows),
 evaluation on WikiText-2 raw *test*.  The adaptive plan is chosen by the greedy last-to-first
 search on the search split (criterion: stage-1 ppl, the paper's); every uniform fold is evaluated
-the same way, and each plan is then taken to every requested kv_lora_rank.  Targets (spec §5):
+the same way, and each plan is then taken to every requested kv_lora_rank.  Targets:
 adaptive ≤ best uniform on the search split, and on SmolLM2 the degradation (ppl − original) cut
 by ≥ 25 % against the best uniform fold.
 
     .venv/bin/python bench/transition.py [--models smollm2,stories260k] [--calib-tokens 16384] [--eval-windows 4]
+
+``--protocol hf-rows`` is the side-by-side protocol against the public TransMLA converter (issue 12):
+SmolLM2, rope_dim 32, calibration 32,768 tokens of wiki.valid.tokens, perplexity on the first 40
+windows × 2048 of WikiText-2 test built as the Hugging Face rows joined with blank lines.  It runs
+the real ``convert`` (the default adaptive search, every uniform fold asked for, each low-rank
+method) and writes ``bench/results/transition_hf_rows.json``:
+
+    .venv/bin/python bench/transition.py --protocol hf-rows [--lowrank output,bkv] [--uniform-folds 2,4,8]
 """
 from __future__ import annotations
 
@@ -57,7 +65,7 @@ def stage2_grams(stage1_config, weights, calib, batch_size=8):
 
 def final_model(stage1_config, weights, grams_b, rank):
     from mindyouzhi.models.decoder import layer_prefix
-    from mindyouzhi.transition.layers import Stage1Layer, convert_stage2
+    from mindyouzhi.transition.layers import Stage1Layer, convert_stage2, head_geometry
 
     config = stage1_config
     out = dict(weights)
@@ -68,7 +76,7 @@ def final_model(stage1_config, weights, grams_b, rank):
             continue
         prefix = layer_prefix(index)
         layer = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        stage1 = Stage1Layer(layer, latent - rope, rope, 2 * latent - rope)
+        stage1 = Stage1Layer(layer, latent - rope, rope, 2 * latent - rope, head_geometry(config, rope))
         out.update({prefix + k: v for k, v in convert_stage2(stage1, grams_b[index], rank).weights.items()})
     mla = config.mla.__class__(rope_dim=rope, kv_lora_rank=[rank if f is not None else None for f in config.mla.fold_plan],
                                fold_plan=config.mla.fold_plan, stage=2)
@@ -149,14 +157,88 @@ def run_model(name, args, calib_path, test_path):
     }
 
 
+def hf_rows_protocol(args) -> dict:
+    """The issue-12 table: original, stage 1, final at each rank — uniform folds and the adaptive plan."""
+    import tempfile
+    from pathlib import Path
+
+    from mindyouzhi.eval.ppl import perplexity, windows
+    from mindyouzhi.models.runner import ModelRunner
+    from mindyouzhi.tokenizer import load_tokenizer
+    from mindyouzhi.transition.convert import ConvertOptions, convert
+
+    model_dir = common.smollm2()
+    calib_path, test_path = common.wikitext()
+    tokenizer = load_tokenizer(model_dir)
+    text = common.wikitext_hf_rows(test_path.read_text(encoding="utf-8"))
+    test = windows(np.asarray(tokenizer.encode(text), np.int32), 2048, args.eval_windows, test_path)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    results: dict = {"protocol": "hf-rows", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
+                     "calibration": {"file": str(calib_path), "tokens": args.calib_tokens, "seq_len": 256},
+                     "evaluation": {"file": str(test_path), "windows": int(test.shape[0]), "seq_len": 2048},
+                     "rows": {}}
+    path = common.RESULTS / "transition_hf_rows.json"
+
+    def ppl(directory) -> float:
+        return perplexity(ModelRunner.from_dir(directory, with_tokenizer=False), test).ppl
+
+    def run(label: str, **overrides) -> dict:
+        with tempfile.TemporaryDirectory(dir=common.CACHE) as work:
+            options = ConvertOptions(model=model_dir, out=Path(work) / "out", calib=calib_path, rope_dim=32,
+                                     calib_tokens=args.calib_tokens, search_data=calib_path, **overrides)
+            started = time.perf_counter()
+            report = convert(options)
+            row = {"seconds": time.perf_counter() - started, "fold_plan": report["fold_plan"],
+                   "kv_lora_rank": report["kv_lora_rank"], "lowrank": report["lowrank"],
+                   "peak_rss_bytes": report["peak_rss_bytes"], "search": report.get("search") or None,
+                   "test_ppl": ppl(options.out)}
+        results["rows"][label] = row
+        print(f"  {label}: ppl {row['test_ppl']:.4f} ({row['seconds']:.0f} s)", flush=True)
+        common.save("transition_hf_rows", results)
+        return row
+
+    results["rows"]["original"] = {"test_ppl": ppl(model_dir)}
+    print(f"  original: {results['rows']['original']['test_ppl']:.4f}", flush=True)
+    for fold in [int(f) for f in args.uniform_folds.split(",")]:
+        run(f"stage1 f={fold}", freqfold=str(fold), stage=1)
+        for method in args.lowrank.split(","):
+            for rank in ranks:
+                run(f"final f={fold} r{rank} {method}", freqfold=str(fold), kv_lora_rank=rank, lowrank=method)
+    adaptive = run(f"adaptive r{ranks[0]}", freqfold="adaptive", kv_lora_rank=ranks[0],
+                   search_tokens=args.search_tokens, trajectories=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        plan_file = Path(scratch) / "report.json"
+        plan_file.write_text(json.dumps({"fold_plan": adaptive["fold_plan"], "rope_dim": 32}))
+        for rank in ranks[1:]:
+            run(f"adaptive plan r{rank}", freqfold="adaptive", plan=plan_file, kv_lora_rank=rank)
+    default = args.lowrank.split(",")[0]
+    uniform = {label: row["test_ppl"] for label, row in results["rows"].items()
+               if label.startswith("final f=") and label.endswith(f"r{ranks[0]} {default}")}
+    best = min(uniform, key=uniform.get)
+    results["adaptive_vs_best_uniform"] = {"best_uniform": best, "ratio": adaptive["test_ppl"] / uniform[best]}
+    common.save("transition_hf_rows", results)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", choices=["legacy", "hf-rows"], default="legacy")
+    parser.add_argument("--lowrank", default="output,bkv", help="hf-rows: low-rank methods for the uniform rows")
+    parser.add_argument("--uniform-folds", default="4", help="hf-rows: uniform folds converted and evaluated")
+    parser.add_argument("--ranks", default="96,160", help="hf-rows: kv_lora_rank values")
     parser.add_argument("--models", default="stories260k,smollm2")
-    parser.add_argument("--calib-tokens", type=int, default=16384)
-    parser.add_argument("--search-tokens", type=int, default=4096)
-    parser.add_argument("--eval-windows", type=int, default=4)
+    parser.add_argument("--calib-tokens", type=int, default=None, help="default 16384 (hf-rows: the issue-12 protocol's)")
+    parser.add_argument("--search-tokens", type=int, default=None, help="default 4096 (hf-rows: the issue-12 protocol's)")
+    parser.add_argument("--eval-windows", type=int, default=None, help="default 4 (hf-rows: the issue-12 protocol's)")
     parser.add_argument("--no-trajectories", dest="trajectories", action="store_false")
     args = parser.parse_args()
+    hf_rows = args.protocol == "hf-rows"
+    for name, legacy, protocol in (("calib_tokens", 16384, 32768), ("search_tokens", 4096, 8192), ("eval_windows", 4, 40)):
+        if getattr(args, name) is None:
+            setattr(args, name, protocol if hf_rows else legacy)
+    if hf_rows:
+        print(common.dump(hf_rows_protocol(args)))
+        return
     calib, test = common.wikitext()
     previous = common.RESULTS / "transition.json"  # keep other models' rows from earlier runs
     results = json.loads(previous.read_text()).get("results", {}) if previous.is_file() else {}

@@ -29,16 +29,8 @@ from mindyouzhi.errors import UserError
 from mindyouzhi.io_utils import check_output_dir
 
 from .gguf_tokenizer import build_tokenizer_files
-from .hf_layout import (
-    LLAMA_ATTENTION_BIASES,
-    LLAMA_MLP_BIASES,
-    LazyTensors,
-    check_llama_tensors,
-    import_summary,
-    interleaved_to_rotate_half,
-    llama_parameter_shapes,
-    write_hf_model_dir,
-)
+from . import architectures
+from .hf_layout import LazyTensors, check_tensors, import_summary, interleaved_to_rotate_half, parameter_shapes, write_hf_model_dir
 
 # Architectures whose GGUF tensors are the Llama layout with llama.cpp's q/k permutation.
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -161,7 +153,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
 
     config = _hf_config(metadata, arch, by_name, path)
     tensors = _lazy_tensors(by_name, config, path)
-    check_llama_tensors(tensors.shapes, config, path)
+    check_tensors(tensors.shapes, config, path)
     tokenizer_files = build_tokenizer_files(metadata, path, model_max_length=config["max_position_embeddings"])
     return GGUFModel(path, arch, config, tensors, tokenizer_files)
 
@@ -331,15 +323,11 @@ def _lazy_tensors(by_name: Mapping[str, Any], config: Mapping, path: Path) -> La
 
     # HF has one bias flag per block: a file with only some biases gets zeros for the others,
     # which computes exactly what llama.cpp computes without them.
-    expected = llama_parameter_shapes(config)
-    for flag, templates in (("attention_bias", LLAMA_ATTENTION_BIASES), ("mlp_bias", LLAMA_MLP_BIASES)):
-        if config[flag]:
-            for layer in range(layers):
-                for template in templates:
-                    bias = template.format(layer)
-                    if bias not in loaders:
-                        loaders[bias] = functools.partial(np.zeros, expected[bias], dtype=np.float32)
-                        shapes[bias] = expected[bias]
+    biases = (architectures.QKV_BIAS, architectures.O_BIAS, architectures.MLP_BIAS)
+    for name, shape in parameter_shapes(config, path).items():
+        if name not in loaders and architectures.part_of(name) in biases:
+            loaders[name] = functools.partial(np.zeros, shape, dtype=np.float32)
+            shapes[name] = shape
     return LazyTensors(loaders, shapes)
 
 

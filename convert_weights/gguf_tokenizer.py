@@ -22,13 +22,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from mindyouzhi.errors import UserError
 
+from .hf_tokenizer import add_special_tokens_template, ranked_merges, sentencepiece_bpe
+
 # llama.cpp's token types (llama_token_type in llama.h / gguf.TokenType).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
-SPIECE_SPACE = "\u2581"  # "▁"
-
-# The GPT-2 split regex, used by llama.cpp after any model-specific first split.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # Llama 3's regex (digits in groups of up to three), as in its tokenizer.json.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -156,14 +154,19 @@ def build_tokenizer_files(metadata: Mapping[str, Any], source: str | os.PathLike
             raise UserError(f"{source}: tokenizer.ggml.{key} {token_id} is outside the vocabulary of {len(tokens)}")
         return tokens[int(token_id)]
 
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default))
+    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+    bos, eos = special("bos_token_id"), special("eos_token_id")
+    add_special_tokens_template(tokenizer, (bos, tokenizer.token_to_id(bos)) if add_bos and bos else None,
+                                (eos, tokenizer.token_to_id(eos)) if add_eos and eos else None)
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": special("bos_token_id"),
-        "eos_token": special("eos_token_id"),
+        "bos_token": bos,
+        "eos_token": eos,
         "unk_token": special("unknown_token_id"),
         "pad_token": special("padding_token_id"),
-        "add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)),
-        "add_eos_token": bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
         "clean_up_tokenization_spaces": False,
     }
     if model_max_length is not None:
@@ -220,41 +223,12 @@ def _byte_level_tokenizer(tokens: Sequence[str], token_types: Sequence[int], mer
     return tokenizer
 
 
-def merges_from_scores(tokens: Sequence[str], token_types: Sequence[int], scores: Sequence[float]) -> list[tuple[str, str]]:
-    """Sentencepiece BPE as ranked merges: every split of a normal token into two vocabulary
-    pieces, best (highest-scoring) result first; ties keep vocabulary order."""
-    vocab = {token: token_id for token_id, token in enumerate(tokens)}
-    ranked = []
-    for token_id, token in enumerate(tokens):
-        if token_types[token_id] != TOKEN_NORMAL:  # control/byte/user-defined pieces are never merge results
-            continue
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            if left in vocab and right in vocab:
-                ranked.append((-float(scores[token_id]), token_id, vocab[left], vocab[right], left, right))
-    ranked.sort()
-    return [(left, right) for *_, left, right in ranked]
-
-
 def _sentencepiece_tokenizer(tokens, token_types, scores, merges, unk_id, add_space_prefix: bool):
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
     if merges is None:
-        merges = merges_from_scores(tokens, token_types, scores)
-    vocab = {token: token_id for token_id, token in enumerate(tokens)}
+        # control/byte/user-defined pieces are never merge results
+        ranked = ranked_merges(tokens, scores, [kind == TOKEN_NORMAL for kind in token_types])
+        merges = [(tokens[left], tokens[right]) for left, right in ranked]
     unk_token = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True))
-    # A normalizer, not a Metaspace pre-tokenizer: llama.cpp (like sentencepiece) always prepends
-    # the dummy "▁" — at the start and after every added token — even when the text already
-    # starts with a space, which Metaspace skips.  No pre-tokenizer: sentencepiece merges across
-    # "▁", the whole text is one word.
-    replace_spaces = normalizers.Replace(" ", SPIECE_SPACE)
-    tokenizer.normalizer = (
-        normalizers.Sequence([normalizers.Prepend(SPIECE_SPACE), replace_spaces]) if add_space_prefix else replace_spaces
-    )
-    steps = [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_space_prefix:
-        steps.append(decoders.Strip(content=" ", left=1, right=0))  # drop the dummy prefix again
-    tokenizer.decoder = decoders.Sequence(steps)
+    tokenizer = sentencepiece_bpe(tokens, merges, unk_token, add_space_prefix)
     _add_typed_tokens(tokenizer, tokens, token_types)
     return tokenizer

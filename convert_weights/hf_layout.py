@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
-from mindyouzhi.errors import UserError
+from mindyouzhi.convert_weights import architectures
 from mindyouzhi.convert_weights.safetensors_io import ShardedWriter
 from mindyouzhi.io_utils import atomic_output_dir, sha256_file
 
@@ -27,52 +27,18 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 # transformers' own default shard size ("5GB").
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
-# Optional HF Llama parameters; "{}" = layer index.
-LLAMA_ATTENTION_BIASES = tuple(f"model.layers.{{}}.self_attn.{proj}.bias" for proj in ("q_proj", "k_proj", "v_proj", "o_proj"))
-LLAMA_MLP_BIASES = tuple(f"model.layers.{{}}.mlp.{proj}.bias" for proj in ("gate_proj", "up_proj", "down_proj"))
+def parameter_shapes(config: Mapping, where: str | os.PathLike = "config.json") -> dict[str, tuple[int, ...]]:
+    """Every parameter the family spec gives the HF ``config`` dict an importer writes, with its shape."""
+    from mindyouzhi.models.config import ModelConfig
+
+    return architectures.checkpoint_shapes(ModelConfig.from_dict(dict(config), str(where)))
 
 
-def llama_parameter_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
-    """Every parameter ``LlamaForCausalLM`` has for ``config``, with its shape."""
-    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-    q_rows = config["num_attention_heads"] * head_dim
-    kv_rows = config["num_key_value_heads"] * head_dim
-    layer_shapes = {
-        "model.layers.{}.input_layernorm.weight": (hidden,),
-        "model.layers.{}.self_attn.q_proj.weight": (q_rows, hidden),
-        "model.layers.{}.self_attn.k_proj.weight": (kv_rows, hidden),
-        "model.layers.{}.self_attn.v_proj.weight": (kv_rows, hidden),
-        "model.layers.{}.self_attn.o_proj.weight": (hidden, q_rows),
-        "model.layers.{}.post_attention_layernorm.weight": (hidden,),
-        "model.layers.{}.mlp.gate_proj.weight": (inter, hidden),
-        "model.layers.{}.mlp.up_proj.weight": (inter, hidden),
-        "model.layers.{}.mlp.down_proj.weight": (hidden, inter),
-    }
-    if config.get("attention_bias"):
-        layer_shapes.update(dict(zip(LLAMA_ATTENTION_BIASES, [(q_rows,), (kv_rows,), (kv_rows,), (hidden,)])))
-    if config.get("mlp_bias"):
-        layer_shapes.update(dict(zip(LLAMA_MLP_BIASES, [(inter,), (inter,), (hidden,)])))
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-    if not config.get("tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (vocab, hidden)
-    for layer in range(config["num_hidden_layers"]):
-        shapes.update({name.format(layer): shape for name, shape in layer_shapes.items()})
-    return shapes
+def check_tensors(shapes: Mapping[str, tuple[int, ...]], config: Mapping, source: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose tensors are not exactly what ``config`` describes (family spec)."""
+    from mindyouzhi.models.config import ModelConfig
 
-
-def check_llama_tensors(shapes: Mapping[str, tuple[int, ...]], config: Mapping, source: str | os.PathLike) -> None:
-    """Refuse a checkpoint whose tensors are not exactly what ``config`` describes."""
-    expected = llama_parameter_shapes(config)
-    missing = [name for name in expected if name not in shapes]
-    if missing:
-        raise UserError(f"{source}: missing tensor(s) {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-    unexpected = [name for name in shapes if name not in expected]
-    if unexpected:
-        raise UserError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:5])} for a Llama model with this config")
-    for name, shape in shapes.items():
-        if tuple(shape) != expected[name]:
-            raise UserError(f"{source}: tensor {name} has shape {tuple(shape)}, expected {expected[name]} from the config")
+    architectures.check_tensors(shapes, ModelConfig.from_dict(dict(config), str(source)), source)
 
 
 def interleaved_to_rotate_half(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -148,7 +114,8 @@ def write_hf_model_dir(
 
 def _write_safetensors(directory: Path, tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> tuple[int, tuple[str, ...]]:
     # "format": "pt" makes transformers accept the files as a PyTorch checkpoint.
-    writer = ShardedWriter(directory, max_shard_bytes, metadata={"format": "pt"})
+    shapes = tensors.shapes if isinstance(tensors, LazyTensors) else {name: tensors[name].shape for name in tensors}
+    writer = ShardedWriter(directory, shapes, max_shard_bytes, metadata={"format": "pt"})
     params = 0
     for name in tensors:
         array = np.ascontiguousarray(tensors[name], dtype=np.float32)

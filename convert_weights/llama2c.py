@@ -12,7 +12,9 @@ is the same row shuffle as undoing llama.cpp's GGUF permutation.  The two RoPE t
 are only checked against θ = 10000 (the value ``run.c`` and ``model.py`` use) and dropped.
 
 Tokenizer: int32 max_token_length, then per token float32 score, int32 byte length, bytes.  It
-is stored in the model dir as ``tokenizer_llama2c.json`` (format in :mod:`mindyouzhi.tokenizer`).
+is stored in the model dir as Hugging Face ``tokenizer.json`` + ``tokenizer_config.json`` +
+``special_tokens_map.json`` (same ids as run.c; :mod:`.hf_tokenizer`), and as
+``tokenizer_llama2c.json`` (format in :mod:`mindyouzhi.tokenizer`) for older mindyouzhi versions.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from mindyouzhi.errors import UserError
 from mindyouzhi.io_utils import check_output_dir
 from mindyouzhi.tokenizer import LLAMA2C_FORMAT, LLAMA2C_FORMAT_VERSION, LLAMA2C_TOKENIZER_FILE, Llama2cTokenizer
 
-from .hf_layout import LazyTensors, check_llama_tensors, import_summary, interleaved_to_rotate_half, write_hf_model_dir
+from .hf_layout import LazyTensors, check_tensors, import_summary, interleaved_to_rotate_half, write_hf_model_dir
+from .hf_tokenizer import llama2c_hf_files
 
 HEADER = struct.Struct("<7i")
 HEADER_FIELDS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
@@ -188,7 +191,7 @@ def read_llama2c_checkpoint(path: str | os.PathLike) -> tuple[dict, LazyTensors]
             loaders[hf_name.format(layer)] = lambda array=stacked[layer], heads=heads: _layer_tensor(array, heads)
             shapes[hf_name.format(layer)] = stacked.shape[1:]
     tensors = LazyTensors(loaders, shapes)
-    check_llama_tensors(tensors.shapes, config, path)
+    check_tensors(tensors.shapes, config, path)
     return config, tensors
 
 
@@ -253,11 +256,18 @@ def read_llama2c_tokenizer(path: str | os.PathLike, vocab_size: int | None = Non
     return tokenizer
 
 
+def llama2c_tokenizer_files(path: str | os.PathLike, vocab_size: int | None, model_max_length: int | None) -> dict[str, str]:
+    """Every tokenizer file an imported model dir carries, by name, for the ``tok*.bin`` at ``path``."""
+    data = read_llama2c_tokenizer(path, vocab_size)
+    files = llama2c_hf_files(Llama2cTokenizer(Path(path), data), model_max_length)
+    files[LLAMA2C_TOKENIZER_FILE] = json.dumps(data, ensure_ascii=False) + "\n"
+    return files
+
+
 def import_llama2c(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict:
     """``mindyouzhi import --llama2c BIN --tokenizer TOK``: write the HF model dir ``out``."""
     check_output_dir(out, overwrite)
     config, tensors = read_llama2c_checkpoint(checkpoint)
-    tokenizer_json = read_llama2c_tokenizer(tokenizer, vocab_size=config["vocab_size"])
-    files = {LLAMA2C_TOKENIZER_FILE: json.dumps(tokenizer_json, ensure_ascii=False) + "\n"}
+    files = llama2c_tokenizer_files(tokenizer, config["vocab_size"], config["max_position_embeddings"])
     written = write_hf_model_dir(out, config, tensors, files, overwrite=overwrite)
     return import_summary(written, config, "llama2c", checkpoint, tokenizer_source=tokenizer)

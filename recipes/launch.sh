@@ -10,7 +10,7 @@
 #
 # Options (defaults in brackets):
 #   --config FILE         recipe (required)
-#   --workers N           total workers over all nodes [the recipe's parallel_config.data_parallel]
+#   --workers N           total workers over all nodes [data_parallel × model_parallel × pipeline_stage]
 #   --local-workers N     workers on this node [--workers]
 #   --master-addr ADDR    scheduler address, node 0 [127.0.0.1]
 #   --master-port PORT    scheduler port [8118]
@@ -57,13 +57,13 @@ try:
 except UserError as exc:
     print(f"error: {exc}", file=sys.stderr)
     sys.exit(2)
-print(recipe.parallel_config["data_parallel"], recipe.output_dir)
+print(recipe.workers, recipe.output_dir)
 PY
 ) || exit 2
 WORKERS="${WORKERS:-$DP}"
 LOCAL="${LOCAL:-$WORKERS}"
 LOG_DIR="${LOG_DIR:-$OUT/msrun_log}"
-[[ "$WORKERS" == "$DP" ]] || die "--workers $WORKERS but the recipe's parallel_config.data_parallel is $DP"
+[[ "$WORKERS" == "$DP" ]] || die "--workers $WORKERS but the recipe's parallel_config needs $DP (data × model × pipeline parallel)"
 TASK="$(python -c 'import mindyouzhi.train.__main__ as m; print(m.__file__)')"
 
 ARGS=(--worker_num="$WORKERS" --local_worker_num="$LOCAL" --master_addr="$ADDR" --master_port="$PORT"

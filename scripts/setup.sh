@@ -7,7 +7,7 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "${1:-}" = "--test" ]; then
-  .venv/bin/python -m pip install -q -e ".[test]" "numpy<2"
+  .venv/bin/python -m pip install -q -e ".[test,probe]" "numpy<2"
 else
   .venv/bin/python -m pip install -q -e . "numpy<2"
 fi

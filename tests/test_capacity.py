@@ -77,11 +77,11 @@ def test_measured_concurrency_fills_the_pool_and_tracks_the_byte_ratio(models):
 
 
 def test_capacity_command_json_and_table(models):
-    result = CliRunner().invoke(capacity_cmd, ["--config", "openpangu-embedded-7b", "--memory", "64GiB", "--json"])
+    result = CliRunner().invoke(capacity_cmd, ["--model-config", "openpangu-embedded-7b", "--memory", "64GiB", "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["dtype"] == "bf16" and payload["converted"]["kv_values_per_token"] == 576 * 34
-    table = CliRunner().invoke(capacity_cmd, ["--config", "all", "--memory", "64GiB"])
+    table = CliRunner().invoke(capacity_cmd, ["--model-config", "all", "--memory", "64GiB"])
     assert table.exit_code == 0 and all(name in table.output for name in capacity.PAPER_MODELS)
     measured = CliRunner().invoke(capacity_cmd, ["--model", str(models["mla"]), "--memory", "400KiB", "--context", "16",
                                                  "--workspace", "0%", "--block-size", "4", "--measure", "--json"])
@@ -92,9 +92,9 @@ def test_capacity_command_json_and_table(models):
 
 @pytest.mark.parametrize("args, message", [
     (["--memory", "1GiB"], "exactly one of"),
-    (["--config", "llama-3-8b", "--memory", "1GiB", "--measure"], "needs --model"),
-    (["--config", "gpt-5", "--memory", "1GiB"], "neither a known model"),
-    (["--config", "llama-3-8b", "--memory", "1GiB", "--rope-dim", "48"], "--rope-dim"),
+    (["--model-config", "llama-3-8b", "--memory", "1GiB", "--measure"], "needs --model"),
+    (["--model-config", "gpt-5", "--memory", "1GiB"], "neither a known model"),
+    (["--model-config", "llama-3-8b", "--memory", "1GiB", "--rope-dim", "48"], "--rope-dim"),
 ])
 def test_capacity_command_user_errors(args, message):
     result = CliRunner().invoke(capacity_cmd, args)

@@ -142,11 +142,12 @@ def test_streaming_writer_roundtrip_shards_and_readers(tmp_path):
     rng = np.random.default_rng(0)
     tensors = {f"t{i}": rng.normal(size=(7, 5 + i)).astype(np.float32) for i in range(6)}
     tensors["ids"] = np.arange(5, dtype=np.int32)
-    writer = ShardedWriter(tmp_path, max_shard_bytes=300)
-    writer.add_all(tensors.items())
+    writer = ShardedWriter(tmp_path, {name: value.shape for name, value in tensors.items()}, max_shard_bytes=300,
+                           dtypes={"ids": np.int32})
+    writer.add_all(reversed(tensors.items()))  # any order: every offset is fixed up front
     names = writer.close()
     assert len(names) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
-    assert not list(tmp_path.glob(".shard-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names + ["model.safetensors.index.json"])
     store = SafetensorsStore(tmp_path)
     loaded = {}
     for name in names:

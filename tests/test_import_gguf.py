@@ -14,7 +14,6 @@ from mindyouzhi.convert_weights.hf_layout import LazyTensors, write_hf_model_dir
 from mindyouzhi.errors import UserError
 from mindyouzhi.tokenizer import load_tokenizer
 
-SMOLLM2 = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 CHINESE_AND_EMOJI = "你好，世界！今天的天气很好。我们去公园散步吧 🌳🚶‍♀️😀 ——「测试」123"
 
@@ -25,8 +24,8 @@ CHINESE_AND_EMOJI = "你好，世界！今天的天气很好。我们去公园�
 
 
 @pytest.fixture(scope="module")
-def smollm2_gguf(shared_dir):
-    return shared_dir / SMOLLM2
+def smollm2_gguf(smollm2_gguf_file):
+    return smollm2_gguf_file
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,6 @@ def wiki_paragraph(shared_dir):
     return text
 
 
-@pytest.mark.shared
 def test_smollm2_summary_and_config(smollm2_dir):
     out, summary = smollm2_dir
     assert (summary["layers"], summary["heads"], summary["kv_heads"], summary["head_dim"], summary["vocab"]) == (30, 9, 3, 64, 49152)
@@ -75,7 +73,6 @@ def test_smollm2_tokenizer_matches_transformers(smollm2_dir, reference_tokenizer
     assert ours.encode(text, add_bos=True) == [1] + ids
 
 
-@pytest.mark.shared
 def test_smollm2_digits_split_like_llama_cpp(smollm2_dir):
     """tokenizer.ggml.pre = "smollm": llama.cpp splits every digit off first (as SmolLM2's own
     tokenizer.json does with Digits(individual_digits)), so a run of spaces before a digit stays
@@ -87,7 +84,6 @@ def test_smollm2_digits_split_like_llama_cpp(smollm2_dir):
     assert tokenizer.encode("in 1987") == [vocab["in"], vocab["Ġ"], vocab["1"], vocab["9"], vocab["8"], vocab["7"]]
 
 
-@pytest.mark.shared
 def test_smollm2_chat_template_matches_transformers(smollm2_dir, reference_tokenizer):
     ours = load_tokenizer(smollm2_dir[0])
     messages = [{"role": "user", "content": "What is 2+2?"}]
@@ -327,7 +323,7 @@ def test_unsupported_quant_type(tmp_path):
     [
         ({"extra_tensors": [("blk.0.ffn_gate_exps.weight", np.zeros((2, 4), np.float32), None)]},
          "tensor blk.0.ffn_gate_exps.weight has no Hugging Face Llama equivalent"),
-        ({"drop": {"blk.1.ffn_up.weight"}}, "missing tensor(s) model.layers.1.mlp.up_proj.weight"),
+        ({"drop": {"blk.1.ffn_up.weight"}}, "tensor model.layers.1.mlp.up_proj.weight is missing"),
         ({"pre": "mystery-pre"}, "unsupported tokenizer.ggml.pre 'mystery-pre'"),
     ],
 )

@@ -100,17 +100,17 @@ def test_row_permutation_turns_interleaved_rope_into_rotate_half():
 DIM, HIDDEN_DIM, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ = 16, 24, 2, 4, 2, 262, 8
 
 
-def write_llama2c(path, shared=True, drop_bytes=0, extra_bytes=0, theta=10000.0, seed=0):
+def write_llama2c(path, shared=True, drop_bytes=0, extra_bytes=0, theta=10000.0, seed=0, vocab=VOCAB):
     rng = np.random.default_rng(seed)
     head_dim, kv_dim = DIM // HEADS, DIM // HEADS * KV_HEADS
-    shapes = [(VOCAB, DIM), (LAYERS, DIM), (LAYERS, DIM, DIM), (LAYERS, kv_dim, DIM), (LAYERS, kv_dim, DIM),
+    shapes = [(vocab, DIM), (LAYERS, DIM), (LAYERS, DIM, DIM), (LAYERS, kv_dim, DIM), (LAYERS, kv_dim, DIM),
               (LAYERS, DIM, DIM), (LAYERS, DIM), (LAYERS, HIDDEN_DIM, DIM), (LAYERS, DIM, HIDDEN_DIM),
               (LAYERS, HIDDEN_DIM, DIM), (DIM,)]
     angles = np.arange(SEQ)[:, None] / theta ** (np.arange(0, head_dim, 2) / head_dim)[None, :]
     tensors = [rng.standard_normal(shape) for shape in shapes] + [np.cos(angles), np.sin(angles)]
     if not shared:
-        tensors.append(rng.standard_normal((VOCAB, DIM)))
-    header = struct.pack("<7i", DIM, HIDDEN_DIM, LAYERS, HEADS, KV_HEADS, VOCAB if shared else -VOCAB, SEQ)
+        tensors.append(rng.standard_normal((vocab, DIM)))
+    header = struct.pack("<7i", DIM, HIDDEN_DIM, LAYERS, HEADS, KV_HEADS, vocab if shared else -vocab, SEQ)
     body = b"".join(t.astype("<f4").tobytes() for t in tensors)
     body = body[: len(body) - drop_bytes] + bytes(extra_bytes)
     path.write_bytes(header + body)
@@ -187,8 +187,10 @@ def test_existing_out_refused_and_overwrite_replaces(tmp_path):
         import_llama2c(model, tok, out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     import_llama2c(model, tok, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer_llama2c.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "special_tokens_map.json",
+                                                     "tokenizer.json", "tokenizer_config.json", "tokenizer_llama2c.json"]
     assert load_tokenizer(out).encode("a a") == [261, 261]
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == SEQ
 
 
 # ------------------------------------------------------------------------------------------

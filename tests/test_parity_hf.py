@@ -9,6 +9,7 @@ CASES = {
     "llama": ("llama", {}),
     "llama_bias": ("llama", {"attention_bias": True}),
     "llama_tied": ("llama", {"tie_word_embeddings": True}),
+    "llama_mlp_bias": ("llama", {"mlp_bias": True, "attention_bias": True}),
     "qwen2_bias": ("qwen2", {}),
     "mistral": ("mistral", {}),
     "qwen3_qknorm": ("qwen3", {}),

@@ -93,7 +93,7 @@ def test_killed_search_resumes_and_ends_with_the_same_plan(setup, tmp_path, monk
     reference, _ = _search(setup, trajectories=False)
     state_path = tmp_path / "state.json"
     calls = {"n": 0}
-    real_score = search_mod.HybridEvaluator.score
+    real_score = search_mod.HybridEvaluator.window_scores
 
     def dying_score(self, start, layers):
         calls["n"] += 1
@@ -101,12 +101,12 @@ def test_killed_search_resumes_and_ends_with_the_same_plan(setup, tmp_path, monk
             raise KeyboardInterrupt
         return real_score(self, start, layers)
 
-    monkeypatch.setattr(search_mod.HybridEvaluator, "score", dying_score)
+    monkeypatch.setattr(search_mod.HybridEvaluator, "window_scores", dying_score)
     with pytest.raises(KeyboardInterrupt):
         _search(setup, state_path, trajectories=False)
     saved = json.loads(state_path.read_text())
     assert saved["decided"] == {"1": reference.plan[1]} and len(saved["scores"]["1"]) == len(FOLDS)
-    monkeypatch.setattr(search_mod.HybridEvaluator, "score", real_score)
+    monkeypatch.setattr(search_mod.HybridEvaluator, "window_scores", real_score)
     resumed, evaluator = _search(setup, state_path, trajectories=False)
     assert resumed.plan == reference.plan
     for got, want in zip(resumed.rounds, reference.rounds):  # CPU float sums may differ in the last bits
@@ -129,7 +129,12 @@ def test_convert_adaptive_writes_plan_hash_criterion_and_plots(setup, tmp_path):
     report = json.loads(result.stdout)
     config = json.loads((out / "config.json").read_text())
     assert config["mla"]["fold_plan"] == report["fold_plan"]
-    assert report["search"]["mode"] == "adaptive" and report["criterion"] == "stage1"
+    assert report["search"]["mode"] == "adaptive" and report["criterion"] == "final"
+    for round_ in report["search"]["rounds"]:  # default shortlist: every fold ranked locally, the best 2 scored
+        assert len(round_["proxy"]) == len(report["candidate_folds"]) and len(round_["scores"]) == 2
+        best_two = sorted(round_["proxy"], key=lambda f: (round_["proxy"][f], int(f)))[:2]
+        assert set(round_["scores"]) == set(best_two) and round_["chosen"] in map(int, best_two)
+        assert 0 <= round_["bootstrap"]["p_chosen_wins"] <= 1
     assert report["data"]["search"]["sha256"] and report["search"]["adaptive"] <= min(report["search"]["uniform_scores"].values())
     assert (out / "search_trajectory.png").stat().st_size > 1000 and (out / "fold_plan.png").stat().st_size > 1000
     assert not (tmp_path / ".mla.work").exists()  # the work dir is removed after success
@@ -169,3 +174,62 @@ def test_other_criteria(setup, criterion):
         full = CandidateFactory(stage1, setup["grams"], rope_dim=8, rank=None)
         assert converted != pytest.approx(stage1.score(1, [full(1, 2)]), rel=1e-4)  # rank 24 truncation is visible
         assert original == pytest.approx(stage1.original_score(), rel=1e-6)
+
+
+def test_shortlist_scores_only_the_locally_best_candidates_and_counts_their_cost(setup):
+    evaluator = HybridEvaluator(setup["config"], setup["store"], setup["windows"], "final", batch_size=4)
+    factory = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=24)
+    outcome = run_adaptive_search(evaluator, factory, FOLDS, None, {"test": 2}, uniform_guard=False,
+                                  trajectories=False, shortlist=1)
+    for round_ in outcome.rounds:
+        assert len(round_["proxy"]) == len(FOLDS) and round_["scores"] == {}
+        assert round_["chosen"] == min(FOLDS, key=lambda f: (round_["proxy"][str(f)], f))
+    # original pass (1) + a local pass per candidate per round (|S| layer passes = |S|/L forwards each);
+    # then the chosen plan is scored once
+    assert outcome.search_forward_equivalents == pytest.approx(1 + len(FOLDS))
+    assert outcome.full_forward_equivalents == pytest.approx(2 + len(FOLDS))
+    assert outcome.adaptive_score > outcome.original
+
+
+def test_local_error_is_zero_for_the_original_layer_and_positive_for_a_converted_one(setup):
+    evaluator = HybridEvaluator(setup["config"], setup["store"], setup["windows"], "final", batch_size=4)
+    factory = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=24)
+    assert evaluator.local_error(1, search_mod._original_layer(evaluator, 1)) == pytest.approx(0.0, abs=1e-10)
+    assert evaluator.local_error(1, factory(1, 2)) > 1e-6
+
+
+def test_bootstrap_margin_separates_a_clear_win_from_noise():
+    rng = np.random.default_rng(0)
+    base = rng.normal(3.0, 0.3, size=32)
+    clear = search_mod.bootstrap_margin(base, base + 0.05 + rng.normal(0, 0.01, size=32))
+    noise = search_mod.bootstrap_margin(base, base + rng.normal(0, 0.05, size=32))
+    assert clear["p_chosen_wins"] == 1.0 and clear["gap_p05"] > 0
+    assert 0.05 < noise["p_chosen_wins"] < 0.95 and noise["gap_p05"] < 0 < noise["gap_p95"]
+
+
+def test_plan_reuse_from_a_report_and_an_explicit_fold_list(setup, tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"fold_plan": [8, 2], "rope_dim": 8}))
+    common = ["--model", setup["model"], "--calib", setup["calib"], "--calib-tokens", 1024, "--calib-seq-len", 64,
+              "--rope-dim", 8, "--kv-lora-rank", 24, "--json"]
+    reused = _cli("convert", "--out", tmp_path / "a", "--plan", report, *common)
+    listed = _cli("convert", "--out", tmp_path / "b", "--freqfold", "8,2", *common)
+    assert reused.exit_code == 0 and listed.exit_code == 0, reused.output + listed.output
+    for out in ("a", "b"):
+        assert json.loads((tmp_path / out / "config.json").read_text())["mla"]["fold_plan"] == [8, 2]
+    assert json.loads(reused.stdout)["search"] == {}  # no search ran
+    wrong_length = _cli("convert", "--out", tmp_path / "c", "--freqfold", "8,2,2", *common)
+    assert wrong_length.exit_code == 2 and "3 folds for a model with 2 layers" in wrong_length.output
+    report.write_text(json.dumps({"fold_plan": [8, 2], "rope_dim": 4}))
+    other_rope = _cli("convert", "--out", tmp_path / "d", "--plan", report, *common)
+    assert other_rope.exit_code == 2 and "rope_dim 4" in other_rope.output
+    assert not any((tmp_path / d).exists() for d in "cd")
+
+
+def test_spilled_boundaries_read_back_exactly_by_slices(tmp_path):
+    array = np.random.default_rng(5).normal(size=(7, 5, 3)).astype(np.float32)
+    spilled = search_mod._Spilled.save(tmp_path, 3, array)
+    np.testing.assert_array_equal(spilled[2:6], array[2:6])
+    np.testing.assert_array_equal(spilled[5:99], array[5:])
+    np.testing.assert_array_equal(np.load(tmp_path / "hidden_0003.npy"), array)  # a valid .npy file
+    assert search_mod._Spilled.save(None, 0, array) is not None

@@ -175,3 +175,54 @@ def test_stop_strings_hold_back_a_possible_prefix():
     assert stops.feed("X") == ("ENX", False)
     assert stops.feed("yy EN") == ("yy ", False)
     assert stops.feed("Dzz") == ("", True)
+
+
+# -- robustness: idle connections, oversized bodies, abandoned requests ---------------------------
+def _raw_connection(server):
+    import socket
+
+    host, port = server.server_address[:2]
+    return socket.create_connection((host, port), timeout=TIMEOUT)
+
+
+def test_an_idle_connection_is_closed_after_the_read_timeout(server, monkeypatch):
+    import time
+
+    monkeypatch.setattr(server, "read_timeout", 0.5)
+    with _raw_connection(server) as sock:
+        started = time.perf_counter()
+        assert sock.recv(1) == b""  # the server closed it without a byte from us
+        assert 0.4 < time.perf_counter() - started < 10
+
+
+def test_a_body_above_the_limit_gets_413_json_before_it_is_read(server, monkeypatch):
+    monkeypatch.setattr(server, "max_body_bytes", 1000)
+    status, kind, text = request(server, "/v1/completions", raw=b"{" + b" " * 2000 + b"}")
+    assert (status, kind) == (413, "application/json")
+    assert "larger than the limit of 1000 bytes" in json.loads(text)["error"]["message"]
+
+
+def test_a_disconnected_plain_request_is_cancelled_and_frees_its_blocks(server, monkeypatch):
+    import dataclasses
+    import time
+
+    # No stop tokens: only max_tokens or the cancellation can end this request.
+    monkeypatch.setattr(server, "served", dataclasses.replace(server.served, stop_token_ids=()))
+    engine = server.engine.engine
+    allocator = engine.pool.allocator
+    decoded = engine.stats.decode_tokens
+    max_tokens = 150
+    body = json.dumps({"model": MODEL_ID, "prompt": "w1 w2", "max_tokens": max_tokens, "temperature": 0}).encode()
+    with _raw_connection(server) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + TIMEOUT
+        while engine.num_running == 0 and time.monotonic() < deadline:  # wait until it generates
+            time.sleep(0.01)
+        assert engine.num_running == 1
+    deadline = time.monotonic() + TIMEOUT
+    while (engine.num_running or allocator.num_free != allocator.usable_blocks) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.num_running == 0 and engine.num_waiting == 0
+    assert allocator.num_free == allocator.usable_blocks  # pool usage back to zero
+    assert engine.stats.decode_tokens - decoded < max_tokens - 1  # stopped early, not run to the end

@@ -54,7 +54,7 @@ def test_sft_defaults_follow_the_paper(paths):
     ({"runner_config": {"batch_size": "two"}}, "runner_config.batch_size must be a positive integer"),
     ({"gkd": {"lmbda": 1.5}}, "gkd.lmbda must be a number between 0 and 1"),
     ({"lr_schedule": {"type": "Linear"}}, "lr_schedule.type must be one of"),
-    ({"parallel_config": {"model_parallel": 2}}, "parallel_config.model_parallel must be one of 1"),
+    ({"parallel_config": {"model_parallel": 0}}, "parallel_config.model_parallel must be a positive integer"),
     ({"train_dataset": {"sources": [{"path": "x.txt", "fromat": "text"}]}}, "unknown key train_dataset.sources[0].fromat"),
 ])
 def test_bad_keys_and_values_name_the_key(paths, sections, message):

@@ -12,6 +12,15 @@ checks the seed's answer with the converter, and turns the seed into a template.
   VAT, write a cheque's date and amount, check a written amount for errors, compare two uppercase
   amounts, convert from 万元.
 
+With an LLM (``--llm-url``, any OpenAI-compatible server) the seed set itself is amplified first:
+**Self-Instruct** (the LLM is shown a few seed instructions of one direction and writes a new one
+for another business scene) and **Evol-Instruct** deepening (the LLM rewrites one seed with a
+concrete context or a format requirement).  The LLM writes only the instruction, with the
+``{amount}`` placeholder where the amount goes; answers always come from the converter.  A reply is
+kept as a new template only if it holds the placeholder exactly once and no other digit or
+uppercase amount (so the amount asked is unambiguous) and is not a duplicate; rejections are
+counted by reason.
+
 Every uppercase or lowercase amount in an answer is parsed back and compared with the value it
 must have before the item is written; duplicates (same normalised instruction) are dropped and
 counted.
@@ -34,6 +43,7 @@ from ..errors import UserError
 from .amounts import (DIGITS, MAX_CENTS, accepted_spellings, date_to_upper, format_cents, normalize_upper,
                       parse_arabic, to_lower, to_upper)
 from .jsonl import BadLines, read_jsonl
+from .llm_client import LLMClient, LLMError
 
 UPPER_RE = re.compile(r"(?:人民币)?[零壹贰叁肆伍陆柒捌玖拾佰仟万亿元角分整正]{2,}")
 ARABIC_RE = re.compile(r"(?:[¥￥]|人民币|RMB ?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d{1,2})?(?:元)?")
@@ -411,3 +421,68 @@ def generate_items(templates: list[SeedTemplate], settings: AmountTaskSettings, 
         yield {"id": f"amount-{made:07d}", "instruction": item.instruction, "output": item.output, "kind": item.kind,
                "direction": item.direction, "scenario": item.scenario, "amount": format_cents(item.amount),
                "seed_id": seed_id}
+
+
+# --------------------------------------------------------------------------------------------
+# LLM amplification of the seed instructions (Self-Instruct, Evol-Instruct)
+# --------------------------------------------------------------------------------------------
+TASK_WORDS = {"to_upper": "写成中文大写金额", "to_lower": "写成阿拉伯数字金额"}
+SELF_INSTRUCT_PROMPT = (
+    "下面几条指令都要求把金额{task}，金额处用占位符 {{amount}} 表示：\n{examples}\n"
+    "请仿照它们写一条新的指令，换一个真实的业务场景（如{scene}），要求不变。金额处只写 {{amount}}，"
+    "不要出现任何其他数字。只输出这条指令。"
+)
+EVOL_PROMPT = (
+    "请把下面这条指令改写得更具体、更贴近真实业务：加入一个业务背景或一项格式要求，但任务不变——仍然只要求把 "
+    "{{amount}} 处的金额{task}。金额处只写 {{amount}}，不要出现任何其他数字。只输出改写后的指令。\n\n指令：{instruction}"
+)
+EVOL_SCENES = ("报销单", "工程合同", "银行进账单", "工资发放", "货款结算", "租赁押金", "保险理赔", "借款协议")
+
+
+def check_llm_instruction(text: str, known: set) -> Optional[str]:
+    """None when an LLM-written instruction template is usable, else the reason it is not."""
+    text = text.strip().strip('"“”')
+    if text.count("{amount}") != 1:
+        return "placeholder {amount} not exactly once"
+    rest = text.replace("{amount}", "")
+    if re.search(r"\d", rest) or _upper_spans(rest):
+        return "another amount or number in the instruction"
+    if not 8 <= len(text) <= 300:
+        return "length outside 8-300 characters"
+    if normalized_key(text) in known:
+        return "duplicate of an existing template"
+    return None
+
+
+def llm_templates(client: LLMClient, templates: list[SeedTemplate], rounds: int, seed: int, stats: dict) -> list:
+    """Up to ``rounds`` new templates, alternating Self-Instruct and Evol-Instruct requests."""
+    known = {normalized_key(template.instruction) for template in templates}
+    made = []
+    for index in range(rounds):
+        rng = random.Random(f"amounts-llm:{seed}:{index}")
+        pool = templates + made
+        base = pool[rng.randrange(len(pool))]
+        same = [template for template in pool if template.direction == base.direction]
+        if index % 2 == 0:
+            method = "self-instruct"
+            examples = rng.sample(same, min(3, len(same)))
+            prompt = SELF_INSTRUCT_PROMPT.format(task=TASK_WORDS[base.direction], scene=rng.choice(EVOL_SCENES),
+                                                 examples="\n".join(f"- {example.instruction}" for example in examples))
+        else:
+            method = "evol-instruct"
+            prompt = EVOL_PROMPT.format(task=TASK_WORDS[base.direction], instruction=base.instruction)
+        try:
+            reply = client.ask(prompt, temperature=0.8, seed=seed * 1_000_003 + index, max_tokens=256)
+        except LLMError as exc:
+            stats["llm_rejected"][f"{method}: {exc}"[:80]] += 1
+            continue
+        text = reply.strip().splitlines()[0].strip().strip('"“”') if reply.strip() else ""
+        problem = check_llm_instruction(text, known)
+        if problem is not None:
+            stats["llm_rejected"][f"{method}: {problem}"] += 1
+            continue
+        known.add(normalized_key(text))
+        made.append(SeedTemplate(f"llm-{method}-{index:04d}", base.direction, _scenario(text), text, base.output,
+                                 base.style, base.upper_prefix))
+        stats["llm_templates"][method] += 1
+    return made

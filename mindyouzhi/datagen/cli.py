@@ -1,23 +1,22 @@
 """``mindyouzhi data``: finance training-data construction commands.
 
 Every command reads and writes JSONL, streams its input, is deterministic under ``--seed``, shows a
-tqdm bar on stderr (when stderr is a terminal, or with ``--progress``), writes its output atomically
+tqdm bar on stderr (the shared ``--progress/--no-progress`` rule), writes its output atomically
 (refusing to overwrite without ``--overwrite``) and ends with a summary: a few lines for people, or
 exactly one JSON object on stdout with ``--json``; ``--report PATH`` also saves it.
 """
 from __future__ import annotations
 
 import functools
-import json
-import sys
 from collections import Counter
 from typing import Optional
 
 import click
 
-from ..cli_support import UserErrorGroup
+from ..cli_support import UserErrorGroup, emit, json_option, overwrite_option, progress_option, renamed_option
 from ..errors import UserError
 from ..io_utils import write_json_atomic
+from ..progress import progress_enabled
 
 
 DataGroup = UserErrorGroup  # ``mindyouzhi data`` also works as a standalone group (tests invoke it directly)
@@ -28,18 +27,15 @@ def _split_list(value: Optional[str]) -> Optional[list]:
 
 
 def summary_options(function):
-    """--report, --json and --progress, shared by every command that ends with a summary."""
+    """--report, --json and --progress, shared by every command that ends with a summary; the
+    command receives the progress decision as ``show_progress`` for the library calls that take it."""
 
-    @click.option("--report", type=click.Path(dir_okay=False), help="Also write the summary JSON to this file.")
-    @click.option("--json", "as_json", is_flag=True, help="Print only the summary, as one JSON object, on stdout.")
-    @click.option("--progress/--no-progress", default=None,
-                  help="Progress bar on stderr (default: only when stderr is a terminal).")
     @functools.wraps(function)
-    def wrapper(*args, progress, **kwargs):
-        kwargs["show_progress"] = sys.stderr.isatty() if progress is None else progress
-        return function(*args, **kwargs)
+    def wrapper(*args, **kwargs):
+        return function(*args, show_progress=progress_enabled(), **kwargs)
 
-    return wrapper
+    report = click.option("--report", type=click.Path(dir_okay=False), help="Also write the summary JSON to this file.")
+    return report(progress_option(json_option(wrapper)))
 
 
 def _apply(function, options):
@@ -51,7 +47,7 @@ def _apply(function, options):
 def output_options(function):
     return _apply(function, [
         click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output JSONL file."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
+        overwrite_option,
         click.option("--seed", type=int, default=0, show_default=True, help="Seed: same seed, same output."),
     ])
 
@@ -80,13 +76,7 @@ def make_client(url: Optional[str], model: str, timeout: float, retries: int, ca
 def finish(summary: dict, as_json: bool, report: Optional[str], lines: list[str]) -> None:
     if report:
         write_json_atomic(report, summary)
-    if as_json:
-        click.echo(json.dumps(summary, ensure_ascii=False))
-        return
-    for line in lines:
-        click.echo(line)
-    if report:
-        click.echo(f"report: {report}")
+    emit(summary, as_json, "\n".join(lines + ([f"report: {report}"] if report else [])))
 
 
 def skipped_line(summary: dict) -> list[str]:
@@ -111,22 +101,24 @@ def data():
               help="Quality threshold: samples at or above it are selected first.")
 @click.option("--allocation", type=click.Choice(["balanced", "proportional"]), default="balanced", show_default=True,
               help="How the budget is split across categories (water-filling with equal or size weights).")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
-              help="Samples accepted per re-scoring round of the information-gain greedy.")
+@click.option("--round-size", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Samples accepted per re-scoring round of the information-gain greedy (formerly --batch-size, "
+                   "still accepted until the next release).")
+@renamed_option("--batch-size", "--round-size", "round_size", type=click.IntRange(1, 4096))
 @click.option("--tokenizer", type=click.Path(dir_okay=False), help="tokenizer.json for exact token counts.")
 @click.option("--skip-bad", is_flag=True, help="Skip and report malformed lines instead of failing.")
 @llm_options("tagger", "InsTag/DEITA-style tagging (default: the built-in heuristic tagger)")
 @click.option("--tagger-workers", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Concurrent tagging requests.")
 @summary_options
-def compress(input_path, out, overwrite, seed, budget, budget_unit, min_quality, allocation, batch_size, tokenizer,
+def compress(input_path, out, overwrite, seed, budget, budget_unit, min_quality, allocation, round_size, tokenizer,
              skip_bad, llm_url, llm_model, llm_timeout, llm_retries, llm_cache, tagger_workers, report, as_json,
              show_progress):
     """Compress a JSONL pool to a budget: quality, category coverage, difficulty balance, then zlib information gain."""
     from .compress import CompressSettings, compress_file, parse_budget, token_counter
     from .tagging import HeuristicTagger, LLMTagger
 
-    settings = CompressSettings(parse_budget(budget, budget_unit), min_quality, allocation, batch_size, seed)
+    settings = CompressSettings(parse_budget(budget, budget_unit), min_quality, allocation, round_size, seed)
     client = make_client(llm_url, llm_model, llm_timeout, llm_retries, llm_cache, "--tagger-url")
     tagger = LLMTagger(client) if client else HeuristicTagger()
     summary = compress_file(input_path, out, settings, tagger, token_counter(tokenizer) if budget_unit == "tokens" else None,
@@ -198,31 +190,24 @@ def amounts():
 
 @amounts.command("to-upper")
 @click.argument("amount")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the bare text.")
+@json_option
 def amounts_to_upper(amount, as_json):
     """150.00 → 壹佰伍拾元整 (accepts 1,680.32, ¥150, 150元)."""
     from .amounts import format_cents, parse_arabic, to_upper
 
     cents = parse_arabic(amount)
-    if as_json:
-        click.echo(json.dumps({"amount": format_cents(cents), "upper": to_upper(cents)}, ensure_ascii=False))
-    else:
-        click.echo(to_upper(cents))
+    emit({"amount": format_cents(cents), "upper": to_upper(cents)}, as_json, to_upper(cents))
 
 
 @amounts.command("to-lower")
 @click.argument("text")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the bare amount.")
+@json_option
 def amounts_to_lower(text, as_json):
     """壹佰伍拾元整 → 150.00 (every spelling the rules allow; prints the canonical amount)."""
     from .amounts import format_cents, to_lower, to_upper
 
     cents = to_lower(text)
-    if as_json:
-        click.echo(json.dumps({"upper": text, "amount": format_cents(cents), "canonical": to_upper(cents)},
-                              ensure_ascii=False))
-    else:
-        click.echo(format_cents(cents))
+    emit({"upper": text, "amount": format_cents(cents), "canonical": to_upper(cents)}, as_json, format_cents(cents))
 
 
 @amounts.command("generate")
@@ -232,10 +217,14 @@ def amounts_to_lower(text, as_json):
               help="Seed JSONL (instruction/output pairs); default: the built-in seeds.")
 @click.option("--evolve-ratio", type=float, default=0.3, show_default=True, help="Share of evolved (harder) items.")
 @click.option("--skip-bad", is_flag=True, help="Skip and report malformed or wrong seeds instead of failing.")
+@llm_options("llm", "Self-Instruct/Evol-Instruct instruction templates (optional; `mindyouzhi serve` works)")
+@click.option("--llm-templates", type=click.IntRange(0), default=20, show_default=True,
+              help="With --llm-url: LLM requests for new instruction templates (alternating Self-/Evol-Instruct).")
 @summary_options
-def amounts_generate(out, overwrite, seed, count, seeds_path, evolve_ratio, skip_bad, report, as_json, show_progress):
+def amounts_generate(out, overwrite, seed, count, seeds_path, evolve_ratio, skip_bad, llm_url, llm_model, llm_timeout,
+                     llm_retries, llm_cache, llm_templates, report, as_json, show_progress):
     """Amplify seed samples into varied, verified amount-conversion instructions."""
-    from .amount_tasks import AmountTaskSettings, generate_items, load_seeds
+    from .amount_tasks import AmountTaskSettings, generate_items, llm_templates as make_llm_templates, load_seeds
     from .jsonl import BadLines, JsonlWriter, progress
 
     if count <= 0:
@@ -243,7 +232,10 @@ def amounts_generate(out, overwrite, seed, count, seeds_path, evolve_ratio, skip
     writer = JsonlWriter(out, overwrite)
     bad_lines = BadLines()
     templates = load_seeds(seeds_path, bad_lines, skip_bad)
-    stats = {"verification_failed": [], "duplicates_dropped": 0}
+    stats = {"verification_failed": [], "duplicates_dropped": 0, "llm_templates": Counter(), "llm_rejected": Counter()}
+    client = make_client(llm_url, llm_model, llm_timeout, llm_retries, llm_cache, "--llm-url")
+    if client is not None:
+        templates = templates + make_llm_templates(client, templates, llm_templates, seed, stats)
     per = {key: Counter() for key in ("kind", "direction", "scenario")}
     with writer, progress(count, "amounts", show_progress) as bar:
         for item in generate_items(templates, AmountTaskSettings(count, seed, evolve_ratio), stats):
@@ -256,6 +248,9 @@ def amounts_generate(out, overwrite, seed, count, seeds_path, evolve_ratio, skip
                "duplicates_dropped": stats["duplicates_dropped"],
                "verification_failed": {"count": len(stats["verification_failed"]), "items": stats["verification_failed"]},
                "skipped_lines": bad_lines.summary()}
+    if client is not None:
+        summary.update(llm_templates=dict(stats["llm_templates"]), llm_rejected=dict(stats["llm_rejected"]),
+                       llm=client.stats())
     lines = [f"wrote {writer.count} items from {len(templates)} seeds → {out}",
              f"duplicates dropped {stats['duplicates_dropped']}, verification failures {len(stats['verification_failed'])}"]
     if writer.count < count:
@@ -329,7 +324,7 @@ def ifeval_generate(input_path, out, overwrite, seed, templates, max_constraints
 @click.option("--response-field", default="response", show_default=True,
               help="Field holding the model output (lines also need 'constraints').")
 @click.option("--out", type=click.Path(dir_okay=False), help="Per-item results JSONL.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@overwrite_option
 @click.option("--skip-bad", is_flag=True, help="Skip and report malformed lines instead of failing.")
 @summary_options
 def ifeval_verify(input_path, response_field, out, overwrite, skip_bad, report, as_json, show_progress):
@@ -428,6 +423,12 @@ def augment(out, overwrite, seed, count, llm_url, llm_model, llm_timeout, llm_re
     with writer:
         for item in pipeline.run(missing, covered_points, show_progress):
             writer.write(item)
+        if missing and writer.count == 0:
+            # Every reply was unusable: an empty file would look like success.  The request cache
+            # keeps the replies, so a re-run with another model or prompt setup pays nothing twice.
+            detail = stats.drop_details[0]["detail"] if stats.drop_details else "no details"
+            raise UserError(f"--llm-url {llm_url}: no instruction could be generated ({dict(stats.dropped)}; "
+                            f"first: {detail})")
     summary = {"output": out, "items": writer.count, "requested": count, "seed": seed, "coverage": stats.coverage,
                "missing_domains": stats.missing_domains, "per_domain": dict(sorted(stats.generated.items())),
                "covered_domains_with_knowledge": sorted(covered_points), "repaired": stats.repaired,

@@ -11,15 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from tqdm import tqdm
 
 from ..errors import UserError
+from ..progress import progress_bar
 
 # A validator checks a record and returns whatever the command wants to keep from that check (the
 # extracted text, the tags …) as ``Record.parsed``; it raises ValueError with a short reason and the
@@ -49,10 +48,9 @@ class BadLines:
         return {"count": len(self.entries), "lines": self.entries}
 
 
-def progress(total: Optional[int], desc: str, enabled: bool, unit: str = "it", unit_scale: bool = False):
-    """A tqdm bar on stderr (never stdout, which belongs to ``--json``)."""
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr,
-                disable=not enabled, leave=False, dynamic_ncols=True)
+def progress(total: Optional[int], desc: str, enabled: bool, unit: str = "it"):
+    """The product's progress bar, on when the command's ``show_progress`` says so."""
+    return progress_bar(total, desc, unit, enabled=enabled)
 
 
 def read_jsonl(path: str | os.PathLike, bad_lines: BadLines, skip_bad: bool,
@@ -63,7 +61,7 @@ def read_jsonl(path: str | os.PathLike, bad_lines: BadLines, skip_bad: bool,
     if not path.is_file():
         raise UserError(f"{path}: input file not found")
     offset = 0
-    with open(path, "rb") as handle, progress(path.stat().st_size, desc, show_progress, "B", True) as bar:
+    with open(path, "rb") as handle, progress(path.stat().st_size, desc, show_progress, "B") as bar:
         for line_no, raw in enumerate(handle, start=1):
             length = len(raw)
             bar.update(length)

@@ -3,7 +3,10 @@
 Used by the LLM tagger, the paraphraser and ``data augment``; works against any such server,
 including ``mindyouzhi serve``.  It adds what data generation needs and the bare HTTP call lacks:
 
-* retries with exponential backoff on connection errors, timeouts, HTTP 429 and 5xx;
+* retries on connection errors, timeouts, HTTP 429 and 5xx: the wait is the server's
+  ``Retry-After`` when it sends one (seconds or an HTTP date, capped at ``max_wait``), else
+  exponential backoff, with random jitter either way so parallel workers do not retry in lockstep;
+  a failure names the server's own error text (the OpenAI ``error.message`` or the body's start);
 * a request cache (JSONL, append-only) keyed by the full request, so a re-run after a crash or
   with a different downstream step does not pay for the same completions twice — and a run with
   ``temperature=0`` replays exactly;
@@ -14,7 +17,9 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import email.utils
 import os
+import random
 import re
 import threading
 import time
@@ -30,7 +35,15 @@ RETRYABLE_HTTP = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
 class LLMError(Exception):
-    """A completion that could not be obtained or parsed (after retries)."""
+    """A reply that could not be used (no JSON, a missing field): the item is dropped, the run goes on."""
+
+
+class EndpointError(UserError):
+    """The endpoint itself failed (unreachable, timing out, answering errors) after every retry.
+
+    A ``UserError``: the command stops with one line and exit code 2, its atomic output is not
+    written, and the request cache keeps every completion already obtained, so a re-run resumes.
+    """
 
 
 class RequestCache:
@@ -73,7 +86,7 @@ class RequestCache:
 class LLMClient:
     def __init__(self, base_url: str, model: str = "default", timeout: float = 60.0, retries: int = 3,
                  backoff: float = 1.0, cache_path: Optional[str | os.PathLike] = None,
-                 api_key: Optional[str] = None, flag: str = "--llm-url"):
+                 api_key: Optional[str] = None, flag: str = "--llm-url", max_wait: float = 60.0):
         if not re.match(r"^https?://", base_url or ""):
             raise UserError(f"{flag} {base_url!r}: expected an http(s):// URL of an OpenAI-compatible server")
         base = base_url.rstrip("/")
@@ -85,6 +98,8 @@ class LLMClient:
         self.timeout = timeout
         self.retries = max(0, retries)
         self.backoff = backoff
+        self.max_wait = max_wait
+        self._sleep = time.sleep  # replaced in tests to observe the waits
         self.cache = RequestCache(cache_path)
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.flag = flag
@@ -129,6 +144,7 @@ class LLMClient:
             headers["Authorization"] = f"Bearer {self.api_key}"
         last_error = ""
         for attempt in range(self.retries + 1):
+            retry_after = None
             with self._stats_lock:
                 self.requests += 1
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
@@ -136,22 +152,64 @@ class LLMClient:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return _completion_text(json.loads(response.read().decode("utf-8")))
             except urllib.error.HTTPError as exc:
-                last_error = f"HTTP {exc.code}"
+                last_error = f"HTTP {exc.code}: {_error_text(exc)}"
+                retry_after = _retry_after_seconds(exc.headers.get("Retry-After") if exc.headers else None)
                 if exc.code not in RETRYABLE_HTTP:
                     break
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
                 last_error = str(getattr(exc, "reason", exc))
             except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
-                last_error = f"malformed response ({exc})"
+                last_error = f"malformed response, not an OpenAI chat completion ({exc})"
             if attempt < self.retries:
-                time.sleep(self.backoff * 2**attempt)
+                self._sleep(self._wait(attempt, retry_after))
         with self._stats_lock:
             self.failures += 1
-        raise LLMError(f"{self.flag} {self.url}: request failed after {self.retries + 1} attempts ({last_error})")
+        raise EndpointError(f"{self.flag} {self.url}: request failed after {attempt + 1} attempt(s): {last_error}")
+
+    def _wait(self, attempt: int, retry_after: Optional[float]) -> float:
+        """Seconds before retry ``attempt + 1``: the server's Retry-After, else exponential backoff;
+        plus up to 25% random jitter, never past ``max_wait``."""
+        base = retry_after if retry_after is not None else self.backoff * 2**attempt
+        return min(self.max_wait, base * (1 + 0.25 * random.random()))
 
     def stats(self) -> dict:
         return {"url": self.url, "model": self.model, "http_requests": self.requests,
                 "cache_hits": self.cache.hits, "failed_requests": self.failures}
+
+
+def _error_text(error: urllib.error.HTTPError, limit: int = 200) -> str:
+    """The server's explanation: OpenAI-style ``{"error": {"message": ...}}``, else the body's start."""
+    try:
+        body = error.read().decode("utf-8", errors="replace")
+    except OSError:
+        body = ""
+    try:
+        detail = json.loads(body)
+        if isinstance(detail, dict):
+            inner = detail.get("error", detail)
+            message = inner.get("message") if isinstance(inner, dict) else inner
+            if message:
+                body = str(message)
+    except json.JSONDecodeError:
+        pass
+    text = " ".join(body.split()) or str(error.reason or "")
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+def _retry_after_seconds(value: Optional[str]) -> Optional[float]:
+    """``Retry-After`` as seconds: a number of seconds or an HTTP date; None when absent/unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _completion_text(reply: dict) -> str:

@@ -4,8 +4,10 @@ Each domain (loans, deposits, credit-card interest, installments, income tax, VA
 fees) is a small library of quantities and formulas (:mod:`.logic_tree`).  An item grows a tree
 from a target quantity, states the given leaves in a templated question (Chinese and/or English)
 and either answers it with the worked steps the tree implies, or — with the edge at
-``--cut-depth`` removed — refuses, naming the quantity the question does not give.  Paraphrasing
-through an LLM is optional and is rejected whenever it changes a number.
+``--cut-depth`` removed — refuses, naming the quantity the question does not give.  With an LLM
+(``--paraphrase-url``, any OpenAI-compatible server) the language stage is TreeCut's: the LLM writes
+the problem from the stated facts and the quantity asked, and its text is kept only when it states
+exactly the facts' numbers (else the template question is kept and counted).
 """
 from __future__ import annotations
 
@@ -366,12 +368,19 @@ def render_refusal(tree: Tree, parent: Node, child: Node, language: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Paraphrasing
+# Language stage
 # --------------------------------------------------------------------------------------------
-PARAPHRASE_PROMPT = {
-    "zh": "请改写下面这道金融应用题的表述，使其更自然、更口语化。必须保留所有数字、单位和所问的问题，不得增加或删除任何条件。只输出改写后的题目。\n\n题目：{question}",
-    "en": "Rewrite the following finance word problem so it reads more naturally. Keep every number, unit and the "
-          "question asked exactly; do not add or remove any condition. Output only the rewritten problem.\n\nProblem: {question}",
+# TreeCut's language stage: an LLM writes the word problem from the tree's stated facts (never
+# from the cut part) and the quantity asked.  The facts carry every number, so the text is checked
+# to state exactly those numbers — an LLM that drops a given, invents a number or leaks the cut
+# value is caught, and the template question is kept instead.
+VERBALISE_PROMPT = {
+    "zh": "请把下面的已知条件写成一道自然、口语化的金融应用题。场景：{scene}\n已知条件：\n{facts}\n所求：{target}\n"
+          "要求：每个已知条件都必须出现，数字和单位保持原样；不得增加任何其他数字或条件；最后提出所求的问题，不要给出答案。"
+          "只输出题目。",
+    "en": "Write the facts below as a natural finance word problem. Setting: {scene}\nFacts:\n{facts}\nAsked: the {target}\n"
+          "Requirements: state every fact with its number and unit unchanged; add no other number or condition; end with "
+          "the question and do not answer it. Output only the problem.",
 }
 _NUMBER_RE = re.compile(r"\d[\d,]*(?:\.\d+)?")
 
@@ -380,13 +389,18 @@ def numbers_in(text: str) -> list[str]:
     return sorted(match.replace(",", "") for match in _NUMBER_RE.findall(text))
 
 
-def paraphrase(client: LLMClient, question: str, language: str, seed: int) -> Optional[str]:
-    """The LLM's rewrite, or None when it failed or changed the numbers (the template text stays)."""
+def verbalise(client: LLMClient, scene: str, facts: Sequence[str], target: str, language: str,
+              seed: int) -> Optional[str]:
+    """The LLM's word problem, or None when its reply was unusable or its numbers differ from the
+    facts' (the template text stays).  An endpoint failure is not caught: it stops the command."""
+    prompt = VERBALISE_PROMPT[language].format(scene=scene, facts="\n".join(f"- {fact}" for fact in facts),
+                                              target=target)
     try:
-        text = client.ask(PARAPHRASE_PROMPT[language].format(question=question), temperature=0.7, seed=seed).strip()
+        text = client.ask(prompt, temperature=0.7, seed=seed, max_tokens=512).strip()
     except LLMError:
         return None
-    if not text or numbers_in(text) != numbers_in(question):
+    expected = numbers_in(" ".join(facts))
+    if not text or numbers_in(text) != expected:
         return None
     return text
 
@@ -467,10 +481,12 @@ def make_item(index: int, settings: RefusalSettings, depths: dict[str, int],
     question = render_question(tree, domain, givens, language, rng)
     item["paraphrased"] = False
     if paraphraser is not None:
-        rewritten = paraphrase(paraphraser, question, language, seed=settings.seed * 1_000_003 + index)
-        if rewritten is not None:
+        scene = question.split("已知")[0] if language == "zh" else question.split(" Given that")[0]
+        written = verbalise(paraphraser, scene, [_fact(node, language) for node in givens], _name(target, language),
+                            language, seed=settings.seed * 1_000_003 + index)
+        if written is not None:
             item["template_question"] = question
-            question = rewritten
+            question = written
             item["paraphrased"] = True
     item.update({"question": question, "answer": answer, "reasoning": reasoning})
     return item

@@ -5,10 +5,16 @@ Scoring rules:
 * choice items, ``scoring="loglik"``: every continuation is scored; ``accuracy`` takes the one with
   the highest summed log-probability, ``acc_norm`` the highest log-probability per character
   (lm-evaluation-harness's ``acc`` / ``acc_norm``); ties go to the first choice.
+* choice items, ``scoring="calibrated"`` (label-word classification only): contextual calibration
+  (Zhao et al. 2021) — each label's log-probability minus its log-probability after the same prompt
+  with the text replaced by the content-free input "N/A", which removes the model's prior for
+  label words (a small model otherwise predicts one label for almost every input).
 * choice items, ``scoring="generate"`` (lettered questions only): greedy generation, the answer
   letters are extracted from the response (``tasks.answers``) and must equal the gold set.
-* generation items: greedy generation cut at the item's stop strings, exact match and, for a JSON
-  gold, JSON validity and per-field accuracy.
+* generation items: greedy generation cut at the item's stop strings, then the task's own scorer
+  (IFEval rules, MATH-500 answer equivalence, CrossNER entity F1, CFLUE-A metrics) or exact match
+  and, for a JSON gold, JSON validity and per-field accuracy.  With ``batch_size`` > 1 a real model
+  decodes the prompts together through the paged serving engine (continuous batching).
 
 ``macro_accuracy`` is the mean of the per-group accuracies (the C-Eval "average" over subjects;
 for classification tasks, grouped by gold label, it is the balanced accuracy).
@@ -24,11 +30,11 @@ import numpy as np
 
 from mindyouzhi.errors import UserError
 
-from .lm import ContinuationScorer, LanguageModel, generate_text, progress
+from . import SCORING_MODES
+from .lm import ContinuationScorer, LanguageModel, generate_text, generate_texts, progress
 from .tasks import ChoiceItem, GenerationItem, TaskOptions, TaskSpec, get_task
 from .tasks.answers import extract_letters, score_generation
 
-SCORING_MODES = ("loglik", "generate")
 DEFAULT_MAX_NEW_TOKENS = {"choice": 32, "generation": 256}
 
 
@@ -59,6 +65,8 @@ def prepare_task(task: str, data, *, shots: Optional[int] = None, limit: Optiona
         raise UserError(f"--scoring {scoring!r} is not one of {', '.join(SCORING_MODES)}")
     if scoring == "generate" and spec.kind == "choice" and not spec.letter_answers:
         raise UserError(f"--scoring generate needs lettered answers; task {task} is scored by log-likelihood only")
+    if scoring == "calibrated" and not spec.classification:
+        raise UserError(f"--scoring calibrated applies to label-word classification tasks (fpb, sst5), not {task}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     shots = spec.default_shots if shots is None else shots
@@ -91,14 +99,17 @@ def run_bench(
 
 def evaluate_items(lm: LanguageModel, spec: TaskSpec, items: Sequence, settings: BenchSettings) -> dict:
     started = time.perf_counter()
-    if spec.kind == "choice" and settings.scoring == "loglik":
+    if spec.kind == "choice" and settings.scoring in ("loglik", "calibrated"):
         rows, work = _score_choices_by_loglik(lm, spec, items, settings)
     elif spec.kind == "choice":
         rows, work = _score_choices_by_generation(lm, spec, items, settings)
     else:
         rows, work = _score_generations(lm, spec, items, settings)
     seconds = time.perf_counter() - started
-    metrics, groups, extra = (_aggregate_choices if spec.kind == "choice" else _aggregate_generations)(rows)
+    # A task scorer that marks rows ``correct`` (MATH-500) is aggregated like choice items.
+    by_correct = spec.kind == "choice" or (bool(rows) and "correct" in rows[0])
+    aggregate = spec.aggregate or (_aggregate_choices if by_correct else _aggregate_generations)
+    metrics, groups, extra = aggregate(rows)
     stats = {"seconds": round(seconds, 3), "items_per_second": _rate(len(rows), seconds), **work}
     if "forward_tokens" in work:
         stats["tokens_per_second"] = _rate(work["forward_tokens"], seconds)
@@ -109,9 +120,10 @@ def evaluate_items(lm: LanguageModel, spec: TaskSpec, items: Sequence, settings:
         "scoring": scoring,
         "chat": settings.chat,
         "n": len(rows),
-        "primary_metric": spec.primary_metric if scoring == "loglik" or spec.kind == "generation" else "accuracy",
+        "primary_metric": spec.primary_metric if scoring != "generate" or spec.kind == "generation" else "accuracy",
         "metrics": metrics,
         "grouped_by": spec.grouped_by,
+        "group_metric": spec.group_metric,
         "groups": groups,
         **extra,
         "stats": stats,
@@ -138,10 +150,19 @@ def _score_choices_by_loglik(lm, spec: TaskSpec, items: Sequence[ChoiceItem], se
                                 settings.max_batch_tokens)
     contexts = [_prompt(lm, item.context, settings.chat) for item in items]
     requests = [(context, choice) for item, context in zip(items, contexts) for choice in item.choices]
+    calibrated = settings.scoring == "calibrated"
+    priors: dict[str, np.ndarray] = {}
+    if calibrated:
+        # Few-shot prompts differ only in the text, so most items share one content-free context.
+        free = list(dict.fromkeys(_prompt(lm, item.calibration_context, settings.chat) for item in items))
+        free_scores = iter(scorer.score([(context, choice) for context in free for choice in items[0].choices]))
+        priors = {context: np.array([next(free_scores).logprob for _ in items[0].choices]) for context in free}
     scores = iter(scorer.score(requests))
     rows = []
     for item in items:
         logprobs = np.array([next(scores).logprob for _ in item.choices])
+        if calibrated:
+            logprobs = logprobs - priors[_prompt(lm, item.calibration_context, settings.chat)]
         per_char = logprobs / np.array([max(len(choice), 1) for choice in item.choices])
         best, best_norm = int(np.argmax(logprobs)), int(np.argmax(per_char))
         rows.append({
@@ -192,19 +213,32 @@ def _score_choices_by_generation(lm, spec: TaskSpec, items: Sequence[ChoiceItem]
     return rows, {"new_tokens": new_tokens}
 
 
+def _generate_all(lm, prompts: Sequence[str], max_new: int, stops: Sequence[tuple[str, ...]], settings: BenchSettings,
+                  desc: Optional[str]) -> list:
+    if settings.batch_size > 1 and len(prompts) > 1:
+        return generate_texts(lm, prompts, max_new, stops, batch_size=settings.batch_size, progress_desc=desc)
+    return [generate_text(lm, prompt, max_new, stop) for prompt, stop in
+            zip(_each_with_progress(prompts, desc), stops)]
+
+
 def _score_generations(lm, spec: TaskSpec, items: Sequence[GenerationItem], settings: BenchSettings):
-    rows, new_tokens = [], 0
     max_new = _max_new_tokens(spec, settings)
-    for item in _each_with_progress(items, spec.name if settings.progress else None):
-        generation = generate_text(lm, _prompt(lm, item.prompt, settings.chat), max_new, item.stop)
-        new_tokens += generation.new_tokens
-        score = score_generation(generation.text, item.gold)
-        row = {"id": item.item_id, "group": item.group, "gold": item.gold, "response": generation.text, "exact": score.exact}
-        if score.json_valid is not None:
-            row["json_valid"] = score.json_valid
-            row["fields"] = score.fields
+    prompts = [_prompt(lm, item.prompt, settings.chat) for item in items]
+    generations = _generate_all(lm, prompts, max_new, [item.stop for item in items], settings,
+                                spec.name if settings.progress else None)
+    rows = []
+    for item, generation in zip(items, generations):
+        row = {"id": item.item_id, "group": item.group, "response": generation.text}
+        if spec.score is not None:
+            row.update(spec.score(generation.text, item))
+        else:
+            score = score_generation(generation.text, item.gold)
+            row.update(gold=item.gold, exact=score.exact)
+            if score.json_valid is not None:
+                row["json_valid"] = score.json_valid
+                row["fields"] = score.fields
         rows.append(row)
-    return rows, {"new_tokens": new_tokens}
+    return rows, {"new_tokens": sum(generation.new_tokens for generation in generations)}
 
 
 def _mean(flags) -> float:
@@ -269,7 +303,7 @@ def format_summary(result: dict, model: str = "") -> str:
     if stats.get("truncated_contexts"):
         lines.append(f"  warning: {stats['truncated_contexts']} prompt(s) were cut on the left to fit max_seq_len")
     if len(result["groups"]) > 1:
-        key = "accuracy" if "accuracy" in metrics else "exact_match"
+        key = result.get("group_metric") or ("accuracy" if "accuracy" in metrics else "exact_match")
         width = max(len(name) for name in result["groups"])
         lines.append(f"  per {result['grouped_by']}:")
         for name, group in result["groups"].items():

@@ -22,11 +22,11 @@ import numpy as np
 
 from mindyouzhi.errors import UserError
 
+from . import DEFAULT_KL_SEQ_LEN as DEFAULT_SEQ_LEN
 from .lm import LanguageModel, Tokenizer, progress
 from .ppl import token_stream, windows
 from .tasks.base import data_error, read_text, require_file
 
-DEFAULT_SEQ_LEN = 512
 _ROW_CHUNK = 64  # rows converted to float64 at a time: [64, vocab] instead of [seq_len, vocab]
 
 

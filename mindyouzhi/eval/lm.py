@@ -295,19 +295,9 @@ def generate_text(lm: LanguageModel, prompt: str, max_new_tokens: int, stop_stri
 
     The prompt is left-truncated so prompt + new tokens fit ``max_seq_len``.
     """
-    tokenizer = lm.tokenizer
-    if max_new_tokens < 1 or max_new_tokens >= lm.max_seq_len:
-        raise UserError(f"--max-new-tokens {max_new_tokens} must be in 1..{lm.max_seq_len - 1} (the model's max_seq_len is {lm.max_seq_len})")
-    encoded = tokenizer.encode(prompt)
-    ids = (_leading_ids(tokenizer, encoded) + encoded)[-(lm.max_seq_len - max_new_tokens) :]
-    stop_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
-    new_ids = list(lm.greedy_generate(ids, max_new_tokens, stop_ids))
-    generated = len(new_ids)
-    for position, token in enumerate(new_ids):
-        if token in stop_ids:  # whether the runner returns the stop token is its choice: drop it
-            new_ids = new_ids[:position]
-            break
-    return Generation(cut_at_stop(tokenizer.decode(new_ids), stop_strings), len(ids), generated)
+    ids = _prompt_ids(lm, prompt, max_new_tokens)
+    eos = lm.tokenizer.eos_token_id
+    return _finish(lm, len(ids), lm.greedy_generate(ids, max_new_tokens, () if eos is None else (eos,)), stop_strings)
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -318,3 +308,62 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
             if found != -1:
                 cut = min(cut, found)
     return text[:cut]
+
+
+def _prompt_ids(lm: LanguageModel, prompt: str, max_new_tokens: int) -> list[int]:
+    """The prompt's ids with the model's leading BOS, left-truncated so prompt + new tokens fit."""
+    if max_new_tokens < 1 or max_new_tokens >= lm.max_seq_len:
+        raise UserError(f"--max-new-tokens {max_new_tokens} must be in 1..{lm.max_seq_len - 1} (the model's max_seq_len is {lm.max_seq_len})")
+    encoded = lm.tokenizer.encode(prompt)
+    return (_leading_ids(lm.tokenizer, encoded) + encoded)[-(lm.max_seq_len - max_new_tokens):]
+
+
+def _finish(lm: LanguageModel, prompt_len: int, new_ids: Sequence[int], stop_strings: Sequence[str]) -> Generation:
+    eos = lm.tokenizer.eos_token_id
+    kept = list(new_ids)
+    if eos is not None and eos in kept:  # whether the backend returns the stop token is its choice: drop it
+        kept = kept[:kept.index(eos)]
+    return Generation(cut_at_stop(lm.tokenizer.decode(kept), stop_strings), prompt_len, len(new_ids))
+
+
+def generate_texts(lm: LanguageModel, prompts: Sequence[str], max_new_tokens: int,
+                   stop_strings: Sequence[Sequence[str]], batch_size: int = 8,
+                   progress_desc: Optional[str] = None) -> list[Generation]:
+    """Greedy continuations of many prompts decoded together, in input order.
+
+    A model with ``generate_batch(prompt_ids, max_new_tokens, stop_ids)`` uses it; a ModelRunner is
+    served by the paged engine (``mindyouzhi.serve``): continuous batching of up to ``batch_size``
+    sequences, the same greedy tokens as one-at-a-time decoding (the engine is tested against the
+    contiguous-cache reference).  Stop strings are applied to the decoded text afterwards.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    ids = [_prompt_ids(lm, prompt, max_new_tokens) for prompt in prompts]
+    eos = lm.tokenizer.eos_token_id
+    stop_ids = () if eos is None else (eos,)
+    bar = progress(sum(1 for _ in prompts), progress_desc, "item")
+    outputs: list[list[int]] = []
+    try:
+        batch_generate = getattr(lm, "generate_batch", None)
+        if batch_generate is None:
+            from mindyouzhi.serve.engine import Engine, EngineOptions
+            from mindyouzhi.serve.sampling import SamplingParams
+
+            # A pool for batch_size of the longest sequences: enough to never preempt, and no more
+            # (the engine's default 1 GiB pool would be allocated per call).
+            block = EngineOptions.block_size
+            per_sequence = -(-(max(len(prompt) for prompt in ids) + max_new_tokens) // block)
+            engine = Engine(lm, EngineOptions(max_batch=batch_size, num_blocks=per_sequence * batch_size + 1))
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stop_ids)
+
+            def batch_generate(chunk, _max_new, _stops):
+                return [completion.output_ids for completion in engine.generate(chunk, params)]
+        # Chunks of a few batches keep the progress bar moving while the engine still sees a full queue.
+        step = batch_size * 4
+        for start in range(0, len(ids), step):
+            chunk = ids[start:start + step]
+            outputs.extend(batch_generate(chunk, max_new_tokens, stop_ids))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return [_finish(lm, len(prompt), new, stops) for prompt, new, stops in zip(ids, outputs, stop_strings)]

@@ -1,8 +1,8 @@
-"""Perplexity the way the paper measures it (spec §3 ``eval ppl``).
+"""Perplexity the way the paper measures it (``mindyouzhi eval ppl``).
 
-The file's text is tokenized as one stream (no special tokens), cut into non-overlapping windows
-of ``seq_len`` tokens (a trailing partial window is dropped), every window predicts its last
-``seq_len − 1`` tokens, and ppl = exp(total NLL / predicted tokens).
+The corpus (any format ``mindyouzhi.textdata`` reads) is tokenized as one stream (no special
+tokens), cut into non-overlapping windows of ``seq_len`` tokens (a trailing partial window is
+dropped), every window predicts its last ``seq_len − 1`` tokens, and ppl = exp(total NLL / predicted tokens).
 """
 from __future__ import annotations
 
@@ -15,20 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from mindyouzhi.errors import UserError
-
-
-def read_text(path: str | Path, flag: str = "--data") -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{flag} {path}: file not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{flag} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-
-
-def token_stream(tokenizer, path: str | Path, flag: str = "--data") -> np.ndarray:
-    return np.asarray(tokenizer.encode(read_text(path, flag)), dtype=np.int32)
+from mindyouzhi.textdata import read_text, token_stream  # noqa: F401  (the readers callers import from here)
 
 
 def windows(tokens: np.ndarray, seq_len: int, max_windows: Optional[int], path: str | Path, flag: str = "--data") -> np.ndarray:

@@ -91,31 +91,44 @@ def load_suite_config(path) -> list[SuiteEntry]:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserError(f"--config {path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    entries, _ = entries_from_config(config, path.parent, f"--config {path}")
+    return entries
+
+
+def entries_from_config(config, base: Path, source: str, skip_missing: bool = False) -> tuple[list[SuiteEntry], list[str]]:
+    """Validated entries of a parsed config (paths relative to ``base``) and, with ``skip_missing``,
+    the names of the tasks left out because their data is not there (else that is an error)."""
     if not isinstance(config, dict) or not isinstance(config.get("tasks"), list) or not config["tasks"]:
-        raise UserError(f"--config {path}: expected a mapping with a non-empty 'tasks' list")
+        raise UserError(f"{source}: expected a mapping with a non-empty 'tasks' list")
     unknown = sorted(set(config) - {"defaults", "tasks"})
     if unknown:
-        raise UserError(f"--config {path}: unknown top-level key(s) {', '.join(unknown)} (allowed: defaults, tasks)")
+        raise UserError(f"{source}: unknown top-level key(s) {', '.join(unknown)} (allowed: defaults, tasks)")
     defaults = config.get("defaults") or {}
     if not isinstance(defaults, dict):
-        raise UserError(f"--config {path}: 'defaults' must be a mapping")
-    entries, names = [], set()
+        raise UserError(f"{source}: 'defaults' must be a mapping")
+    entries, names, skipped = [], set(), []
     for index, raw in enumerate(config["tasks"]):
-        raw = _check_entry(path, index, raw)
+        raw = _check_entry(Path(source), index, raw)
         allowed = KL_KEYS if raw["task"] == KL_TASK else BENCH_KEYS
         merged = {**{key: value for key, value in defaults.items() if key in allowed}, **raw}
         settings = {key: value for key, value in merged.items() if key not in {"task", "data", "name"}}
         if settings.get("fewshot_data"):
-            settings["fewshot_data"] = _resolve(path.parent, settings["fewshot_data"])
+            settings["fewshot_data"] = _resolve(base, settings["fewshot_data"])
         name = str(raw.get("name") or _default_name(raw["task"], settings))
         if name in names:
             name = f"{name} #{index + 1}"
         names.add(name)
-        data = _resolve(path.parent, raw["data"])
-        if not data.exists():  # checked now, not after the first model has run the earlier tasks
-            raise UserError(f"{path}: tasks[{index}] ({name}): data {data} not found")
+        # A preset lists the usual file names of a benchmark: the first one present is used.
+        candidates = raw["data"] if isinstance(raw["data"], list) else [raw["data"]]
+        data = next((path for path in (_resolve(base, value) for value in candidates) if path.exists()), None)
+        if data is None:
+            if skip_missing:
+                skipped.append(f"{name} (no {' or '.join(str(_resolve(base, value)) for value in candidates)})")
+                continue
+            # Checked now, not after the first model has run the earlier tasks.
+            raise UserError(f"{source}: tasks[{index}] ({name}): data {_resolve(base, candidates[0])} not found")
         entries.append(SuiteEntry(name, raw["task"], data, settings))
-    return entries
+    return entries, skipped
 
 
 def _default_name(task: str, settings: dict) -> str:
@@ -272,3 +285,85 @@ def render_markdown(result: dict) -> str:
                 cells.append("—" if value is None else _percent(value))
             table += f"| {task['name']} | " + " | ".join(cells) + " |\n"
     return table.rstrip("\n") + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's two tables as presets
+# --------------------------------------------------------------------------------------------
+# Data paths are relative to a data root laid out as benchmarks are downloaded (default
+# $MINDYOUZHI_SHARED/data/eval); each lists the usual file names, the first present is used, and a
+# benchmark without data is left out of the table and named.  LiveCodeBench (general) and
+# OpenFinData (finance) are in the paper's tables but have no task here: they are always named as
+# not run.  Generation tasks use the chat template (the paper evaluates instruct models).
+PRESETS: dict[str, dict] = {
+    "general": {
+        "title": "General benchmarks",
+        "not_supported": ["LiveCodeBench"],
+        "tasks": [
+            {"task": "ceval", "data": ["ceval"], "name": "C-Eval", "shots": 5},
+            {"task": "ifeval", "data": ["ifeval/input_data.jsonl", "ifeval/data/input_data.jsonl"], "name": "IFEval",
+             "chat": True, "max_new_tokens": 512},
+            {"task": "math500", "data": ["math500/test.jsonl", "math500/math_splits/test.jsonl"], "name": "MATH-500",
+             "chat": True, "max_new_tokens": 512},
+            {"task": "hellaswag", "data": ["hellaswag/hellaswag_val.jsonl", "hellaswag/hellaswag_val_full.txt.bz2"],
+             "name": "HellaSwag"},
+            {"task": "sst5", "data": ["sst5/trees/test.txt", "sst5/stsa.fine.test"], "name": "SST-5",
+             "scoring": "calibrated"},
+            {"task": "crossner", "data": ["crossner/ner_data", "crossner"], "name": "CrossNER", "chat": True,
+             "max_new_tokens": 128},
+        ],
+    },
+    "finance": {
+        "title": "Finance benchmarks",
+        "not_supported": ["OpenFinData"],
+        "tasks": [
+            {"task": "cflue", "data": ["cflue/data/knowledge", "cflue/knowledge"], "name": "CFLUE"},
+            {"task": "financeiq", "data": ["financeiq", "FinanceIQ"], "name": "FinanceIQ", "shots": 5},
+            {"task": "fineval", "data": ["fineval"], "name": "FinEval", "shots": 5},
+            {"task": "fpb", "data": ["fpb/Sentences_AllAgree.txt", "fpb/Sentences_50Agree.txt"], "name": "FPB",
+             "scoring": "calibrated"},
+        ],
+    },
+}
+
+
+def default_data_root() -> Path:
+    shared = os.environ.get("MINDYOUZHI_SHARED")
+    return Path(shared) / "data" / "eval" if shared else Path.cwd()
+
+
+def preset_entries(name: str, data_root: Optional[Path] = None, limit: Optional[int] = None,
+                   batch_size: Optional[int] = None) -> tuple[list[SuiteEntry], list[str]]:
+    """The preset's runnable entries and the benchmarks it leaves out (no task, or no data)."""
+    if name not in PRESETS:
+        raise UserError(f"--preset {name!r} is not one of {', '.join(PRESETS)}")
+    root = Path(data_root) if data_root is not None else default_data_root()
+    if not root.is_dir():
+        raise UserError(f"--data-root {root}: not a directory (the folder holding ceval/, fineval/, ...)")
+    defaults = {key: value for key, value in (("limit", limit), ("batch_size", batch_size)) if value is not None}
+    config = {"defaults": defaults, "tasks": PRESETS[name]["tasks"]}
+    entries, skipped = entries_from_config(config, root, f"--preset {name}", skip_missing=True)
+    if not entries:
+        raise UserError(f"--preset {name}: none of its benchmarks has data under {root} ({'; '.join(skipped)})")
+    return entries, [f"{task} (no task in mindyouzhi)" for task in PRESETS[name]["not_supported"]] + skipped
+
+
+def render_paper_table(result: dict, title: str = "", not_run: Sequence[str] = ()) -> str:
+    """The paper's layout: one row per model, one column per benchmark (its primary metric, %), Avg.
+
+    The average is over the benchmarks in the table; KL rows are not benchmarks and are left out.
+    """
+    tasks = [task for task in result["tasks"] if task["task"] != KL_TASK]
+    labels = [model["label"] for model in result["models"]]
+    head = ["Model", *[task["name"] for task in tasks], "Avg"]
+    lines = [f"**{title}**\n" if title else "", "| " + " | ".join(head) + " |",
+             "|---|" + "---:|" * (len(head) - 1)]
+    for label in labels:
+        values = [100 * task["results"][label]["metrics"][task["metric"]] for task in tasks]
+        average = sum(values) / len(values) if values else 0.0
+        lines.append("| " + " | ".join([label, *(f"{value:.2f}" for value in values), f"{average:.2f}"]) + " |")
+    notes = [f"{task['name']}: {task['metric']}, n={task['results'][labels[0]]['n']}" for task in tasks]
+    lines.append("\n" + "; ".join(notes))
+    if not_run:
+        lines.append("Not run: " + "; ".join(not_run))
+    return "\n".join(line for line in lines if line != "").rstrip("\n") + "\n"

@@ -8,9 +8,10 @@ Two formats share one validated plan and one tensor stream:
 * ``mindformers`` — the same tensors under MindFormers' mcore names
   (``convert_weights/mindformers_names.py``), plus ``param_name_map.json`` as MindFormers writes.
 
-Tensors are read one at a time from the memory-mapped source, transformed, and handed to a
-sharded writer that holds at most one shard; everything goes to a temporary directory that
-becomes ``--out`` only when complete (a refusal or a crash leaves nothing behind).
+Tensors are read one at a time from the source (plain reads), transformed, and written once into
+their place by a writer that knows every shape up front (``deepseek_v3_shapes``); everything goes
+to a temporary directory that becomes ``--out`` only when complete (a refusal or a crash leaves
+nothing behind).
 """
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ import shutil
 import time
 from pathlib import Path
 
-from mindyouzhi.convert_weights.mindformers_names import to_mindformers
+from mindyouzhi.convert_weights.hf_tokenizer import derived_tokenizer_files
+from mindyouzhi.convert_weights.mindformers_names import mindformers_shapes, to_mindformers
 from mindyouzhi.convert_weights.safetensors_io import SafetensorsFile, SafetensorsStore, ShardedWriter
 from mindyouzhi.errors import UserError
 from mindyouzhi.io_utils import atomic_output_dir, check_output_dir, write_json_atomic
 
 from .deepseek_config import deepseek_v3_config
-from .deepseek_tensors import deepseek_v3_tensors
+from .deepseek_tensors import deepseek_v3_shapes, deepseek_v3_tensors
 from .plan import ExportPlan, plan_export
 
 # Shards of 2 GiB: the writer buffers one shard, so this bounds the exporter's extra memory.
@@ -59,12 +61,15 @@ def export_deepseek_v3(model_dir: str | os.PathLike, out: str | os.PathLike, ove
         raise UserError(f"--out {out} is --model itself: the converted model is the reference of the export; "
                         f"choose another directory")
     plan = plan_export(model_dir, fmt)
+    # Every export loads in AutoTokenizer, whatever tokenizer files the source model came with.
+    derived = derived_tokenizer_files(model_dir, plan.config.max_position_embeddings)
     store = SafetensorsStore(model_dir)  # header parse only; tensors are read lazily below
     with atomic_output_dir(out, overwrite) as tmp:
-        writer = ShardedWriter(tmp, max_shard_bytes, {"format": "pt"})
+        shapes = deepseek_v3_shapes(plan)
         tensors = deepseek_v3_tensors(plan, store)
         if fmt == "mindformers":
-            tensors = to_mindformers(tensors)
+            shapes, tensors = mindformers_shapes(shapes), to_mindformers(tensors)
+        writer = ShardedWriter(tmp, shapes, max_shard_bytes, {"format": "pt"})
         count = params = 0
         for name, array in tensors:
             writer.add(name, array)
@@ -75,8 +80,12 @@ def export_deepseek_v3(model_dir: str | os.PathLike, out: str | os.PathLike, ove
             _write_param_name_map(tmp, weight_files)
         write_json_atomic(tmp / "config.json", deepseek_v3_config(plan))
         copied = [name for name in SIDE_FILES if _copy_if_present(model_dir / name, tmp / name)]
+        for name, text in derived.items():
+            (tmp / name).write_text(text, encoding="utf-8")
         _publishable(tmp)
-    return _summary(plan, Path(out), weight_files, count, params, copied, time.perf_counter() - start)
+    summary = _summary(plan, Path(out), weight_files, count, params, copied, time.perf_counter() - start)
+    summary["derived_tokenizer_files"] = sorted(derived)
+    return summary
 
 
 def _write_param_name_map(directory: Path, weight_files: list[str]) -> None:

@@ -25,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
+from mindyouzhi.convert_weights import architectures
 from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
 from mindyouzhi.models.decoder import layer_prefix
 from mindyouzhi.models.rope import rotate_half_to_interleaved_rows
@@ -41,6 +42,35 @@ _COPIED = (
 )
 # Per-layer tensors that write the residual stream: scaled by plan.norm_scale.
 _RESIDUAL_WRITERS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def deepseek_v3_shapes(plan: ExportPlan) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor ``deepseek_v3_tensors`` yields, in the same order: the source's
+    spec shapes (``convert_weights/architectures.py``), with the query factorised when
+    ``plan.query`` is set and the biases DeepSeek-V3 ties to ``attention_bias``."""
+    config = plan.config
+    hidden, vocab = config.hidden_size, config.vocab_size
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for layer in range(plan.num_layers):
+        source = architectures.layer_shapes(config, layer)
+        attn = layer_prefix(layer) + "self_attn."
+        q_rows = source["self_attn.q_proj.weight"][0]
+        if plan.query is None:
+            shapes[attn + "q_proj.weight"] = (q_rows, hidden)
+        else:
+            rank = plan.query.rank
+            shapes.update({attn + "q_a_proj.weight": (rank, hidden), attn + "q_a_proj.bias": (rank,),
+                           attn + "q_a_layernorm.weight": (rank,), attn + "q_b_proj.weight": (q_rows, rank)})
+        latent = source["self_attn.kv_a_proj_with_mqa.weight"]
+        shapes[attn + "kv_a_proj_with_mqa.weight"] = latent
+        if plan.attention_bias:
+            shapes[attn + "kv_a_proj_with_mqa.bias"] = (latent[0],)
+            shapes[attn + "o_proj.bias"] = (hidden,)
+        shapes[attn + "kv_a_layernorm.weight"] = (plan.kv_lora_rank,)
+        shapes.update({layer_prefix(layer) + name: source[name] for name in _COPIED + _RESIDUAL_WRITERS})
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
 
 
 def deepseek_v3_tensors(plan: ExportPlan, store: SafetensorsStore) -> Iterator[tuple[str, np.ndarray]]:

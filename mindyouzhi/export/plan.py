@@ -57,13 +57,13 @@ from typing import Optional
 
 import numpy as np
 
+from mindyouzhi.convert_weights import architectures
 from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
 from mindyouzhi.errors import UserError
+from mindyouzhi.export import FORMATS
 from mindyouzhi.models.config import ModelConfig
-from mindyouzhi.models.decoder import expected_global_shapes, expected_layer_shapes, layer_prefix, mla_frequency_indices
+from mindyouzhi.models.decoder import layer_prefix, mla_frequency_indices
 from mindyouzhi.models.rope import inverse_frequencies
-
-FORMATS = ("deepseek-v3", "mindformers")
 
 # The one RMSNorm epsilon every DeepSeek-V3 engine agrees on (transformers hard-codes it for
 # kv_a_layernorm; the others read rms_norm_eps, which the export sets to it).
@@ -153,6 +153,12 @@ def plan_export(model_dir: str | Path, fmt: str) -> ExportPlan:
     _check_tensor_set(config, store, model_dir)
     _check_rope(config, where)
     q_bias, kv_a_bias, o_bias = _nonzero_biases(config, store)
+    mlp_bias = next((name for name in store.keys() if architectures.part_of(name) == architectures.MLP_BIAS
+                     and np.any(store.get(name) != 0)), None)
+    if mlp_bias:
+        raise UserError(f"{model_dir}: MLP bias {mlp_bias} is non-zero, but DeepSeek-V3's dense MLP has no biases "
+                        f"(transformers, vLLM and MindFormers build gate/up/down without them), so no stock engine "
+                        f"can reproduce this model; all-zero MLP biases are dropped exactly")
     if fmt == "mindformers" and (q_bias or kv_a_bias or o_bias):
         raise UserError(
             f"{model_dir}: attention bias {q_bias or kv_a_bias or o_bias} is non-zero, but MindFormers' MLA builds "
@@ -201,23 +207,8 @@ def _check_mla_section(config: ModelConfig, where: Path):
 
 
 def _check_tensor_set(config: ModelConfig, store: SafetensorsStore, model_dir: Path) -> None:
-    """Every checkpoint tensor must be one the exporter maps, with the shape the config implies."""
-    expected = dict(expected_global_shapes(config))
-    for layer in range(config.num_hidden_layers):
-        prefix = layer_prefix(layer)
-        expected.update({prefix + name: shape for name, shape in expected_layer_shapes(config, layer).items()})
-    present = set(store.keys())
-    missing = sorted(set(expected) - present)
-    if missing:
-        raise UserError(f"{model_dir}: tensor {missing[0]} is missing (expected shape {list(expected[missing[0]])})"
-                        + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    extra = sorted(present - set(expected))
-    if extra:
-        raise UserError(f"{model_dir}: tensor {extra[0]} is not part of the converted model the config describes, "
-                        f"so it has no place in a DeepSeek-V3 export")
-    for name, shape in expected.items():
-        if tuple(store.shape(name)) != tuple(shape):
-            raise UserError(f"{model_dir}: tensor {name} has shape {list(store.shape(name))}, expected {list(shape)}")
+    """Every checkpoint tensor must be one the family spec consumes, with the shape the config implies."""
+    architectures.check_tensors({name: store.shape(name) for name in store.keys()}, config, model_dir)
 
 
 def _check_rope(config: ModelConfig, where: Path) -> None:

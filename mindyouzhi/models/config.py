@@ -1,7 +1,7 @@
 """Model configuration: the HF ``config.json`` fields we use, validated, plus the MLA section.
 
 A model directory is an HF-layout directory.  A converted (or partially converted) model keeps the
-source config and adds an ``mla`` section (spec §3): ``rope_dim``, ``kv_lora_rank``, the per-layer
+source config and adds an ``mla`` section: ``rope_dim``, ``kv_lora_rank``, the per-layer
 ``fold_plan`` (``null`` = layer left as GQA), ``latent_norm`` and the per-layer latent widths.
 """
 from __future__ import annotations
@@ -12,11 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mindyouzhi.convert_weights.name_maps import FAMILIES
+from mindyouzhi.convert_weights import architectures
 from mindyouzhi.errors import UserError
-
-# HF model_type spellings that map onto one of our families.
-_MODEL_TYPE_ALIASES = {"pangu_embedded": "PanguEmbedded", "openpangu": "PanguEmbedded", "PanguEmbedded": "PanguEmbedded"}
 
 
 @dataclass
@@ -74,15 +71,12 @@ class ModelConfig:
     bos_token_id: Optional[int]
     eos_token_id: Optional[int]
     mla: Optional[MLAConfig] = None
+    mlp_bias: bool = False
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
     def family(self) -> str:
         return self.model_type
-
-    @property
-    def n_rep(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
 
     def is_mla(self, layer: int) -> bool:
         return self.mla is not None and self.mla.is_mla(layer)
@@ -111,10 +105,8 @@ class ModelConfig:
     def from_dict(cls, data: dict, where: str = "config.json") -> "ModelConfig":
         if not isinstance(data, dict):
             raise UserError(f"{where}: expected a JSON object")
-        model_type = _MODEL_TYPE_ALIASES.get(data.get("model_type"), data.get("model_type"))
-        if model_type not in FAMILIES:
-            supported = ", ".join(sorted(FAMILIES))
-            raise UserError(f"{where}: unsupported model_type {data.get('model_type')!r}; supported: {supported}")
+        family = architectures.family(data.get("model_type"), where)
+        parts = family.parts(data, where)
 
         def need(key, kind=int):
             if key not in data or data[key] is None:
@@ -147,12 +139,6 @@ class ModelConfig:
                 rope_scaling = None
         if str(data.get("hidden_act", "silu")) not in ("silu", "swish"):
             raise UserError(f"{where}: unsupported hidden_act {data.get('hidden_act')!r}; supported: silu")
-        attention_bias = bool(data.get("attention_bias", False))
-        qkv_bias = model_type == "qwen2" or attention_bias
-        o_bias = attention_bias and model_type != "qwen2"
-        if model_type == "PanguEmbedded" and "attention_bias" not in data:
-            qkv_bias = o_bias = True
-
         def token_id(key):
             value = data.get(key)
             if isinstance(value, list):
@@ -160,7 +146,7 @@ class ModelConfig:
             return None if value is None else int(value)
 
         config = cls(
-            model_type=model_type,
+            model_type=family.model_type,
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
             intermediate_size=need("intermediate_size"),
@@ -173,9 +159,10 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=int(data.get("max_position_embeddings") or 2048),
             tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            qk_norm=model_type == "qwen3",
+            qkv_bias=architectures.QKV_BIAS in parts,
+            o_bias=architectures.O_BIAS in parts,
+            qk_norm=architectures.QK_NORM in parts,
+            mlp_bias=architectures.MLP_BIAS in parts,
             bos_token_id=token_id("bos_token_id"),
             eos_token_id=token_id("eos_token_id"),
             raw=dict(data),

@@ -10,7 +10,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 from mindspore import nn, ops
 
-from mindyouzhi.convert_weights.name_maps import global_map, layer_map
+from mindyouzhi.convert_weights import architectures
 from mindyouzhi.errors import UserError
 
 from .attention import GQAAttention, MLAAttention
@@ -22,54 +22,12 @@ WeightSource = Callable[[str], np.ndarray]
 
 
 def expected_layer_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
-    """Local tensor name → shape for one decoder layer of this config."""
-    d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    shapes = {
-        "input_layernorm.weight": (d,),
-        "post_attention_layernorm.weight": (d,),
-        "mlp.gate_proj.weight": (config.intermediate_size, d),
-        "mlp.up_proj.weight": (config.intermediate_size, d),
-        "mlp.down_proj.weight": (d, config.intermediate_size),
-    }
-    if config.is_mla(layer):
-        rank = int(config.mla.kv_lora_rank[layer])
-        rope = config.mla_rope_width(layer)
-        nope = 0 if config.mla.rope_all else hd
-        shapes.update({
-            "self_attn.q_proj.weight": (h * (nope + rope), d),
-            "self_attn.kv_a_proj_with_mqa.weight": (rank + rope, d),
-            "self_attn.kv_b_proj.weight": (h * (nope + hd), rank),
-            "self_attn.o_proj.weight": (d, h * hd),
-        })
-        if config.qkv_bias:
-            shapes["self_attn.q_proj.bias"] = (h * (nope + rope),)
-            shapes["self_attn.kv_a_proj_with_mqa.bias"] = (rank + rope,)
-        if config.o_bias:
-            shapes["self_attn.o_proj.bias"] = (d,)
-        if config.mla.latent_norm:
-            shapes["self_attn.kv_a_layernorm.weight"] = (rank,)
-        return shapes
-    shapes.update({
-        "self_attn.q_proj.weight": (h * hd, d),
-        "self_attn.k_proj.weight": (kv * hd, d),
-        "self_attn.v_proj.weight": (kv * hd, d),
-        "self_attn.o_proj.weight": (d, h * hd),
-    })
-    if config.qkv_bias:
-        shapes.update({"self_attn.q_proj.bias": (h * hd,), "self_attn.k_proj.bias": (kv * hd,), "self_attn.v_proj.bias": (kv * hd,)})
-    if config.o_bias:
-        shapes["self_attn.o_proj.bias"] = (d,)
-    if config.qk_norm:
-        shapes.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
-    return shapes
+    """Local tensor name → shape for one decoder layer of this config (from the family spec)."""
+    return architectures.layer_shapes(config, layer)
 
 
 def expected_global_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    names = global_map(config.tie_word_embeddings)
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, config.hidden_size), "model.norm.weight": (config.hidden_size,)}
-    if "lm_head.weight" in names:
-        shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
-    return shapes
+    return architectures.global_shapes(config)
 
 
 def mla_dims(config: ModelConfig, layer: int) -> tuple[int, int, int, int, int]:
@@ -85,16 +43,20 @@ def layer_prefix(layer: int) -> str:
 
 def read_layer_weights(source, config: ModelConfig, layer: int, where: str = "checkpoint") -> dict[str, np.ndarray]:
     """Fetch and shape-check one layer's tensors (local names) from a store or mapping."""
-    if not config.is_mla(layer):
-        # The family table decides which optional tensors must exist (documented per family).
-        table = layer_map(config.model_type, config.qkv_bias, config.o_bias, config.qk_norm)
-        assert {t.format(i=layer) for t in table} == {layer_prefix(layer) + k for k in expected_layer_shapes(config, layer)}
     return {name: _fetch(source, layer_prefix(layer) + name, shape, where)
             for name, shape in expected_layer_shapes(config, layer).items()}
 
 
 def read_global_weights(source, config: ModelConfig, where: str = "checkpoint") -> dict[str, np.ndarray]:
+    """The global tensors.  Every model load starts here, so this is also where the whole tensor
+    set is checked against the spec (a store's header, no tensor data): a tensor the spec does
+    not consume is refused instead of being silently dropped."""
+    architectures.check_tensors({name: _shape(source, name) for name in source.keys()}, config, where)
     return {name: _fetch(source, name, shape, where) for name, shape in expected_global_shapes(config).items()}
+
+
+def _shape(source, name: str) -> tuple[int, ...]:
+    return tuple(source.shape(name)) if hasattr(source, "shape") else tuple(source[name].shape)
 
 
 def _fetch(source, name: str, shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -170,18 +132,14 @@ class CausalLM(nn.Cell):
 
 
 def mla_frequency_indices(config: ModelConfig) -> Optional[np.ndarray]:
-    """Source-frequency index of every RoPE pair of the MLA RoPE slice (spec §2: pair p ↔ θ_{c·p})."""
+    """Source-frequency index of every RoPE pair of the MLA RoPE slice: pair p rotates at the source
+    frequency θ_{c·p}, c = head_dim / rope_dim (every c-th frequency of the original RoPE)."""
     if config.mla is None or all(f is None for f in config.mla.fold_plan):
         return None
     if config.mla.rope_all:
         return np.repeat(np.arange(config.head_dim // 2), config.num_key_value_heads)
     collapse = config.head_dim // config.mla.rope_dim
     return np.arange(config.mla.rope_dim // 2) * collapse
-
-
-def cell_weights(cell: nn.Cell, prefix: str) -> dict:
-    """Parameters of ``cell`` by checkpoint name with ``prefix`` removed (no copies)."""
-    return {name[len(prefix):]: param for name, param in cell.parameters_and_names() if name.startswith(prefix)}
 
 
 class RopeTables:

@@ -15,24 +15,14 @@ import math
 import mindspore as ms
 from mindspore import ops
 
+from mindyouzhi.convert_weights.architectures import weight_order
+
 from .rope import apply_rotate_half
 
-# Fixed weight orders for the jitted layer functions (absent optional tensors are passed as None).
-GQA_LAYER_WEIGHTS = (
-    "input_layernorm.weight", "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight", "self_attn.o_proj.bias",
-    "self_attn.q_norm.weight", "self_attn.k_norm.weight",
-)
-MLA_LAYER_WEIGHTS = (
-    "input_layernorm.weight", "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias",
-    "self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_proj_with_mqa.bias",
-    "self_attn.kv_a_layernorm.weight", "self_attn.kv_b_proj.weight",
-    "self_attn.o_proj.weight", "self_attn.o_proj.bias",
-)
+# Argument orders of the jitted layer functions: the family spec's layer tables (absent optional
+# tensors are passed as None).
+GQA_LAYER_WEIGHTS = weight_order("gqa")
+MLA_LAYER_WEIGHTS = weight_order("mla")
 
 
 def rms_norm(x, weight, eps):
@@ -40,8 +30,8 @@ def rms_norm(x, weight, eps):
     return x * ops.rsqrt(variance + eps) * weight
 
 
-def swiglu(x, gate, up, down):
-    return ops.dense(ops.silu(ops.dense(x, gate)) * ops.dense(x, up), down)
+def swiglu(x, gate, up, down, gate_bias=None, up_bias=None, down_bias=None):
+    return ops.dense(ops.silu(ops.dense(x, gate, gate_bias)) * ops.dense(x, up, up_bias), down, down_bias)
 
 
 # -- GQA ------------------------------------------------------------------------------------------
@@ -136,21 +126,21 @@ def mla_attention(x, cos, sin, mask, heads, nope, rope, v_dim, rank, eps, wq, bq
 
 
 # -- whole layers ---------------------------------------------------------------------------------
-def _residual_mlp(h, eps, ln2, gate, up, down):
-    return h + swiglu(rms_norm(h, ln2, eps), gate, up, down)
+def _residual_mlp(h, eps, ln2, gate, gate_bias, up, up_bias, down, down_bias):
+    return h + swiglu(rms_norm(h, ln2, eps), gate, up, down, gate_bias, up_bias, down_bias)
 
 
 @ms.jit
 def gqa_layer(x, cos, sin, mask, heads, kv_heads, head_dim, eps, *w):
-    ln1, ln2, gate, up, down, wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm = w
+    ln1, ln2, gate, bg, up, bu, down, bd, wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm = w
     h = x + gqa_attention(rms_norm(x, ln1, eps), cos, sin, mask, heads, kv_heads, head_dim, eps,
                           wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm)
-    return _residual_mlp(h, eps, ln2, gate, up, down)
+    return _residual_mlp(h, eps, ln2, gate, bg, up, bu, down, bd)
 
 
 @ms.jit
 def mla_layer(x, cos, sin, mask, heads, nope, rope, v_dim, rank, eps, *w):
-    ln1, ln2, gate, up, down, wq, bq, wa, ba, latent_norm, wb, wo, bo = w
+    ln1, ln2, gate, bg, up, bu, down, bd, wq, bq, wa, ba, latent_norm, wb, wo, bo = w
     h = x + mla_attention(rms_norm(x, ln1, eps), cos, sin, mask, heads, nope, rope, v_dim, rank, eps,
                           wq, bq, wa, ba, latent_norm, wb, wo, bo)
-    return _residual_mlp(h, eps, ln2, gate, up, down)
+    return _residual_mlp(h, eps, ln2, gate, bg, up, bu, down, bd)

@@ -89,7 +89,8 @@ def forward_cached(runner, input_ids: np.ndarray, state: DecodeState) -> np.ndar
         h = F.rms_norm(x, w["input_layernorm.weight"], eps)
         x = x + attention_cached(runner, index, h, state.caches[index], tables, mask)
         x = x + F.swiglu(F.rms_norm(x, w["post_attention_layernorm.weight"], eps), w["mlp.gate_proj.weight"],
-                         w["mlp.up_proj.weight"], w["mlp.down_proj.weight"])
+                         w["mlp.up_proj.weight"], w["mlp.down_proj.weight"], w.get("mlp.gate_proj.bias"),
+                         w.get("mlp.up_proj.bias"), w.get("mlp.down_proj.bias"))
     state.length = total
     return runner.head_logits(x).asnumpy()
 

@@ -11,6 +11,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from mindyouzhi.ops.dispatch import kernels
+
 
 def _param(array: np.ndarray, name: str, requires_grad: bool = True) -> Parameter:
     return Parameter(Tensor(np.ascontiguousarray(array, dtype=np.float32)), name=name, requires_grad=requires_grad)
@@ -39,24 +41,23 @@ class Embedding(nn.Cell):
 
 
 class RMSNorm(nn.Cell):
-    """Plain-op RMSNorm (the fused kernel is Ascend-only); statistics in fp32."""
+    """RMSNorm: the fused kernel on Ascend, the plain-op twin elsewhere (``ops/dispatch.py``)."""
 
     def __init__(self, weight: np.ndarray, eps: float):
         super().__init__()
         self.weight = _param(weight, "weight")
         self.eps = float(eps)
+        self.norm = kernels().rms_norm
 
     def construct(self, x):
-        variance = ops.mean(x * x, -1, keep_dims=True)
-        return x * ops.rsqrt(variance + self.eps) * self.weight
+        return self.norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Cell):
     def __init__(self, weights: dict[str, np.ndarray]):
         super().__init__()
-        self.gate_proj = Linear(weights["gate_proj.weight"])
-        self.up_proj = Linear(weights["up_proj.weight"])
-        self.down_proj = Linear(weights["down_proj.weight"])
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, proj, Linear(weights[f"{proj}.weight"], weights.get(f"{proj}.bias")))
 
     def construct(self, x):
         return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))

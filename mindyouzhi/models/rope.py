@@ -99,15 +99,6 @@ def apply_rotate_half(x, cos, sin):
     return ops.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 
 
-def apply_interleaved(x, cos, sin):
-    """RoPE with interleaved pairing (2j, 2j + 1)."""
-    shape = x.shape
-    pairs = x.reshape(shape[:-1] + (shape[-1] // 2, 2))
-    x1, x2 = pairs[..., 0], pairs[..., 1]
-    out = ops.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
-    return out.reshape(shape)
-
-
 def rotate_half_to_interleaved_rows(rows: int) -> np.ndarray:
     """Row permutation taking a rotate-half ordered block of ``rows`` to interleaved order."""
     half = rows // 2

@@ -169,10 +169,6 @@ class ModelRunner:
         targets = to_tensor(np.asarray(targets, np.int32), ms.int32)
         return head_rows(head_nll, self.hidden(input_ids), targets, self._norm, self._head, self._eps)
 
-    def token_kl(self, input_ids: np.ndarray, reference_hidden) -> np.ndarray:
-        """Per-position KL(reference ‖ this model) where ``reference_hidden`` went through the same head."""
-        return head_rows(head_kl, self.hidden(input_ids), reference_hidden, self._norm, self._head, self._eps)
-
     def logprobs(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Per sequence, [n, vocab] log-softmax of the next-token distribution after ids[:t+1]."""
         if not batch:

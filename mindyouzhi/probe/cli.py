@@ -1,16 +1,16 @@
 """``mindyouzhi probe compare``: which layer does the student (converted / trained) differ at?"""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
+from mindyouzhi.cli_support import UserErrorGroup, emit, json_option
 from mindyouzhi.errors import UserError
 
 
-@click.group("probe")
+@click.group("probe", cls=UserErrorGroup)
 def probe():
     """Precision checks with msprobe (pip install 'mindyouzhi[probe]')."""
 
@@ -24,7 +24,7 @@ def probe():
 @click.option("--seq-len", default=128, show_default=True, help="tokens per probed window")
 @click.option("--samples", default=1, show_default=True, help="windows to probe (one batch)")
 @click.option("--keep-dumps", is_flag=True, help="keep msprobe's dump directories")
-@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
+@json_option
 def compare(teacher, student, data, out, seq_len, samples, keep_dumps, as_json):
     """Dump both models with msprobe and compare them layer by layer (cosine / error of the attention
     outputs, chained and with every layer fed the teacher's input)."""
@@ -40,10 +40,7 @@ def compare(teacher, student, data, out, seq_len, samples, keep_dumps, as_json):
         if seq_len < 2 or samples < 1:
             raise UserError("--seq-len must be at least 2 and --samples at least 1")
         report = compare_models(teacher, student, data, out or Path("probe_compare"), seq_len, samples, keep_dumps)
-    except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
     except RuntimeError as exc:  # msprobe itself failed: its log is named in the message
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    click.echo(json.dumps(report) if as_json else format_report(report))
+    emit(report, as_json, format_report(report))

@@ -8,7 +8,8 @@ A ``DecodeAttention`` supplies two graph-callable functions with the same signat
 (queries [B, H, 1, ·]; ``query_positions`` [B, 1] and ``seq_lens`` [B] describe the same thing in
 the two forms the implementations want).  ``gather`` is plain MindSpore ops (gather the blocks,
 mask, softmax: ``mindyouzhi.ops.reference``), portable and the reference; ``custom`` is the AOT
-CPU kernel (``mindyouzhi.ops.paged_attention``), which walks the block table without copying.
+CPU kernel (``mindyouzhi.ops.paged_attention``), which walks the block table without copying; on an
+Ascend device ``custom``/``auto`` select the fused operators instead (``ops/dispatch.py``, not run).
 Prefill chunks always use the plain-op form (many queries per sequence).
 
 Compiled-graph shapes differ by implementation.  The plain-op path's cost grows with the gathered
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mindyouzhi.errors import UserError
-from mindyouzhi.ops import reference
+from mindyouzhi.ops import dispatch
 
 CHOICES = ("auto", "custom", "gather")
 
@@ -37,15 +38,13 @@ class DecodeAttention:
     dynamic_shapes: bool  # True: exact table widths, dynamic-shape graph; False: full-width tables
 
 
-def _gather_mla(q_latent, q_pe, latent_pool, k_pe_pool, block_tables, query_positions, seq_lens, scale):
-    return reference.paged_mla_attend(q_latent, q_pe, latent_pool, k_pe_pool, block_tables, query_positions, scale)
+_PLAIN = dispatch.cpu_kernels()
+GATHER = DecodeAttention("gather", _PLAIN.decode_mla, _PLAIN.decode_gqa, dynamic_shapes=True)
 
 
-def _gather_gqa(q, k_pool, v_pool, block_tables, query_positions, seq_lens, scale):
-    return reference.paged_gqa_attend(q, k_pool, v_pool, block_tables, query_positions, scale)
-
-
-GATHER = DecodeAttention("gather", _gather_mla, _gather_gqa, dynamic_shapes=True)
+def _fused_attention(fused) -> DecodeAttention:
+    # The fused kernels take the full-context block table, like the CPU kernel: static shapes.
+    return DecodeAttention("ascend", fused.decode_mla, fused.decode_gqa, dynamic_shapes=False)
 
 
 def _kernel_attention() -> DecodeAttention:
@@ -74,6 +73,9 @@ def select_attention(choice: str = "auto") -> DecodeAttention:
         raise UserError(f"--attention {choice}: expected one of {', '.join(CHOICES)}")
     if choice == "gather":
         return GATHER
+    device_kernels = dispatch.kernels()
+    if device_kernels.fused:  # on the NPU "custom"/"auto" mean its fused operators (never run here)
+        return _fused_attention(device_kernels)
     from mindyouzhi.ops.paged_attention import KernelBuildError
 
     try:

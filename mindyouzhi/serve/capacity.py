@@ -1,6 +1,6 @@
 """KV-cache capacity: bytes per token and the concurrency a memory budget allows, GQA vs MLA.
 
-The arithmetic (spec §1, the paper's Table 4):
+The arithmetic (docs/serving.md, "Capacity arithmetic"; the paper's Table 4):
 
     KV bytes per token  = Σ_layers values_per_token(layer) · dtype bytes
                           (GQA: 2·kv_heads·head_dim;  MLA: kv_lora_rank + rope_dim)
@@ -91,7 +91,7 @@ def load_config(name_or_path: str) -> ModelConfig:
     if path.is_file():
         return ModelConfig.from_dict(read_json(path, "config.json"), str(path))
     names = ", ".join(PAPER_MODELS)
-    raise UserError(f"--config {name_or_path}: neither a known model ({names}) nor a config.json file or directory")
+    raise UserError(f"--model-config {name_or_path}: neither a known model ({names}) nor a config.json file or directory")
 
 
 def as_gqa(config: ModelConfig) -> ModelConfig:

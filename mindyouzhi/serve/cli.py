@@ -5,7 +5,6 @@ Each prints a human summary, or one JSON object with ``--json``; user mistakes r
 """
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -14,15 +13,12 @@ from pathlib import Path
 
 import click
 
+from mindyouzhi.cli_support import KV_LORA_RANK, emit, json_option, progress_option, renamed_option
 from mindyouzhi.errors import UserError
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 _ATTENTION = click.Choice(["auto", "custom", "gather"])
 _ATTENTION_HELP = "decode attention over the paged cache: the CPU custom kernel, plain MindSpore ops, or auto"
-
-
-def _emit(payload: dict, as_json: bool, human: str) -> None:
-    click.echo(json.dumps(payload, ensure_ascii=False) if as_json else human)
 
 
 # -- generate -------------------------------------------------------------------------------------
@@ -35,7 +31,7 @@ def _emit(payload: dict, as_json: bool, human: str) -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="random seed for sampling")
 @click.option("--chat", is_flag=True, help="wrap the prompt as a user message in the model's chat template")
 @click.option("--attention", default="auto", show_default=True, type=_ATTENTION, help=_ATTENTION_HELP)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@json_option
 def generate_cmd(model_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, attention, as_json):
     """Generate text with the paged latent KV cache (absorbed MLA on converted layers)."""
     from mindyouzhi.models.runner import ModelRunner
@@ -82,10 +78,8 @@ def generate_cmd(model_dir, prompt, max_new_tokens, temperature, top_p, seed, ch
                "completion_tokens": len(output_ids), "finish_reason": finish_reason, "seconds": seconds,
                "tokens_per_second": len(output_ids) / seconds if seconds > 0 else 0.0,
                "kv_bytes_per_token": engine.pool.bytes_per_token, "attention": engine.attention.name}
-    if as_json:
-        click.echo(json.dumps(payload, ensure_ascii=False))
-    else:
-        click.echo("")
+    emit(payload, as_json, "")  # the text itself was streamed above: end its line
+    if not as_json:
         click.echo(f"[{len(output_ids)} tokens, {finish_reason}, {payload['tokens_per_second']:.1f} tok/s incl. prefill, "
                    f"KV {engine.pool.bytes_per_token} B/token, attention {engine.attention.name}]", err=True)
 
@@ -104,8 +98,10 @@ def generate_cmd(model_dir, prompt, max_new_tokens, temperature, top_p, seed, ch
 @click.option("--attention", default="auto", show_default=True, type=_ATTENTION, help=_ATTENTION_HELP)
 @click.option("--served-model-name", default=None, help="model id clients send (default: the directory name)")
 @click.option("--log-requests", is_flag=True, help="log each HTTP request on stderr")
+@click.option("--read-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="seconds an idle or slow client connection may take to send its request before it is closed")
 def serve_cmd(model_dir, host, port, kv_memory, max_batch, block_size, admission, attention, served_model_name,
-              log_requests):
+              log_requests, read_timeout):
     """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health)."""
     from mindyouzhi.models.runner import ModelRunner
 
@@ -122,7 +118,7 @@ def serve_cmd(model_dir, host, port, kv_memory, max_batch, block_size, admission
     served = served_model(engine, served_model_name or Path(model_dir).resolve().name)
     worker = EngineThread(engine).start()
     try:
-        server = make_server(worker, served, host, port, log_requests)
+        server = make_server(worker, served, host, port, log_requests, read_timeout)
     except OSError as exc:
         worker.stop()
         raise UserError(f"--host {host} --port {port}: cannot bind ({exc.strerror or exc})") from None
@@ -153,15 +149,17 @@ def _interrupt(signum, frame):
 @click.command("capacity")
 @click.option("--model", "model_dir", type=_DIR, default=None, help="model directory (a converted one compares "
               "against its all-GQA original)")
-@click.option("--config", "config_name", default=None, help="llama-3-8b | qwen2.5-7b | openpangu-embedded-7b | "
-              "qwen2.5-14b | all | a config.json (no weights needed)")
+@click.option("--model-config", "config_name", default=None, help="llama-3-8b | qwen2.5-7b | openpangu-embedded-7b | "
+              "qwen2.5-14b | all | a config.json (no weights needed; formerly --config, still accepted until the "
+              "next release)")
 @click.option("--memory", required=True, help="device memory for weights + KV + workspace, e.g. 64GiB")
 @click.option("--context", default=2048, show_default=True, type=int, help="tokens per sequence (1k in + 1k out = 2048)")
 @click.option("--dtype", default=None, type=click.Choice(["bf16", "fp16", "fp32"]),
-              help="cache and weight dtype [default: bf16 for --config (Ascend), fp32 for --model (this CPU engine)]")
+              help="cache and weight dtype [default: bf16 for --model-config (Ascend), fp32 for --model (this CPU engine)]")
 @click.option("--workspace", default=None, help="reserve for activations and runtime: bytes or a % of --memory [10%]")
-@click.option("--kv-lora-rank", type=int, default=None, help="MLA form of an unconverted config [--config: 512]")
-@click.option("--rope-dim", type=int, default=None, help="MLA form of an unconverted config [--config: 64]")
+@click.option("--kv-lora-rank", type=KV_LORA_RANK, default=None,
+              help="MLA form of an unconverted model: latent width K, or 'full' (no truncation) [--model-config: 512]")
+@click.option("--rope-dim", type=int, default=None, help="MLA form of an unconverted model [--model-config: 64]")
 @click.option("--block-size", default=16, show_default=True, type=int)
 @click.option("--measure", is_flag=True, help="also fill a real KV pool in the engine (needs --model)")
 @click.option("--original", "original_dir", type=_DIR, default=None, help="with --measure: the GQA source model, "
@@ -169,14 +167,16 @@ def _interrupt(signum, frame):
 @click.option("--prompt-len", type=int, default=None, help="--measure prompt tokens [context/2]")
 @click.option("--gen-len", type=int, default=None, help="--measure generated tokens [context − prompt]")
 @click.option("--attention", default="auto", show_default=True, type=_ATTENTION, help=_ATTENTION_HELP)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@renamed_option("--config", "--model-config", "config_name")
+@progress_option
+@json_option
 def capacity_cmd(model_dir, config_name, memory, context, dtype, workspace, kv_lora_rank, rope_dim, block_size,
                  measure, original_dir, prompt_len, gen_len, attention, as_json):
     """KV bytes per token and max concurrent sequences for a memory budget, original vs converted."""
     from . import capacity
 
     if (model_dir is None) == (config_name is None):
-        raise UserError("pass exactly one of --model DIR or --config NAME_OR_FILE")
+        raise UserError("pass exactly one of --model DIR or --model-config NAME_OR_FILE")
     if measure and model_dir is None:
         raise UserError("--measure runs the engine and needs --model DIR")
     if original_dir is not None and not measure:
@@ -198,7 +198,7 @@ def capacity_cmd(model_dir, config_name, memory, context, dtype, workspace, kv_l
                                                  context, prompt_len, gen_len, block_size, attention)
     payload = results[names[0]] if len(names) == 1 else results
     human = "\n\n".join(capacity.summary(result, name) for name, result in results.items())
-    _emit(payload, as_json, human)
+    emit(payload, as_json, human)
 
 
 def _sides(config, kv_lora_rank, rope_dim, config_only: bool):
@@ -213,6 +213,10 @@ def _sides(config, kv_lora_rank, rope_dim, config_only: bool):
         rope_dim = rope_dim or capacity.PAPER_MLA_FORM["rope_dim"]
     elif kv_lora_rank is None or rope_dim is None:
         raise UserError("the model is not converted: pass --kv-lora-rank and --rope-dim to project a conversion")
+    if kv_lora_rank == "full":
+        from mindyouzhi.transition.layers import full_rank
+
+        kv_lora_rank = full_rank(config, rope_dim)
     return config, capacity.as_mla(config, kv_lora_rank, rope_dim)
 
 

@@ -13,7 +13,7 @@ import sys
 import threading
 import traceback
 from concurrent.futures import Future
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from .engine import Engine, TokenEvent
 from .sampling import SamplingParams
@@ -26,16 +26,27 @@ class EngineFailure(RuntimeError):
 class RequestStream:
     """One submitted request: iterate to receive its ``TokenEvent``s until it finishes."""
 
+    # How often a watched stream re-checks its client while no token arrives.
+    WATCH_INTERVAL = 0.2
+
     def __init__(self, owner: "EngineThread", request_id: str, events: queue.Queue):
         self._owner = owner
         self.request_id = request_id
         self._events = events
         self.finish_reason: Optional[str] = None
+        # Optional "is anyone still waiting for this?" check: when it turns False the request is
+        # cancelled and the iteration ends (``abandoned`` tells why).
+        self.watch: Optional[Callable[[], bool]] = None
+        self.abandoned = False
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while self.finish_reason is None:
+            if self.watch is not None and not self.watch():
+                self.abandoned = True
+                self.cancel()
+                return
             try:
-                item = self._events.get(timeout=1.0)
+                item = self._events.get(timeout=1.0 if self.watch is None else self.WATCH_INTERVAL)
             except queue.Empty:
                 if not self._owner.is_alive():
                     raise EngineFailure("the engine stopped") from None

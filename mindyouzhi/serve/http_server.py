@@ -3,8 +3,12 @@
 One thread per connection (``ThreadingHTTPServer``) parses and validates the request, hands it to
 the shared ``EngineThread`` and writes the answer: a JSON object, or with ``"stream": true``
 server-sent events (``data: {...}`` chunks, then ``data: [DONE]``) over chunked transfer encoding.
-A client that disconnects mid-stream cancels its request, which frees its KV blocks at the next
-engine step.  Errors are JSON ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status
+A client that disconnects cancels its request, which frees its KV blocks at the next engine step:
+mid-stream the failed write shows it, and while a non-streaming request generates, the handler
+polls its socket (a readable socket with nothing to read is a closed one — so a client that
+half-closes its side after sending counts as gone).  A connection idle for ``read_timeout``
+seconds (no request line, or a body that stops arriving) is closed, and a body above
+``max_body_bytes`` is refused with 413 before it is read.  Errors are JSON ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status
 for anything the client can fix, 5xx otherwise.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
@@ -14,6 +18,8 @@ the network in front of it is trusted.
 from __future__ import annotations
 
 import json
+import select
+import socket
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,17 +31,22 @@ from .protocol import GenerationRequest, ProtocolError, ServedModel
 from .text_stream import IncrementalDetokenizer, StopStrings
 
 MAX_BODY_BYTES = 16 << 20
-_DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+DEFAULT_READ_TIMEOUT = 60.0
+# A socket timeout while writing means the client stopped reading: treated as gone.
+_DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
 class OpenAIServer(ThreadingHTTPServer):
     daemon_threads = True  # a hung client never keeps the process alive
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], engine: EngineThread, served: ServedModel, log_requests: bool = False):
+    def __init__(self, address: tuple[str, int], engine: EngineThread, served: ServedModel, log_requests: bool = False,
+                 read_timeout: float = DEFAULT_READ_TIMEOUT, max_body_bytes: int = MAX_BODY_BYTES):
         self.engine = engine
         self.served = served
         self.log_requests = log_requests
+        self.read_timeout = read_timeout
+        self.max_body_bytes = max_body_bytes
         super().__init__(address, OpenAIHandler)
 
     @property
@@ -47,6 +58,20 @@ class OpenAIServer(ThreadingHTTPServer):
 class OpenAIHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: OpenAIServer
+
+    def setup(self) -> None:
+        # StreamRequestHandler applies ``timeout`` to the socket; http.server closes the
+        # connection when a read times out, so an idle client cannot hold its thread forever.
+        self.timeout = self.server.read_timeout
+        super().setup()
+
+    def _client_connected(self) -> bool:
+        """False once the client closed its end (readable with nothing to read) or reset it."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return not readable or bool(self.connection.recv(1, socket.MSG_PEEK))
+        except (OSError, ValueError):
+            return False
 
     # -- routing ----------------------------------------------------------------------------------
     def do_GET(self):  # noqa: N802 (http.server's naming)
@@ -110,9 +135,10 @@ class OpenAIHandler(BaseHTTPRequestHandler):
         except ValueError:
             self.close_connection = True
             raise ProtocolError(400, "invalid Content-Length") from None
-        if size > MAX_BODY_BYTES:
+        if size > self.server.max_body_bytes:
             self.close_connection = True
-            raise ProtocolError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+            raise ProtocolError(413, f"request body of {size} bytes is larger than the limit of "
+                                     f"{self.server.max_body_bytes} bytes")
         raw = self.rfile.read(size)
         try:
             return json.loads(raw.decode("utf-8"))
@@ -121,7 +147,7 @@ class OpenAIHandler(BaseHTTPRequestHandler):
 
     def _discard_body(self) -> None:
         length = self.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) <= MAX_BODY_BYTES:
+        if length and length.isdigit() and int(length) <= self.server.max_body_bytes:
             self.rfile.read(int(length))
         else:
             self.close_connection = True
@@ -131,6 +157,7 @@ class OpenAIHandler(BaseHTTPRequestHandler):
         detokenizer = IncrementalDetokenizer(self.server.served.tokenizer)
         stops = StopStrings(request.stop)
         pieces, produced, finish_reason = [], 0, "length"
+        stream.watch = self._client_connected
         try:
             for event in stream:
                 produced += 1
@@ -146,6 +173,9 @@ class OpenAIHandler(BaseHTTPRequestHandler):
                     pieces.append(tail + stops.flush())
         except EngineFailure as exc:
             raise ProtocolError(500, f"generation failed: {exc}", kind="server_error") from None
+        if stream.abandoned:  # nobody to answer; the engine frees the blocks at its next step
+            self.close_connection = True
+            return
         self._send_json(200, protocol.full_response(request, self.server.served.model_id, "".join(pieces),
                                                     finish_reason, produced))
 
@@ -212,9 +242,10 @@ class OpenAIHandler(BaseHTTPRequestHandler):
 
 
 def make_server(engine: EngineThread, served: ServedModel, host: str = "127.0.0.1", port: int = 0,
-                log_requests: bool = False) -> OpenAIServer:
+                log_requests: bool = False, read_timeout: float = DEFAULT_READ_TIMEOUT,
+                max_body_bytes: int = MAX_BODY_BYTES) -> OpenAIServer:
     """Bind (port 0 = any free port; see ``server.url``); call ``serve_forever`` to run."""
-    return OpenAIServer((host, port), engine, served, log_requests)
+    return OpenAIServer((host, port), engine, served, log_requests, read_timeout, max_body_bytes)
 
 
 def served_model(engine, model_id: str) -> ServedModel:

@@ -22,6 +22,7 @@ from mindspore import Tensor, ops
 
 from mindyouzhi.models import functional as F
 from mindyouzhi.models.decoder import mla_dims
+from mindyouzhi.ops.dispatch import kernels
 from mindyouzhi.ops.paged_attention import scale_tensor
 
 from .attention import GATHER, DecodeAttention
@@ -59,11 +60,11 @@ def _expand_output(out_latent, w_uv):
     return out.transpose(1, 2, 0, 3).reshape(b, c, -1)
 
 
-def _mla_layer_step(attend, x, cos, sin, slots, latent_pool, k_pe_pool, tables, positions, lens, scale,
+def _mla_layer_step(attend, norm, x, cos, sin, slots, latent_pool, k_pe_pool, tables, positions, lens, scale,
                     heads, nope, rope, v_dim, rank, eps, *w):
-    ln1, ln2, gate, up, down, wq, bq, wa, ba, latent_norm, wb, wo, bo = w
+    ln1, ln2, gate, bg, up, bu, down, bd, wq, bq, wa, ba, latent_norm, wb, wo, bo = w
     b, c, _ = x.shape
-    h = F.rms_norm(x, ln1, eps)
+    h = norm(x, ln1, eps)
     q_nope, q_pe = F.mla_project_q(h, cos.expand_dims(1), sin.expand_dims(1), heads, nope, rope, wq, bq)
     latent, k_pe = F.mla_project_latent(h, cos, sin, rank, eps, wa, ba, latent_norm)
     # The returned pools are the same memory, written in place; using them orders the reads after
@@ -77,14 +78,14 @@ def _mla_layer_step(attend, x, cos, sin, slots, latent_pool, k_pe_pool, tables, 
         q_latent = ops.zeros((b, heads, c, rank), q_pe.dtype)
     out_latent = attend(q_latent, q_pe, latent_pool, k_pe_pool, tables, positions, lens, scale)
     h = x + ops.dense(_expand_output(out_latent, w_kv[:, nope:]), wo, bo)
-    return h + F.swiglu(F.rms_norm(h, ln2, eps), gate, up, down)
+    return h + F.swiglu(norm(h, ln2, eps), gate, up, down, bg, bu, bd)
 
 
-def _gqa_layer_step(attend, x, cos, sin, slots, k_pool, v_pool, tables, positions, lens, scale,
+def _gqa_layer_step(attend, norm, x, cos, sin, slots, k_pool, v_pool, tables, positions, lens, scale,
                     heads, kv_heads, head_dim, eps, *w):
-    ln1, ln2, gate, up, down, wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm = w
+    ln1, ln2, gate, bg, up, bu, down, bd, wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm = w
     b, c, _ = x.shape
-    h = F.rms_norm(x, ln1, eps)
+    h = norm(x, ln1, eps)
     q = F.gqa_project_q(h, cos.expand_dims(1), sin.expand_dims(1), heads, head_dim, eps, wq, bq, q_norm)
     k, v = F.gqa_project_kv(h, cos.expand_dims(1), sin.expand_dims(1), kv_heads, head_dim, eps, wk, bk, wv, bv, k_norm)
     k_pool = ops.scatter_nd_update(k_pool, slots, k.transpose(0, 2, 1, 3).reshape(b * c, kv_heads, head_dim))
@@ -92,23 +93,26 @@ def _gqa_layer_step(attend, x, cos, sin, slots, k_pool, v_pool, tables, position
     out = attend(q, k_pool, v_pool, tables, positions, lens, scale)  # [B, H, C, d]
     out = out.transpose(0, 2, 1, 3).reshape(b, c, heads * head_dim)
     h = x + ops.dense(out, wo, bo)
-    return h + F.swiglu(F.rms_norm(h, ln2, eps), gate, up, down)
+    return h + F.swiglu(norm(h, ln2, eps), gate, up, down, bg, bu, bd)
 
 
 @functools.lru_cache(maxsize=None)
 def compiled_layer_step(kind: str, attention: DecodeAttention):
     """One jitted function per (layer kind, attention implementation) for the whole process: a
     new jitted function per request would recompile and keep its graphs alive."""
+    norm = kernels().rms_norm
     if kind == "mla":
         attend = attention.mla
 
         def step(x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale, *args):
-            return _mla_layer_step(attend, x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale, *args)
+            return _mla_layer_step(attend, norm, x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale,
+                                   *args)
     else:
         attend = attention.gqa
 
         def step(x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale, *args):
-            return _gqa_layer_step(attend, x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale, *args)
+            return _gqa_layer_step(attend, norm, x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale,
+                                   *args)
     return ms.jit(step, dynamic=1 if attention.dynamic_shapes else 0)
 
 

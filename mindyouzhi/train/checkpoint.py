@@ -48,8 +48,10 @@ def copy_side_files(source_dir: Path, out_dir: Path) -> None:
 def write_model(out_dir: Path, net, config, side_files_from: Path) -> None:
     from mindyouzhi.convert_weights.safetensors_io import ShardedWriter
 
-    writer = ShardedWriter(out_dir, max_shard_bytes=4 << 30, metadata={"format": "pt"})
-    for name, param in net.parameters_and_names():
+    params = list(net.parameters_and_names())
+    writer = ShardedWriter(out_dir, {name: param.shape for name, param in params}, max_shard_bytes=4 << 30,
+                           metadata={"format": "pt"})
+    for name, param in params:
         writer.add(name, param.asnumpy())
     writer.close()
     (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2, ensure_ascii=False) + "\n")

@@ -5,13 +5,11 @@ prints, logs and writes checkpoints.
 """
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import click
 
-from mindyouzhi.errors import UserError
+from mindyouzhi.cli_support import emit, exit_on_user_error, json_option, progress_option
 
 
 @click.command("train")
@@ -19,22 +17,22 @@ from mindyouzhi.errors import UserError
               help="recipe YAML (MindFormers layout, see recipes/)")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="continue from the latest checkpoint in output_dir, if there is one")
-@click.option("--json", "as_json", is_flag=True, help="print the run summary as one JSON object")
-def train_cmd(config_path, resume, as_json):
+@click.option("--plan", "plan_only", is_flag=True,
+              help="print the per-rank memory plan and exit (2 if it exceeds context.max_device_memory)")
+@progress_option
+@json_option
+def train_cmd(config_path, resume, plan_only, as_json):
     """Post-training: GKD from the original model, or SFT on instruction data."""
     from .config import load_recipe
     from .trainer import train
 
-    try:
+    if plan_only:
+        _print_plan(config_path, as_json)
+        return
+    with exit_on_user_error():  # also when run outside the main group (msrun workers, python -m)
         recipe = load_recipe(config_path)
         summary = train(recipe, resume=resume)
-    except UserError as exc:  # also when run outside the main group (msrun workers, python -m)
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
     if summary.get("rank", 0) != 0:
-        return
-    if as_json:
-        click.echo(json.dumps(summary, ensure_ascii=False))
         return
     lines = [f"{summary['run_mode']} → {summary.get('final_model')}",
              f"  steps {summary['start_step']}→{summary['total_steps']} (global batch {summary['global_batch']} × "
@@ -47,7 +45,25 @@ def train_cmd(config_path, resume, as_json):
     if summary.get("eval"):
         lines.append(f"  eval ppl {summary['eval']['ppl']:.4f} over {summary['eval']['windows']} windows")
     lines.append(f"  log {summary['log']}, curves {summary['plot']}")
-    click.echo("\n".join(lines))
+    emit(summary, as_json, "\n".join(lines))
+
+
+def _print_plan(config_path: Path, as_json: bool) -> None:
+    """The plan needs no model weights or data: the models may not exist yet (``memory_plan``)."""
+    from .config import load_recipe
+    from .memory import plan_recipe, refuse_if_too_big
+
+    with exit_on_user_error():
+        recipe = load_recipe(config_path, check_paths=False)
+        plan = plan_recipe(recipe)
+        layout = plan.layout
+        emit({"recipe": str(config_path), **plan.to_dict()}, as_json,
+             f"{recipe.path}: per-rank memory, {layout.world} workers (dp {layout.data_parallel} × mp "
+             f"{layout.model_parallel} × pp {layout.pipeline_stage}, optimizer_shard "
+             f"{str(layout.optimizer_shard).lower()}), {recipe.model['compute_dtype']}, "
+             f"{recipe.runner_config['batch_size']} × {recipe.train_dataset['seq_length']} tokens per micro-batch\n"
+             + plan.table())
+        refuse_if_too_big(recipe, plan)
 
 
 def main() -> None:  # ``python -m mindyouzhi.train.cli --config …`` (what msrun can launch directly)

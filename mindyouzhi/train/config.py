@@ -26,6 +26,7 @@ from mindyouzhi.errors import UserError
 RUN_MODES = ("gkd", "sft")
 DATA_FORMATS = ("auto", "text", "sft")
 TRAINABLE = ("all", "attention")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SFT_SUFFIXES = (".json", ".jsonl")
 
 # The paper's SFT defaults (2 epochs, cosine to 0, warmup ratio 0.01); GKD runs one pass by default.
@@ -86,6 +87,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "student": (STR, REQUIRED),          # the model to train (a converted MLA dir, or any model dir)
         "teacher": (OPT_STR, None),          # GKD: the frozen original model
         "trainable": (_one_of(*TRAINABLE), "all"),
+        # fp32 master weights always; bf16/fp16 compute is planned for Ascend (CPU has no bf16 MatMul)
+        "compute_dtype": (_one_of(*COMPUTE_DTYPES), "float32"),
     },
     "train_dataset": {
         "sources": (None, REQUIRED),         # list of {path, format, max_samples}; validated below
@@ -117,7 +120,6 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "overwrite_output": (BOOL, False),   # with --no-resume: discard earlier checkpoints and logs
     },
     "runner_wrapper": {
-        "type": (STR, "TrainOneStepCell"),
         "use_clip_grad": (BOOL, True),
         "max_grad_norm": (NUM_POS, 1.0),
     },
@@ -140,11 +142,15 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "recompute": (BOOL, False),          # (bounded memory, fast compile; see train/steps.py)
     },
     "parallel_config": {
-        "data_parallel": (INT_POS, 1),       # must equal the number of msrun workers
-        "model_parallel": (_one_of(1), 1),
-        "pipeline_stage": (_one_of(1), 1),
-        "micro_batch_num": (INT_POS, 1),
-        "gradient_aggregation_group": (INT_POS, 4),
+        "data_parallel": (INT_POS, 1),       # dp × mp × pp = the number of msrun workers
+        "model_parallel": (INT_POS, 1),      # shard strategies over attention heads, MLP width, vocabulary
+        "pipeline_stage": (INT_POS, 1),
+        "optimizer_shard": (BOOL, False),    # MindSpore's parallel optimizer: master weights + moments / dp
+        "micro_batch_num": (INT_POS, 1),     # pipeline micro-batches in flight (1F1B)
+    },
+    "memory_plan": {                         # config.json contents for planning models that do not exist yet
+        "student_config": (_check(lambda v: isinstance(v, dict), "a mapping (config.json contents)"), None),
+        "teacher_config": (_check(lambda v: isinstance(v, dict), "a mapping (config.json contents)"), None),
     },
     "context": {
         "mode": (_one_of(0, 1, "GRAPH_MODE", "PYNATIVE_MODE"), 0),
@@ -154,7 +160,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
 }
 SOURCE_KEYS = {"path": (STR, REQUIRED), "format": (_one_of(*DATA_FORMATS), "auto"), "max_samples": (OPT_INT_POS, None)}
-OPTIONAL_SECTIONS = ("eval_dataset",)
+OPTIONAL_SECTIONS = ("eval_dataset", "memory_plan")
 
 
 @dataclass
@@ -184,6 +190,7 @@ class Recipe:
     context: dict
     recompute_config: dict = field(default_factory=lambda: {"recompute": False})
     eval_dataset: Optional[dict] = None
+    memory_plan: Optional[dict] = None
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -201,6 +208,12 @@ class Recipe:
     @property
     def graph_mode(self) -> bool:
         return self.context["mode"] in (0, "GRAPH_MODE")
+
+    @property
+    def workers(self) -> int:
+        """msrun workers the layout needs: data × model × pipeline parallel."""
+        pc = self.parallel_config
+        return pc["data_parallel"] * pc["model_parallel"] * pc["pipeline_stage"]
 
     def global_batch(self, world: int) -> int:
         return self.runner_config["batch_size"] * self.runner_config["gradient_accumulation_steps"] * world
@@ -332,7 +345,8 @@ def load_recipe(path: str | os.PathLike, check_paths: bool = True) -> Recipe:
                     model=parsed["model"], train_dataset=parsed["train_dataset"], sources=sources, gkd=parsed["gkd"],
                     runner_config=rc, runner_wrapper=parsed["runner_wrapper"], optimizer=parsed["optimizer"],
                     lr_schedule=sched, parallel_config=parsed["parallel_config"], context=context,
-                    recompute_config=parsed["recompute_config"], eval_dataset=parsed["eval_dataset"], raw=data)
+                    recompute_config=parsed["recompute_config"], eval_dataset=parsed["eval_dataset"],
+                    memory_plan=parsed["memory_plan"], raw=data)
     if check_paths:
         check_recipe_paths(recipe)
     return recipe

@@ -3,7 +3,10 @@
 Computed on the host from the optimizer step number and passed to the jitted step as a scalar, so
 a resumed run continues the same curve by construction.  Step ``s`` (0-based) uses ``lr(s)``:
 warmup takes the rate from ``warmup_lr_init`` to ``learning_rate`` over ``warmup_steps`` steps
-(the first step already uses a non-zero rate), then the cosine runs to ``lr_end`` at the last step.
+(the first step already uses a non-zero rate), then the cosine runs towards ``lr_end``, which it
+reaches at step ``total_steps`` — one past the last step, as in MindFormers' CosineWithWarmUpLR and
+transformers' ``get_cosine_schedule_with_warmup`` — so every step, the last one included, updates
+the weights.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ class CosineWithWarmUp:
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.warmup_lr_init + (self.learning_rate - self.warmup_lr_init) * (step + 1) / self.warmup_steps
-        decay_steps = max(1, self.total_steps - self.warmup_steps - 1)
+        decay_steps = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         return self.lr_end + 0.5 * (self.learning_rate - self.lr_end) * (1.0 + math.cos(math.pi * progress))
 

@@ -34,6 +34,7 @@ from . import checkpoint as ckpt
 from .config import Recipe
 from .data import BatchPlan, TrainData, build_dataset, collate
 from .distributed import WorldInfo, all_reduce_sum, barrier, init_world
+from .memory import plan_recipe, refuse_if_too_big
 from .schedule import CosineWithWarmUp
 from .steps import as_tensors, build_step
 
@@ -81,6 +82,23 @@ class Trainer:
         self.where = f"recipe {recipe.path}"
 
     # -- set-up ------------------------------------------------------------------------------------
+    def _refuse_ascend_only_layout(self) -> None:
+        """Model/pipeline parallel, optimizer sharding and bf16/fp16 compute are planned (``--plan``)
+        but not run by this trainer: MindSpore 2.10 compiles semi-auto parallel graphs only for
+        Ascend/GPU ("Invalid backend: CPU"), shards no optimizer state in data-parallel mode on CPU,
+        and has no bf16 MatMul on CPU (docs/training.md, "MindSpore parallel features")."""
+        pc, where = self.recipe.parallel_config, self.where
+        for key in ("model_parallel", "pipeline_stage"):
+            if pc[key] > 1:
+                raise UserError(f"{where}: parallel_config.{key} {pc[key]} is planned (train --plan) but not run by "
+                                f"this trainer; on Ascend fine-tune through MindFormers (export --format mindformers)")
+        if pc["optimizer_shard"]:
+            raise UserError(f"{where}: parallel_config.optimizer_shard is planned (train --plan) but not run by this "
+                            f"trainer; set it to false here")
+        if self.recipe.model["compute_dtype"] != "float32":
+            raise UserError(f"{where}: model.compute_dtype {self.recipe.model['compute_dtype']} is planned (train "
+                            f"--plan) but this trainer computes in float32; set compute_dtype: float32")
+
     def _check_world(self, world: WorldInfo) -> None:
         wanted = self.recipe.parallel_config["data_parallel"]
         if wanted != world.size:
@@ -126,6 +144,8 @@ class Trainer:
 
         recipe, rc = self.recipe, self.recipe.runner_config
         started = time.perf_counter()
+        refuse_if_too_big(recipe, plan_recipe(recipe))
+        self._refuse_ascend_only_layout()
         device = setup_device(recipe.context)
         world = init_world()
         self._check_world(world)

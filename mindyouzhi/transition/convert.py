@@ -9,24 +9,28 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
 
 from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
 from mindyouzhi.errors import UserError
-from mindyouzhi.io_utils import (atomic_output_dir, check_output_dir, locked_work_dir, peak_rss_bytes, sha256_file,
-                                 write_json_atomic)
+from mindyouzhi.generated_text import generated_texts, role_specs
+from mindyouzhi.io_utils import (atomic_output_dir, check_output_dir, locked_work_dir, peak_rss_bytes, read_json,
+                                 sha256_file, write_json_atomic)
 from mindyouzhi.models.config import ModelConfig
 from mindyouzhi.models.decoder import read_global_weights
+from mindyouzhi.textdata import DEFAULT_TEXT_FIELD
 
 from .calibration import GramCache, text_windows
 from .folds import check_fold, collapse, legal_folds, paper_label
 from .layers import full_rank
-from .pipeline import ConversionPlan, check_convertible, compute_original_grams, convert_streaming, copy_side_files
+from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK, LOWRANK_METHODS
+from .rorope import DEFAULT_RORO, RORO_METHODS
+from .pipeline import DEFAULT_STATISTICS, ConversionPlan, check_convertible, compute_original_grams, convert_streaming, copy_side_files
 from .plots import plot_plan, plot_trajectory
-from .search import CRITERIA, CandidateFactory, HybridEvaluator, best_uniform, run_adaptive_search
+from .search import CRITERIA, DEFAULT_SHORTLIST, CandidateFactory, HybridEvaluator, best_uniform, run_adaptive_search
 
 
 @dataclass
@@ -45,21 +49,26 @@ class ConvertOptions:
     layers: Optional[str] = None
     latent_norm: bool = False
     stage: int = 2
-    criterion: str = "stage1"
+    criterion: str = "final"
     folds: Optional[list[int]] = None
+    plan: Optional[Path] = None  # a report.json whose fold_plan is reused (no search)
+    lowrank: str = DEFAULT_LOWRANK
+    key_weight: float = DEFAULT_KEY_WEIGHT
+    shortlist: Optional[int] = DEFAULT_SHORTLIST
+    statistics: str = DEFAULT_STATISTICS
+    rorope: str = DEFAULT_RORO
     eval_data: Optional[Path] = None
+    text_field: str = DEFAULT_TEXT_FIELD  # the text field/column of .jsonl/.parquet data
     eval_seq_len: int = 2048
     eval_max_windows: Optional[int] = None
     seed: int = 42
     overwrite: bool = False
     work_dir: Optional[Path] = None
     restart: bool = False
-    keep_work: bool = False
     batch_size: int = 8
     uniform_guard: bool = True
     trajectories: bool = True
     rope_all: bool = False  # exactness mode (RoPE on every component); hidden from the CLI help
-    extra: dict = field(default_factory=dict)
 
 
 def parse_layers(spec: Optional[str], num_layers: int) -> set[int]:
@@ -122,51 +131,113 @@ def _resolve(options: ConvertOptions):
         raise UserError(f"--stage {options.stage}: expected 1 or 2")
     if options.criterion not in CRITERIA:
         raise UserError(f"--criterion {options.criterion}: expected one of {', '.join(CRITERIA)}")
+    if options.rorope not in RORO_METHODS:
+        raise UserError(f"--rorope {options.rorope}: expected one of {', '.join(RORO_METHODS)}")
+    if options.lowrank not in LOWRANK_METHODS:
+        raise UserError(f"--lowrank {options.lowrank}: expected one of {', '.join(LOWRANK_METHODS)}")
+    if not options.key_weight > 0:
+        raise UserError(f"--key-weight {options.key_weight}: must be positive")
+    if options.shortlist is not None and options.shortlist < 1:
+        raise UserError(f"--shortlist {options.shortlist}: must be at least 1")
     candidates = options.folds or legal_folds(config.head_dim, rope_dim)
     for fold in candidates:
         check_fold(fold, config.head_dim, rope_dim, "--folds")
-    if options.freqfold not in ("adaptive", "uniform"):
-        try:
-            fixed = int(options.freqfold)
-        except ValueError:
-            raise UserError(f"--freqfold {options.freqfold}: expected 'adaptive', 'uniform' or an integer fold") from None
-        if not options.rope_all:
-            check_fold(fixed, config.head_dim, rope_dim)
+    fixed_plan = _fixed_plan(options, config, rope_dim)
     layers = parse_layers(options.layers, config.num_hidden_layers)
-    _file(options.calib, "--calib")
-    _file(options.search_data, "--search-data")
-    _file(options.eval_data, "--eval-data")
-    if options.eval_data is not None:
+    explicit = options.plan is not None or "," in str(options.freqfold)
+    if explicit and options.layers is not None:
+        raise UserError("--layers cannot be combined with a per-layer fold plan: mark GQA layers with null in the plan")
+    generated = role_specs(_text_sources(options), options.seed)
+    for flag, path in _text_sources(options).items():
+        if flag not in generated:
+            _file(path, flag)
+    if options.eval_data is not None and "--eval-data" not in generated:
         eval_hash = sha256_file(options.eval_data)
         for flag, path in (("--calib", options.calib), ("--search-data", options.search_data)):
-            if path is not None and sha256_file(path) == eval_hash:
+            if path is not None and flag not in generated and sha256_file(path) == eval_hash:
                 raise UserError(f"{flag} {path} and --eval-data {options.eval_data} are the same data: calibration and "
                                 "search must never see the evaluation split")
     if options.latent_norm and options.stage == 1:
         raise UserError("--latent-norm applies to the low-rank stage; it cannot be combined with --stage 1")
-    return config, rope_dim, rank, candidates, layers
+    return config, rope_dim, rank, candidates, layers, fixed_plan
+
+
+def _text_sources(options: ConvertOptions) -> dict:
+    return {"--calib": options.calib, "--search-data": options.search_data, "--eval-data": options.eval_data}
+
+
+def _with_generated_text(options: ConvertOptions) -> tuple[ConvertOptions, dict[str, str]]:
+    """``generate:`` sources replaced by their cached text files; flag → how each source was made."""
+    specs = role_specs(_text_sources(options), options.seed)
+    origins = {flag: "file" for flag, value in _text_sources(options).items() if value is not None}
+    if not specs:
+        return options, origins
+    paths = generated_texts(options.model, list(specs.values()))
+    fields = {"--calib": "calib", "--search-data": "search_data", "--eval-data": "eval_data"}
+    origins.update({flag: spec.describe() for flag, spec in specs.items()})
+    return replace(options, **{fields[flag]: path for flag, path in zip(specs, paths)}), origins
+
+
+def _fixed_plan(options: ConvertOptions, config: ModelConfig, rope_dim: int) -> Optional[list[Optional[int]]]:
+    """The per-layer folds when no search runs: ``--plan report.json``, ``--freqfold F`` or ``F1,F2,…``."""
+    layers = config.num_hidden_layers
+    if options.plan is not None:
+        if options.freqfold not in ("adaptive",):
+            raise UserError(f"--plan {options.plan} and --freqfold {options.freqfold}: give one of them")
+        report = read_json(_file(options.plan, "--plan"), "--plan")
+        folds = report.get("fold_plan") if isinstance(report, dict) else None
+        if not isinstance(folds, list) or not all(f is None or isinstance(f, int) for f in folds):
+            raise UserError(f"--plan {options.plan}: expected a report.json with a 'fold_plan' list of folds (or null)")
+        if report.get("rope_dim") not in (None, rope_dim):
+            raise UserError(f"--plan {options.plan}: the plan was searched for rope_dim {report['rope_dim']}, "
+                            f"this conversion uses --rope-dim {rope_dim}")
+        where = f"--plan {options.plan}"
+    elif options.freqfold in ("adaptive", "uniform"):
+        return None
+    else:
+        parts = [p.strip() for p in str(options.freqfold).split(",")]
+        try:
+            folds = [int(p) for p in parts]
+        except ValueError:
+            raise UserError(f"--freqfold {options.freqfold}: expected 'adaptive', 'uniform', a fold F "
+                            "or one fold per layer (F1,F2,…)") from None
+        if len(folds) == 1:
+            folds = folds * layers
+        where = "--freqfold"
+    if len(folds) != layers:
+        raise UserError(f"{where}: {len(folds)} folds for a model with {layers} layers")
+    if not options.rope_all:
+        for fold in folds:
+            if fold is not None:
+                check_fold(fold, config.head_dim, rope_dim, where)
+    return folds
 
 
 def convert(options: ConvertOptions) -> dict:
     started = time.perf_counter()
-    config, rope_dim, rank, candidates, layers = _resolve(options)
+    config, rope_dim, rank, candidates, layers, fixed_plan = _resolve(options)
+    options, origins = _with_generated_text(options)
     from mindyouzhi.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(options.model)
     timings: dict[str, float] = {}
     data_files = {"calib": options.calib, "search": options.search_data or options.calib, "eval": options.eval_data}
     hashes = {role: {"path": str(path), "sha256": sha256_file(path)} for role, path in data_files.items() if path}
+    for role, flag in (("calib", "--calib"), ("search", "--search-data" if options.search_data else "--calib"),
+                       ("eval", "--eval-data")):
+        if role in hashes:
+            hashes[role]["source"] = origins[flag]
     t0 = time.perf_counter()
-    calib = text_windows(tokenizer, options.calib, options.calib_tokens, options.calib_seq_len, options.seed, "--calib")
+    calib = text_windows(tokenizer, options.calib, options.calib_tokens, options.calib_seq_len, options.seed, "--calib",
+                         options.text_field)
     timings["calibration_tokenize"] = time.perf_counter() - t0
     store = SafetensorsStore(options.model)
     work = options.work_dir or options.out.parent / f".{options.out.name}.work"
     with locked_work_dir(work, options.out, options.restart):
         search_info: dict = {}
         grams = None
-        fixed_fold = None if options.freqfold in ("adaptive", "uniform") else int(options.freqfold)
-        if fixed_fold is not None:
-            plan_folds = [fixed_fold if i in layers else None for i in range(config.num_hidden_layers)]
+        if fixed_plan is not None:
+            plan_folds = [f if i in layers else None for i, f in enumerate(fixed_plan)]
         else:
             t0 = time.perf_counter()
             grams = GramCache(work / "grams")
@@ -174,12 +245,13 @@ def convert(options: ConvertOptions) -> dict:
             timings["calibration"] = time.perf_counter() - t0
             search_path = data_files["search"]
             search_windows = text_windows(tokenizer, search_path, options.search_tokens, options.search_seq_len,
-                                          options.seed + 1, "--search-data")
+                                          options.seed + 1, "--search-data", options.text_field)
             t0 = time.perf_counter()
             evaluator = HybridEvaluator(config, store, search_windows, options.criterion, options.batch_size,
                                         spill_dir=work / "hidden", where=str(options.model))
             timings["search_prefix"] = time.perf_counter() - t0
-            factory = CandidateFactory(evaluator, grams, rope_dim, rank)
+            factory = CandidateFactory(evaluator, grams, rope_dim, rank, options.lowrank, options.key_weight,
+                                       options.rorope)
             t0 = time.perf_counter()
             if options.freqfold == "uniform":
                 best, scores = best_uniform(evaluator, factory, candidates, layers)
@@ -192,12 +264,15 @@ def convert(options: ConvertOptions) -> dict:
                                "calib": hashes["calib"]["sha256"], "criterion": options.criterion, "rope_dim": rope_dim,
                                "rank": rank, "seed": options.seed, "search_tokens": options.search_tokens,
                                "search_seq_len": options.search_seq_len, "calib_tokens": options.calib_tokens,
-                               "layers": sorted(layers)}
+                               "layers": sorted(layers), "lowrank": options.lowrank, "key_weight": options.key_weight,
+                               "rorope": options.rorope,
+                               "shortlist": options.shortlist}
                 outcome = run_adaptive_search(evaluator, factory, candidates, work / "search_state.json", fingerprint,
-                                              options.uniform_guard, options.trajectories, layers)
+                                              options.uniform_guard, options.trajectories, layers, options.shortlist)
                 plan_folds = outcome.plan
                 search_info = {
-                    "mode": "adaptive", "criterion": options.criterion, "original": outcome.original,
+                    "mode": "adaptive", "criterion": options.criterion, "shortlist": options.shortlist,
+                    "original": outcome.original,
                     "adaptive": outcome.adaptive_score,
                     "uniform_scores": {str(f): s for f, s in outcome.uniform_scores.items()},
                     "fell_back_to_uniform": outcome.fell_back_to_uniform, "rounds": outcome.rounds,
@@ -210,7 +285,8 @@ def convert(options: ConvertOptions) -> dict:
                 }
             timings["search"] = time.perf_counter() - t0
             search_info["search_windows"] = list(search_windows.shape)
-        plan = ConversionPlan(rope_dim, plan_folds, rank, options.stage, options.latent_norm, options.rope_all)
+        plan = ConversionPlan(rope_dim, plan_folds, rank, options.stage, options.latent_norm, options.rope_all,
+                              options.lowrank, options.key_weight, options.statistics, options.rorope)
         with atomic_output_dir(options.out, options.overwrite) as tmp:
             t0 = time.perf_counter()
             result = convert_streaming(options.model, tmp, plan, calib, grams, keep_stage1=options.eval_data is not None,
@@ -230,8 +306,7 @@ def convert(options: ConvertOptions) -> dict:
             if any(f is not None for f in plan_folds):
                 plot_plan(plan_folds, tmp / "fold_plan.png", {"rope_dim": rope_dim, "kv_lora_rank": rank or "full"})
             write_json_atomic(tmp / "report.json", report)
-        if not options.keep_work:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return report
 
 
@@ -256,7 +331,7 @@ def _evaluate_stages(options, config, result, tokenizer, store, out_tmp: Path) -
     from mindyouzhi.eval.ppl import perplexity, token_stream, windows
     from mindyouzhi.models.runner import ModelRunner
 
-    data = windows(token_stream(tokenizer, options.eval_data, "--eval-data"), options.eval_seq_len,
+    data = windows(token_stream(tokenizer, options.eval_data, "--eval-data", options.text_field), options.eval_seq_len,
                    options.eval_max_windows, options.eval_data, "--eval-data")
     out = {"windows": int(data.shape[0]), "seq_len": int(data.shape[1])}
     out["original"] = perplexity(ModelRunner.from_dir(options.model, with_tokenizer=False), data).ppl
@@ -283,7 +358,10 @@ def _report(options, config, result, plan, rank, candidates, search_info, ppl, h
         "kv_lora_rank": rank if rank is not None else "full",
         "stage": plan.stage,
         "latent_norm": plan.latent_norm,
-        "freqfold": options.freqfold,
+        "freqfold": options.freqfold if options.plan is None else f"plan:{options.plan}",
+        "lowrank": {"method": plan.lowrank, "key_weight": plan.key_weight},
+        "statistics": plan.statistics,
+        "rorope": plan.rorope,
         "fold_plan": plan.fold_plan,
         "fold_plan_paper_labels": [paper_label(f, config.head_dim, plan.rope_dim) if f is not None else None
                                    for f in plan.fold_plan],

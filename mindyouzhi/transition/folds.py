@@ -1,6 +1,6 @@
 """FreqFold sizes: which are legal for a model, and which RoPE pair each fold group feeds.
 
-Conventions (spec §2): ``J = head_dim/2`` frequencies per head, collapse ``c = head_dim/rope_dim``.
+Conventions (docs/conversion.md §1–2): ``J = head_dim/2`` frequencies per head, collapse ``c = head_dim/rope_dim``.
 A fold ``f`` groups ``f`` adjacent frequencies into one PCA over ``n_kv·f`` features.  For ``f ≥ c``
 (TransMLA's sizes: multiples of ``c`` dividing ``J``) each group keeps its top ``f/c`` components
 as RoPE pairs, pair ``p = a·(f/c) + t``.  ``f = 1`` with ``c > 1`` is exact RoRoPE per frequency:

@@ -8,8 +8,8 @@ import numpy as np
 
 from mindyouzhi.models.config import MLAConfig, ModelConfig
 
-from .lowrank import stage2_attention
-from .rorope import stage1_attention
+from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK, HeadGeometry, stage2_attention
+from .rorope import DEFAULT_RORO, stage1_attention
 
 
 def split_attention(layer: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -37,22 +37,30 @@ class Stage1Layer:
     nope_latent: int
     rope_width: int
     rank: int  # full latent width
+    geometry: HeadGeometry
+
+
+def head_geometry(config: ModelConfig, rope_width: int, rope_all: bool = False) -> HeadGeometry:
+    return HeadGeometry(config.num_attention_heads, 0 if rope_all else config.head_dim, rope_width, config.head_dim)
 
 
 def convert_stage1(config: ModelConfig, layer: dict[str, np.ndarray], gram: np.ndarray, fold: int, rope_dim: int,
-                   rope_all: bool = False) -> Stage1Layer:
+                   rope_all: bool = False, rorope: str = DEFAULT_RORO) -> Stage1Layer:
     attn, rest = split_attention(layer)
     result = stage1_attention(attn, gram, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-                              rope_dim, fold, rope_all)
+                              rope_dim, fold, rope_all, rorope)
     rank = result.attention["kv_a_proj_with_mqa.weight"].shape[0] - result.rope_width
-    return Stage1Layer(join_attention(result.attention, rest), result.nope_latent, result.rope_width, rank)
+    return Stage1Layer(join_attention(result.attention, rest), result.nope_latent, result.rope_width, rank,
+                       head_geometry(config, result.rope_width, rope_all))
 
 
-def convert_stage2(stage1: Stage1Layer, gram: np.ndarray, rank: Optional[int],
-                   hidden_states: Optional[np.ndarray] = None, eps: float = 1e-6) -> ConvertedLayer:
+def convert_stage2(stage1: Stage1Layer, gram: np.ndarray, rank: Optional[int], method: str = DEFAULT_LOWRANK,
+                   key_weight: float = DEFAULT_KEY_WEIGHT, hidden_states: Optional[np.ndarray] = None,
+                   eps: float = 1e-6) -> ConvertedLayer:
     attn, rest = split_attention(stage1.weights)
     attn = {k: np.asarray(v, np.float64) for k, v in attn.items()}
-    new_attn, info = stage2_attention(attn, stage1.nope_latent, stage1.rope_width, gram, rank, hidden_states, eps)
+    new_attn, info = stage2_attention(attn, stage1.nope_latent, stage1.rope_width, gram, rank, stage1.geometry,
+                                      method, key_weight, hidden_states, eps)
     return ConvertedLayer(join_attention(new_attn, rest), info["rank"], info)
 
 

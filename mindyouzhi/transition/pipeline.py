@@ -1,9 +1,10 @@
 """The streaming conversion: original model in, converted model dir out, one layer at a time.
 
-Two hidden-state streams run side by side over the calibration windows (transmla-notes §3, §10):
-``A`` through the original layers (stage-1 statistics) and ``B`` through the stage-1 layers
-(stage-2 statistics, so each layer's low-rank PCA sees the errors of the layers before it).  A layer
-is read, converted, written and dropped before the next one is read.
+Statistics stream one layer at a time over the calibration windows (docs/conversion.md §4):
+with ``sequential`` (default) one stream runs through the layers as converted, so both stages of
+layer l see the inputs the deployed model gives it; ``two-stream`` is TransMLA's — ``A`` through the
+original layers (stage-1 statistics) and ``B`` through the stage-1 layers (stage-2 statistics).  A
+layer is read, converted, written and dropped before the next one is read.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 
+from mindyouzhi.convert_weights.architectures import checkpoint_shapes
 from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore, ShardedWriter
 from mindyouzhi.errors import UserError
 from mindyouzhi.io_utils import peak_rss_bytes
@@ -25,8 +27,17 @@ from mindyouzhi.progress import progress_bar
 from .calibration import GramCache, LayerRunner, layer_gram
 from .folds import check_fold, collapse
 from .layers import convert_stage1, convert_stage2, full_rank, hybrid_config
+from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK
+from .rorope import DEFAULT_RORO
 
 WEIGHT_FILES = ("config.json", "report.json", "model.safetensors.index.json")
+
+# Where each layer's statistics come from.  "two-stream" (TransMLA): stage 1 from the original
+# model's hidden states (stream A), stage 2 from the stage-1 model's (stream B).  "sequential":
+# one stream through the layers already converted (both stages of layer l see the inputs the
+# deployed model gives it, rank truncation of earlier layers included) — half the forward cost.
+STATISTICS = ("sequential", "two-stream")
+DEFAULT_STATISTICS = "sequential"
 
 
 @dataclass
@@ -37,6 +48,10 @@ class ConversionPlan:
     stage: int = 2
     latent_norm: bool = False
     rope_all: bool = False
+    lowrank: str = DEFAULT_LOWRANK
+    key_weight: float = DEFAULT_KEY_WEIGHT
+    statistics: str = DEFAULT_STATISTICS
+    rorope: str = DEFAULT_RORO
 
     def layer_rank(self, config: ModelConfig, layer: int) -> Optional[int]:
         if self.fold_plan[layer] is None:
@@ -68,6 +83,8 @@ def validate_plan(config: ModelConfig, plan: ConversionPlan, where: str) -> None
                         f"(2 × {config.num_key_value_heads} KV heads × head_dim {config.head_dim} − rope_dim {plan.rope_dim})")
     if plan.latent_norm and plan.stage == 1:
         raise UserError("--latent-norm applies to the low-rank stage; it cannot be combined with --stage 1")
+    if plan.statistics not in STATISTICS:
+        raise UserError(f"--statistics {plan.statistics}: expected one of {', '.join(STATISTICS)}")
 
 
 @dataclass
@@ -116,15 +133,18 @@ def convert_streaming(model_dir: Path, out_dir: Path, plan: ConversionPlan, cali
     store = SafetensorsStore(model_dir)
     where = str(model_dir)
     runner = LayerRunner(calib.shape[1], batch_size)
-    writer = ShardedWriter(out_dir, max_shard_bytes, metadata={"format": "ms", "producer": "mindyouzhi"})
+    ranks = [plan.layer_rank(config, i) for i in range(config.num_hidden_layers)]
+    final_config = hybrid_config(config, plan.fold_plan, ranks, plan.rope_dim, plan.latent_norm, plan.rope_all, plan.stage)
+    writer = ShardedWriter(out_dir, checkpoint_shapes(final_config), max_shard_bytes,
+                           metadata={"format": "ms", "producer": "mindyouzhi"})
     globals_ = read_global_weights(store, config, where)
     writer.add_all(globals_.items())
 
-    ranks = [plan.layer_rank(config, i) for i in range(config.num_hidden_layers)]
     stage1_config = hybrid_config(config, plan.fold_plan, [full_rank(config, plan.rope_dim, plan.rope_all)
                                                           if f is not None else None for f in plan.fold_plan],
                                   plan.rope_dim, rope_all=plan.rope_all, stage=1)
-    need_stream_a = grams_a is None
+    sequential = plan.statistics == "sequential"
+    need_stream_a = grams_a is None and not sequential
     hidden_a = globals_["model.embed_tokens.weight"][calib] if need_stream_a else None
     hidden_b = globals_["model.embed_tokens.weight"][calib]
     del globals_
@@ -141,16 +161,21 @@ def convert_streaming(model_dir: Path, out_dir: Path, plan: ConversionPlan, cali
             final = original
             layer_for_b = (config, original)
         else:
-            gram_a = grams_a[index] if grams_a is not None else layer_gram(hidden_a, original, eps)[0]
-            stage1 = convert_stage1(config, original, np.asarray(gram_a), fold, plan.rope_dim, plan.rope_all)
+            gram_b, normed_b = layer_gram(hidden_b, original, eps, keep_normed=plan.latent_norm)
+            if sequential:
+                gram_a = gram_b
+            else:
+                gram_a = grams_a[index] if grams_a is not None else layer_gram(hidden_a, original, eps)[0]
+            stage1 = convert_stage1(config, original, np.asarray(gram_a), fold, plan.rope_dim, plan.rope_all, plan.rorope)
             layer_for_b = (stage1_config, stage1.weights)
             if plan.stage == 1:
                 final = stage1.weights
             else:
-                gram_b, normed_b = layer_gram(hidden_b, original, eps, keep_normed=plan.latent_norm)
-                converted = convert_stage2(stage1, gram_b, plan.kv_lora_rank, normed_b, eps)
+                converted = convert_stage2(stage1, gram_b, plan.kv_lora_rank, plan.lowrank, plan.key_weight, normed_b, eps)
                 final = converted.weights
                 info.update(converted.info)
+                if sequential:
+                    layer_for_b = (final_config, final)
             if stage1_weights is not None:
                 stage1_weights.update({layer_prefix(index) + k: v for k, v in stage1.weights.items()})
         if stage1_weights is not None and fold is None:
@@ -159,13 +184,13 @@ def convert_streaming(model_dir: Path, out_dir: Path, plan: ConversionPlan, cali
         if index < last:  # the last layer's outputs feed no statistics
             if need_stream_a:
                 hidden_a = runner.run(config, index, original, hidden_a)
-            if plan.stage == 2 or keep_stage1:
+            if plan.stage == 2 or keep_stage1 or sequential:
                 hidden_b = runner.run(layer_for_b[0], index, layer_for_b[1], hidden_b)
         result.layers.append(info)
         bar.update(1)
     bar.close()
     writer.close()
-    result.config = hybrid_config(config, plan.fold_plan, ranks, plan.rope_dim, plan.latent_norm, plan.rope_all, plan.stage)
+    result.config = final_config
     for info in result.layers:
         info["kv_values_per_token"] = {"before": config.kv_values_per_token(info["layer"]),
                                        "after": result.config.kv_values_per_token(info["layer"])}

@@ -1,6 +1,6 @@
 """Stage 1: merge the KV heads, RoRoPE with FreqFold, and express the layer as full-latent MLA.
 
-Notation (``transmla-notes.md`` §4, §12): rows of ``W_k`` are (KV head g, coordinate i) with the
+Notation (docs/conversion.md §1–2): rows of ``W_k`` are (KV head g, coordinate i) with the
 rotate-half pairing (re_j = i < J, im_j = i ≥ J).  For each fold group we take the uncentred
 second moment of the group's re- and im-coordinates over calibration tokens, computed from the
 layer's augmented input Gram matrix ``G = Σ [x;1][x;1]ᵀ`` (so no activations are stored), and
@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+
+from mindyouzhi.errors import UserError
 
 from .folds import fold_groups
 
@@ -41,47 +44,92 @@ def descending_eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values[order], vectors[:, order]
 
 
+RORO_METHODS = ("score", "key")
+DEFAULT_RORO = "score"
+
+
+def _group_basis(key_moment: np.ndarray, query_moment: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(T, T⁻¹) for one fold group; rows of T are the components, most important first.
+
+    ``key`` (TransMLA): T is the eigenbasis of the key second moment (orthogonal, T⁻¹ = Tᵀ), so the
+    top components carry the most key energy.  ``score``: T simultaneously diagonalises the key
+    moment H_k (to the identity) and the query moment H_q (to Λ): with S = H_k^½ and S H_q S = V Λ Vᵀ,
+    T = Vᵀ S⁻¹ and T⁻¹ = S V.  Keys map to ``T k`` and queries to ``T⁻ᵀ q``, so every score is
+    unchanged while RoPE is kept, and component t carries λ_t of the score energy E[(q·k)²] — the
+    components that keep RoPE are the ones whose positional signal matters most to the scores.
+    """
+    if query_moment is None:
+        _, basis = descending_eigh(key_moment)
+        return basis.T, basis
+    values, vectors = np.linalg.eigh((key_moment + key_moment.T) / 2)
+    values = np.clip(values, values.max() * 1e-10, None)
+    root = (vectors * np.sqrt(values)) @ vectors.T
+    inverse_root = (vectors / np.sqrt(values)) @ vectors.T
+    _, basis = descending_eigh(root @ query_moment @ root)
+    return basis.T @ inverse_root, root @ basis
+
+
 def rorope_rotation(k_aug: np.ndarray, gram: np.ndarray, num_kv_heads: int, head_dim: int, rope_dim: int, fold: int,
-                    rope_all: bool = False) -> tuple[np.ndarray, int]:
-    """The orthogonal map R (rows: RoPE re, RoPE im, then NoPE) and the RoPE width."""
+                    rope_all: bool = False, q_aug: Optional[np.ndarray] = None,
+                    heads_per_group: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
+    """The map T on the merged key (rows: RoPE re, RoPE im, then NoPE), its inverse, and the RoPE width.
+
+    Without ``q_aug`` T is orthogonal (TransMLA's key PCA); with it (query rows of every head,
+    ``heads_per_group`` query heads per KV head) each group's T is the score-energy basis.
+    """
     half = head_dim // 2
     latent = num_kv_heads * head_dim
     groups = fold_groups(head_dim, rope_dim, fold, num_kv_heads, rope_all)
     pairs = sum(len(g.pairs) for g in groups)
-    rope_re = [None] * pairs
-    rope_im = [None] * pairs
+    rope_re, rope_im = [None] * pairs, [None] * pairs
     nope = []
     for group in groups:
         re_rows = np.array([g * head_dim + j for g in range(num_kv_heads) for j in group.frequencies])
         im_rows = re_rows + half
         k_re, k_im = k_aug[re_rows], k_aug[im_rows]
-        second_moment = k_re @ gram @ k_re.T + k_im @ gram @ k_im.T
-        _, basis = descending_eigh(second_moment)
-        for t in range(basis.shape[1]):
-            re_row = np.zeros(latent)
-            im_row = np.zeros(latent)
-            re_row[re_rows] = basis[:, t]
-            im_row[im_rows] = basis[:, t]
+        key_moment = k_re @ gram @ k_re.T + k_im @ gram @ k_im.T
+        query_moment = None
+        if q_aug is not None:
+            # a query head of KV group g sees that group's coordinates only: the moment is block-diagonal
+            query_moment = np.zeros_like(key_moment)
+            width = len(group.frequencies)
+            for g in range(num_kv_heads):
+                block = slice(g * width, (g + 1) * width)
+                for h in range(g * heads_per_group, (g + 1) * heads_per_group):
+                    q_re = q_aug[h * head_dim + np.asarray(group.frequencies)]
+                    q_im = q_aug[h * head_dim + half + np.asarray(group.frequencies)]
+                    query_moment[block, block] += q_re @ gram @ q_re.T + q_im @ gram @ q_im.T
+        forward, inverse = _group_basis(key_moment, query_moment)
+        for t in range(forward.shape[0]):
+            rows = []
+            for index in (re_rows, im_rows):
+                row, column = np.zeros(latent), np.zeros(latent)
+                row[index], column[index] = forward[t], inverse[:, t]
+                rows.append((row, column))
             if t < len(group.pairs):
-                rope_re[group.pairs[t]], rope_im[group.pairs[t]] = re_row, im_row
+                rope_re[group.pairs[t]], rope_im[group.pairs[t]] = rows
             else:
-                nope.extend((re_row, im_row))
+                nope.extend(rows)
     assert all(r is not None for r in rope_re), "every RoPE pair must be fed by exactly one component"
-    rotation = np.stack(rope_re + rope_im + nope)
-    return rotation, 2 * pairs
+    ordered = rope_re + rope_im + nope
+    return np.stack([r for r, _ in ordered]), np.stack([c for _, c in ordered], axis=1), 2 * pairs
 
 
 def stage1_attention(attn: dict[str, np.ndarray], gram: np.ndarray, num_heads: int, num_kv_heads: int, head_dim: int,
-                     rope_dim: int, fold: int, rope_all: bool = False) -> Stage1Result:
+                     rope_dim: int, fold: int, rope_all: bool = False, method: str = DEFAULT_RORO) -> Stage1Result:
     """Convert one GQA attention (local tensor names) into its full-latent MLA form."""
+    if method not in RORO_METHODS:
+        raise UserError(f"--rorope {method}: expected one of {', '.join(RORO_METHODS)}")
     groups = num_heads // num_kv_heads
     latent = num_kv_heads * head_dim
     has_bias = "q_proj.bias" in attn
     k_aug = augmented(attn["k_proj.weight"], attn.get("k_proj.bias"))
     v_aug = augmented(attn["v_proj.weight"], attn.get("v_proj.bias"))
     q_aug = augmented(attn["q_proj.weight"], attn.get("q_proj.bias"))
-    rotation, rope_width = rorope_rotation(k_aug, gram, num_kv_heads, head_dim, rope_dim, fold, rope_all)
+    rotation, inverse, rope_width = rorope_rotation(k_aug, gram, num_kv_heads, head_dim, rope_dim, fold, rope_all,
+                                                    q_aug if method == "score" else None, groups)
     rot_rope, rot_nope = rotation[:rope_width], rotation[rope_width:]
+    inv_rope, inv_nope = inverse[:, :rope_width], inverse[:, rope_width:]
     nope_dim = 0 if rope_all else head_dim
     # MLA divides scores by sqrt(nope + rope); the source divides by sqrt(head_dim).
     q_scale = math.sqrt((nope_dim + rope_width) / head_dim)
@@ -94,10 +142,10 @@ def stage1_attention(attn: dict[str, np.ndarray], gram: np.ndarray, num_heads: i
         q_h = q_aug[h * head_dim:(h + 1) * head_dim]
         if nope_dim:
             q_rows.append(q_scale * q_h)
-        q_rows.append(q_scale * (rot_rope[:, cols] @ q_h))
+        q_rows.append(q_scale * (inv_rope[cols].T @ q_h))
         k_up = np.zeros((nope_dim, nope_latent + latent))
         if nope_dim:
-            k_up[:, :nope_latent] = rot_nope[:, cols].T
+            k_up[:, :nope_latent] = inv_nope[cols]
         v_up = np.zeros((head_dim, nope_latent + latent))
         v_up[np.arange(head_dim), nope_latent + g * head_dim + np.arange(head_dim)] = 1.0
         kv_b_rows.extend((k_up, v_up))

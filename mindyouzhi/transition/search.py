@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import mindspore as ms
@@ -30,8 +30,11 @@ from mindyouzhi.progress import progress_bar
 
 from .calibration import GramCache, LayerRunner
 from .layers import convert_stage1, convert_stage2, full_rank, hybrid_config
+from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK
+from .rorope import DEFAULT_RORO
 
 CRITERIA = ("stage1", "final", "kl")
+DEFAULT_SHORTLIST = 2  # candidates per round that get the full criterion after the local-error ranking
 
 
 class HybridEvaluator:
@@ -53,20 +56,15 @@ class HybridEvaluator:
         self.layer_forwards_at_start = self.runner.layer_forwards
         self.evaluations = 0
 
-    def _original_pass(self, embed: np.ndarray, spill_dir: Optional[Path]) -> list[np.ndarray]:
+    def _original_pass(self, embed: np.ndarray, spill_dir: Optional[Path]) -> list:
         """Hidden states entering every layer (and leaving the last) for the original model."""
-        shape = self.inputs.shape + (self.config.hidden_size,)
-        count = self.config.num_hidden_layers + 1
-        if spill_dir is not None:
-            spill_dir.mkdir(parents=True, exist_ok=True)
-            store = [np.lib.format.open_memmap(spill_dir / f"hidden_{i:04d}.npy", "w+", np.float32, shape) for i in range(count)]
-        else:
-            store = [np.empty(shape, np.float32) for _ in range(count)]
-        store[0][...] = embed[self.inputs]
+        hidden = embed[self.inputs]
+        store = [_Spilled.save(spill_dir, 0, hidden)]
         bar = progress_bar(self.config.num_hidden_layers, "search prefix", "layer")
         for index in range(self.config.num_hidden_layers):
             weights = read_layer_weights(self.store, self.config, index, self.where)
-            store[index + 1][...] = self.runner.run(self.config, index, weights, np.asarray(store[index]))
+            hidden = self.runner.run(self.config, index, weights, hidden)
+            store.append(_Spilled.save(spill_dir, index + 1, hidden))
             bar.update(1)
         bar.close()
         return store
@@ -74,11 +72,11 @@ class HybridEvaluator:
     def full_forward_equivalents(self) -> float:
         return self.runner.layer_forwards / (self.inputs.shape[0] * self.config.num_hidden_layers)
 
-    def score(self, start: int, layers: Sequence[Callable[[np.ndarray], np.ndarray]]) -> float:
-        """Criterion with layers ``start…L−1`` replaced by ``layers`` (original prefix reused)."""
+    def window_scores(self, start: int, layers: Sequence[Callable[[np.ndarray], np.ndarray]]) -> np.ndarray:
+        """Per search window, the mean criterion (NLL or KL per token) with layers ``start…L−1`` replaced."""
         assert len(layers) == self.config.num_hidden_layers - start
         self.evaluations += 1
-        total, count = 0.0, 0
+        out = np.empty(self.inputs.shape[0])
         for begin in range(0, self.inputs.shape[0], self.batch_size):
             end = begin + self.batch_size
             hidden = np.asarray(self.boundaries[start][begin:end])
@@ -90,24 +88,84 @@ class HybridEvaluator:
             else:
                 values = head_rows(head_nll, to_tensor(hidden), to_tensor(self.targets[begin:end], ms.int32),
                                    self._norm, self._head, self._eps)
-            values = values.astype(np.float64)
-            total += float(values.sum())
-            count += values.size
-        mean = total / count
+            out[begin:end] = values.astype(np.float64).mean(axis=1)
+        return out
+
+    def aggregate(self, per_window: np.ndarray) -> float:
+        """Windows have equal length, so the mean of window means is the token mean (ppl for NLL)."""
+        mean = float(np.mean(per_window))
         return mean if self.criterion == "kl" else math.exp(mean)
+
+    def score(self, start: int, layers: Sequence[Callable[[np.ndarray], np.ndarray]]) -> float:
+        """Criterion with layers ``start…L−1`` replaced by ``layers`` (original prefix reused)."""
+        return self.aggregate(self.window_scores(start, layers))
+
+    def local_error(self, layer: int, run: Callable[[np.ndarray], np.ndarray]) -> float:
+        """Relative squared error of layer ``layer``'s output on the original inputs (one layer pass).
+
+        The cheap proxy that shortlists candidates before the full criterion: a layer's choice
+        changes only its own output on those inputs, and the rest of the network maps that error
+        to the loss the same way for every candidate of the round.
+        """
+        error, energy = 0.0, 0.0
+        for begin in range(0, self.inputs.shape[0], self.batch_size):
+            end = begin + self.batch_size
+            reference = np.asarray(self.boundaries[layer + 1][begin:end], np.float64)
+            delta = run(np.asarray(self.boundaries[layer][begin:end])) - reference
+            error += float(np.sum(delta ** 2))
+            energy += float(np.sum((reference - np.asarray(self.boundaries[layer][begin:end], np.float64)) ** 2))
+        return error / max(energy, 1e-30)
 
     def original_score(self) -> float:
         return self.score(self.config.num_hidden_layers, [])
 
 
+class _Spilled:
+    """One layer boundary [n, T, D] kept in memory, or in an ``.npy`` file read by slices.
+
+    Slices are read with plain file I/O, not a memory map: mapped pages of 31 boundaries would
+    count in the process RSS (≈ 0.6 GB for SmolLM2 and 8k search tokens)."""
+
+    def __init__(self, array: Optional[np.ndarray] = None, path: Optional[Path] = None, shape=None, offset: int = 0):
+        self.array, self.path, self.shape, self.offset = array, path, shape, offset
+
+    @classmethod
+    def save(cls, directory: Optional[Path], index: int, array: np.ndarray):
+        array = np.ascontiguousarray(array, np.float32)
+        if directory is None:
+            return array
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"hidden_{index:04d}.npy"
+        with open(path, "wb") as handle:
+            np.lib.format.write_array_header_1_0(handle, {"descr": "<f4", "fortran_order": False, "shape": array.shape})
+            offset = handle.tell()
+            array.tofile(handle)
+        return cls(path=path, shape=array.shape, offset=offset)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        begin, end, _ = rows.indices(self.shape[0])
+        row = int(np.prod(self.shape[1:]))
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset + 4 * row * begin)
+            return np.fromfile(handle, np.float32, count=row * (end - begin)).reshape((end - begin,) + self.shape[1:])
+
+
 @dataclass
 class CandidateFactory:
-    """Builds the converted layer l with fold f as a runnable closure (for the chosen criterion)."""
+    """Builds the converted layer l with fold f as a runnable closure (for the chosen criterion).
+
+    With ``final``/``kl`` the candidate is what would be deployed: stage 1 with fold f, then the
+    stage-2 compression to ``rank`` with ``lowrank`` (in the hybrid, layer l's input is the
+    original model's, so its Gram G_A is the stage-2 statistic too).
+    """
 
     evaluator: HybridEvaluator
     grams: GramCache
     rope_dim: int
     rank: Optional[int]
+    lowrank: str = DEFAULT_LOWRANK
+    key_weight: float = DEFAULT_KEY_WEIGHT
+    rorope: str = DEFAULT_RORO
     _cache: dict = field(default_factory=dict)
 
     def __call__(self, layer: int, fold: int, keep: bool = False) -> Callable[[np.ndarray], np.ndarray]:
@@ -118,11 +176,10 @@ class CandidateFactory:
         config = ev.config
         original = read_layer_weights(ev.store, config, layer, ev.where)
         gram = np.asarray(self.grams[layer])
-        stage1 = convert_stage1(config, original, gram, fold, self.rope_dim)
+        stage1 = convert_stage1(config, original, gram, fold, self.rope_dim, rorope=self.rorope)
         weights, rank = stage1.weights, stage1.rank
         if ev.criterion in ("final", "kl") and self.rank is not None:
-            # In the hybrid, layer l's input is the original model's, so G_A is its stage-2 statistic too.
-            converted = convert_stage2(stage1, gram, self.rank)
+            converted = convert_stage2(stage1, gram, self.rank, self.lowrank, self.key_weight)
             weights, rank = converted.weights, converted.rank
         plan = [None] * config.num_hidden_layers
         ranks = [None] * config.num_hidden_layers
@@ -137,6 +194,14 @@ class CandidateFactory:
         self._cache.pop((layer, fold), None)
 
 
+def _int_keyed(table: dict, value=float) -> dict:
+    return {int(k): {int(f): value(v) for f, v in row.items()} for k, row in table.items()}
+
+
+def _str_keyed(table: dict) -> dict:
+    return {str(k): {str(f): v for f, v in row.items()} for k, row in table.items()}
+
+
 @dataclass
 class SearchState:
     """Everything a resumed search needs; saved after each round."""
@@ -144,22 +209,24 @@ class SearchState:
     fingerprint: dict
     candidates: list[int]
     decided: dict[int, int] = field(default_factory=dict)
-    scores: dict[int, dict[int, float]] = field(default_factory=dict)
+    scores: dict[int, dict[int, float]] = field(default_factory=dict)  # layer → fold → criterion
+    windows: dict[int, dict[int, list]] = field(default_factory=dict)  # layer → fold → per-window criterion
+    proxy: dict[int, dict[int, float]] = field(default_factory=dict)  # layer → fold → local output error
     original: Optional[float] = None
     seconds: float = 0.0
 
     def to_json(self) -> dict:
         return {"fingerprint": self.fingerprint, "candidates": self.candidates, "original": self.original,
-                "seconds": self.seconds,
-                "decided": {str(k): v for k, v in self.decided.items()},
-                "scores": {str(k): {str(f): s for f, s in v.items()} for k, v in self.scores.items()}}
+                "seconds": self.seconds, "decided": {str(k): v for k, v in self.decided.items()},
+                "scores": _str_keyed(self.scores), "windows": _str_keyed(self.windows), "proxy": _str_keyed(self.proxy)}
 
     @classmethod
     def from_json(cls, data: dict) -> "SearchState":
         return cls(fingerprint=data["fingerprint"], candidates=list(data["candidates"]), original=data.get("original"),
                    seconds=float(data.get("seconds", 0.0)),
                    decided={int(k): int(v) for k, v in data["decided"].items()},
-                   scores={int(k): {int(f): float(s) for f, s in v.items()} for k, v in data["scores"].items()})
+                   scores=_int_keyed(data["scores"]), windows=_int_keyed(data.get("windows", {}), list),
+                   proxy=_int_keyed(data.get("proxy", {})))
 
     @classmethod
     def load_or_new(cls, path: Optional[Path], fingerprint: dict, candidates: list[int]) -> "SearchState":
@@ -176,25 +243,63 @@ class SearchState:
             write_json_atomic(path, self.to_json())
 
 
+Evaluation = Union[float, tuple[float, Sequence[float]]]
+
+
 def greedy_last_to_first(num_layers: int, candidates: Sequence[int],
-                         evaluate: Callable[[int, int, dict[int, int]], float], state: SearchState,
-                         on_round: Optional[Callable[[int], None]] = None) -> dict[int, int]:
+                         evaluate: Callable[[int, int, dict[int, int]], Evaluation], state: SearchState,
+                         on_round: Optional[Callable[[int], None]] = None,
+                         proxy: Optional[Callable[[int, int], float]] = None,
+                         shortlist: Optional[int] = None) -> dict[int, int]:
     """The YouZhi greedy search over any criterion ``evaluate(layer, fold, decided_later_layers)``.
 
-    Rounds already in ``state.decided`` are skipped (resume); ties keep the smaller fold.
+    ``evaluate`` returns the criterion, or (criterion, per-window values) for the bootstrap.  With
+    ``proxy`` and ``shortlist`` = k, only the k candidates with the lowest ``proxy(layer, fold)``
+    are evaluated by the criterion.  Rounds already in ``state.decided`` are skipped (resume);
+    ties keep the smaller fold.
     """
     for layer in range(num_layers - 1, -1, -1):
         if layer in state.decided:
             continue
         later = {k: v for k, v in state.decided.items() if k > layer}
+        pool = list(candidates)
+        if proxy is not None and shortlist and shortlist < len(pool):
+            errors = state.proxy.setdefault(layer, {})
+            for fold in pool:
+                if fold not in errors:
+                    errors[fold] = float(proxy(layer, fold))
+            pool = sorted(pool, key=lambda f: (errors[f], f))[:shortlist]
         scores = state.scores.setdefault(layer, {})
-        for fold in candidates:
+        if len(pool) == 1:  # nothing left to compare: the criterion would only cost time
+            state.decided[layer] = pool[0]
+            if on_round:
+                on_round(layer)
+            continue
+        for fold in pool:
             if fold not in scores:
-                scores[fold] = float(evaluate(layer, fold, later))
-        state.decided[layer] = min(candidates, key=lambda f: (scores[f], f))
+                result = evaluate(layer, fold, later)
+                if isinstance(result, tuple):
+                    result, per_window = result
+                    state.windows.setdefault(layer, {})[fold] = [float(v) for v in per_window]
+                scores[fold] = float(result)
+        state.decided[layer] = min(pool, key=lambda f: (scores[f], f))
         if on_round:
             on_round(layer)
     return {layer: state.decided[layer] for layer in range(num_layers)}
+
+
+def bootstrap_margin(chosen: Sequence[float], runner_up: Sequence[float], samples: int = 2000,
+                     seed: int = 0) -> dict:
+    """How robust a round's choice is to the search windows: paired bootstrap over windows.
+
+    Returns the mean per-token criterion gap (runner-up − chosen), its 5–95 % bootstrap interval
+    and the share of resamples in which the chosen candidate still wins.
+    """
+    gap = np.asarray(runner_up, np.float64) - np.asarray(chosen, np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(gap), size=(samples, len(gap)))
+    means = gap[picks].mean(axis=1)
+    return {"gap": float(gap.mean()), "gap_p05": float(np.percentile(means, 5)),
+            "gap_p95": float(np.percentile(means, 95)), "p_chosen_wins": float((means > 0).mean())}
 
 
 @dataclass
@@ -212,10 +317,29 @@ class SearchOutcome:
     fell_back_to_uniform: Optional[int] = None
 
 
+def _round_report(state: SearchState, layer: int) -> dict:
+    scores = state.scores.get(layer, {})
+    chosen = state.decided[layer]
+    report = {"layer": layer, "chosen": chosen, "scores": {str(f): v for f, v in scores.items()}}
+    if layer in state.proxy:
+        report["proxy"] = {str(f): v for f, v in state.proxy[layer].items()}
+    others = sorted((f for f in scores if f != chosen), key=lambda f: scores[f])
+    windows = state.windows.get(layer, {})
+    if others and chosen in windows and others[0] in windows:
+        report["runner_up"] = others[0]
+        report["bootstrap"] = bootstrap_margin(windows[chosen], windows[others[0]])
+    return report
+
+
 def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int],
                         state_path: Optional[Path], fingerprint: dict, uniform_guard: bool = True,
-                        trajectories: bool = True, selected: Optional[set[int]] = None) -> SearchOutcome:
-    """Greedy search over the ``selected`` layers (default all); other layers stay GQA."""
+                        trajectories: bool = True, selected: Optional[set[int]] = None,
+                        shortlist: Optional[int] = None) -> SearchOutcome:
+    """Greedy search over the ``selected`` layers (default all); other layers stay GQA.
+
+    ``shortlist`` = k: each round ranks every candidate by its layer-local output error (one layer
+    pass each) and runs the full criterion only for the best k.
+    """
     started = time.perf_counter()
     config = evaluator.config
     num_layers = config.num_hidden_layers
@@ -237,8 +361,12 @@ def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, c
         return [chosen[k] if k in chosen else chosen.setdefault(k, layer_fn(k, later[k], keep=True))
                 for k in range(layer + 1, num_layers)]
 
-    def evaluate(layer: int, fold: int, later: dict[int, int]) -> float:
-        return evaluator.score(layer, [factory(layer, fold)] + chosen_suffix(layer, later))
+    def evaluate(layer: int, fold: int, later: dict[int, int]) -> Evaluation:
+        per_window = evaluator.window_scores(layer, [factory(layer, fold)] + chosen_suffix(layer, later))
+        return evaluator.aggregate(per_window), per_window
+
+    def proxy(layer: int, fold: int) -> float:
+        return evaluator.local_error(layer, factory(layer, fold))
 
     bar = progress_bar(num_layers, "adaptive search", "layer", initial=len(state.decided))
 
@@ -247,14 +375,18 @@ def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, c
         state.save(state_path)
         bar.update(1)
 
-    plan_by_layer = greedy_last_to_first(num_layers, candidates, evaluate, state, on_round)
+    plan_by_layer = greedy_last_to_first(num_layers, candidates, evaluate, state, on_round, proxy, shortlist)
     bar.close()
     search_equivalents = evaluator.full_forward_equivalents()
     plan = [plan_by_layer[i] if i in selected else None for i in range(num_layers)]
     order = sorted(selected, reverse=True)
-    rounds = [{"layer": layer, "scores": {str(f): state.scores[layer][f] for f in candidates}, "chosen": state.decided[layer]}
-              for layer in order]
-    adaptive_traj = [(rank + 1, state.scores[layer][state.decided[layer]]) for rank, layer in enumerate(order)]
+    rounds = [_round_report(state, layer) for layer in order]
+    adaptive_traj = [(rank + 1, state.scores[layer][state.decided[layer]]) for rank, layer in enumerate(order)
+                     if state.decided[layer] in state.scores.get(layer, {})]
+    if order and (not adaptive_traj or adaptive_traj[-1][0] != len(order)):  # last round decided by the proxy alone
+        first_layer = min(selected)
+        final_layers = [layer_fn(i, plan_by_layer[i]) for i in range(first_layer, num_layers)]
+        adaptive_traj.append((len(order), evaluator.score(first_layer, final_layers)))
     adaptive_score = adaptive_traj[-1][1] if adaptive_traj else state.original
     trajectory = {"adaptive": adaptive_traj}
     uniform_scores: dict[int, float] = {}

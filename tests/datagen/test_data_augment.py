@@ -4,9 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from click.testing import CliRunner
@@ -14,7 +13,8 @@ from click.testing import CliRunner
 from mindyouzhi.datagen.cli import data
 from mindyouzhi.datagen.dedup import NearDuplicateFilter
 from mindyouzhi.datagen.ifeval import verify
-from mindyouzhi.datagen.llm_client import LLMClient, LLMError, extract_json
+from mindyouzhi.datagen.llm_client import EndpointError, LLMClient, extract_json
+from http_stub import local_http_server
 
 MAX_REQUESTS = 5000  # the stub refuses more than this; the thread also stops at the end of the test
 
@@ -88,17 +88,8 @@ class StubHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stub_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
-    server.daemon_threads = False  # server_close() then waits for handlers still running (the slow one)
-    server.state = {"requests": 0, "flaky": 2}
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with local_http_server(StubHandler, {"requests": 0, "flaky": 2}, wait_for_handlers=True) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def url(server) -> str:
@@ -149,12 +140,12 @@ def test_client_retries_times_out_and_caches(stub_server, tmp_path):
     client = LLMClient(url(stub_server), retries=3, backoff=0.01, timeout=0.2, cache_path=tmp_path / "c.jsonl")
     reply = client.ask('FLAKY 请输出 {"personas": []}')
     assert "personas" in reply and client.requests == 3  # two 503s, then success
-    with pytest.raises(LLMError, match="after 2 attempts"):
+    with pytest.raises(EndpointError, match=r"after 2 attempt\(s\)"):
         LLMClient(url(stub_server), retries=1, backoff=0.01, timeout=0.1).ask("SLOW please")
     cached = LLMClient(url(stub_server), cache_path=tmp_path / "c.jsonl")
     assert cached.ask('FLAKY 请输出 {"personas": []}') == reply and cached.requests == 0
     assert extract_json('前言 ```json\n{"a": [1, 2]}\n``` 后记') == {"a": [1, 2]}
-    with pytest.raises(LLMError):
+    with pytest.raises(EndpointError, match="Connection refused"):
         LLMClient("http://127.0.0.1:9/v1", retries=0, timeout=0.5).ask("nobody listens")
 
 

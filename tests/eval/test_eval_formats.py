@@ -84,10 +84,31 @@ def test_exam_csv_rejects_non_utf8(tmp_path):
         read_exam_csv(path)
 
 
-def test_exam_data_dir_with_split_subdirs_asks_for_a_split(tmp_path):
+def test_exam_root_folder_resolves_to_the_split_with_answers(tmp_path, capsys):
     write(tmp_path / "ceval" / "val" / "law_val.csv", HEADER + "0,q,a,b,c,d,A\n")
-    with pytest.raises(UserError, match="pass one, e.g."):
+    write(tmp_path / "ceval" / "dev" / "law_dev.csv", HEADER + "0,shot,a,b,c,d,B\n")
+    write(tmp_path / "ceval" / "test" / "law_test.csv", "id,question,A,B,C,D\n0,hidden,a,b,c,d\n")
+    items = TASKS["ceval"].load(tmp_path / "ceval", TaskOptions(shots=1))
+    assert [item.item_id for item in items] == ["law_val.csv:2"]
+    assert "shot" in items[0].context  # few-shot still comes from the sibling dev split
+    assert "using the 'val' split" in capsys.readouterr().err
+    # FinanceIQ publishes its answers in test/.
+    write(tmp_path / "fiq" / "test" / "银行.csv", ",Question,A,B,C,D,Answer\n0,q,a,b,c,d,C\n")
+    write(tmp_path / "fiq" / "dev" / "银行.csv", ",Question,A,B,C,D,Answer\n0,s,a,b,c,d,A\n")
+    assert [item.group for item in TASKS["financeiq"].load(tmp_path / "fiq", TaskOptions(shots=0))] == ["银行"]
+    assert "'test' split" in capsys.readouterr().err
+
+
+def test_exam_root_without_the_answer_split_asks_for_one(tmp_path):
+    write(tmp_path / "ceval" / "test" / "law_test.csv", HEADER + "0,q,a,b,c,d,A\n")
+    with pytest.raises(UserError, match="no 'val' split with answers; pass one, e.g."):
         TASKS["ceval"].load(tmp_path / "ceval", TaskOptions(shots=0))
+
+
+def test_cflue_accepts_its_knowledge_folder(tmp_path):
+    write(tmp_path / "cflue" / "data" / "knowledge" / "knowledge.json", json.dumps([_cflue_record()], ensure_ascii=False))
+    for data in (tmp_path / "cflue" / "data", tmp_path / "cflue" / "data" / "knowledge"):
+        assert len(TASKS["cflue"].load(data, TaskOptions())) == 1
 
 
 def test_missing_dev_split_for_few_shot_is_reported(tmp_path):

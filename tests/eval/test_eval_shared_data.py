@@ -33,3 +33,12 @@ def test_classification_and_hellaswag_files(shared_dir):
     assert len(read_sentences(data / "fpb" / "Sentences_50Agree.txt", FPB)) == 4846
     assert len(read_sentences(data / "sst5" / "stsa.fine.test", SST5)) == 2210
     assert len(read_hellaswag(data / "hellaswag" / "hellaswag_val_full.txt.bz2")) == 10042
+
+
+def test_benchmark_root_folders_resolve_to_the_split_with_answers(shared_dir, capsys):
+    """``--data fineval`` (the folder as downloaded: dev/ val/ test_20pct/) means its val split."""
+    for benchmark, subjects in (("fineval", 34), ("ceval", 52)):
+        root = shared_dir / "data" / "eval" / benchmark
+        items = TASKS[benchmark].load(root, TaskOptions(shots=5, limit=1))
+        assert len(items) == subjects and all(item.item_id.split(":")[0].endswith("_val.csv") for item in items)
+        assert f"{root}: using the 'val' split" in capsys.readouterr().err

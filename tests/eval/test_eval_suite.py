@@ -110,3 +110,36 @@ def test_json_generation_rows_show_field_accuracy(tmp_path):
     table = render_markdown(result)
     assert "| Intents | exact_match (%) | 2 | 100.00 | 0.00 | -100.00 |" in table
     assert "| Intents | field_accuracy (%) | 2 | 100.00 | 50.00 | -50.00 |" in table
+
+
+def test_finance_preset_runs_what_has_data_and_prints_the_paper_layout(tmp_path):
+    from mindyouzhi.eval.suite import preset_entries, render_paper_table
+
+    root = tmp_path / "eval"
+    (root / "fineval" / "val").mkdir(parents=True)
+    (root / "fineval" / "dev").mkdir()
+    (root / "fineval" / "val" / "banking_val.csv").write_text(HEADER + "0,q1,a,b,c,d,B\n1,q2,a,b,c,d,A\n")
+    (root / "fineval" / "dev" / "banking_dev.csv").write_text(HEADER + "0,s,a,b,c,d,B\n")
+    entries, not_run = preset_entries("finance", root, limit=1)
+    assert [entry.name for entry in entries] == ["FinEval"]
+    assert entries[0].data == root / "fineval" and entries[0].settings == {"limit": 1, "shots": 5}
+    assert not_run[0] == "OpenFinData (no task in mindyouzhi)"
+    assert any(text.startswith("CFLUE (no ") for text in not_run) and any(text.startswith("FPB (no ") for text in not_run)
+    entries[0].settings["shots"] = 1  # the fixture's dev split has one example per subject
+    models = {"orig": letter_model("B"), "conv": letter_model("A")}
+    result = run_suite(["orig", "conv"], entries, ["original", "converted"], loader=models.__getitem__, progress=False)
+    table = render_paper_table(result, "Finance benchmarks", not_run)
+    lines = [line for line in table.splitlines() if line]
+    assert lines[0] == "**Finance benchmarks**"
+    assert lines[1] == "| Model | FinEval | Avg |"
+    assert lines[3] == "| original | 100.00 | 100.00 |" and lines[4] == "| converted | 0.00 | 0.00 |"
+    assert "FinEval: accuracy, n=1" in table and "Not run: OpenFinData" in table
+
+
+def test_preset_errors(tmp_path):
+    from mindyouzhi.eval.suite import preset_entries
+
+    with pytest.raises(UserError, match="none of its benchmarks has data"):
+        preset_entries("general", tmp_path)
+    with pytest.raises(UserError, match="--data-root"):
+        preset_entries("general", tmp_path / "missing")

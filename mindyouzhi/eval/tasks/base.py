@@ -30,6 +30,9 @@ class ChoiceItem:
     labels: tuple[str, ...]  # the answer each continuation stands for ("A", "ABD", "positive")
     gold: int  # index into ``choices``
     letters: tuple[str, ...] = ()  # option letters, for generation scoring; empty when answers are not letters
+    # The same prompt with the text to classify replaced by a content-free input ("N/A"): the
+    # label prior that ``--scoring calibrated`` subtracts (Zhao et al. 2021).
+    calibration_context: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,12 @@ class TaskSpec:
     summary: str
     letter_answers: bool = False  # answers are option letters: ``--scoring generate`` is possible
     grouped_by: str = "subject"  # what ``ChoiceItem.group`` / ``GenerationItem.group`` means for this task
+    # Generation tasks with their own scoring (IFEval, MATH-500, ...): ``score(response, item)`` → the
+    # row's fields; ``aggregate(rows)`` → (metrics, groups, extra).  None: exact match / JSON fields.
+    score: Optional[Callable[[str, "GenerationItem"], dict]] = None
+    aggregate: Optional[Callable[[Sequence[dict]], tuple]] = None
+    group_metric: Optional[str] = None  # the per-group value printed in the summary
+    classification: bool = False  # label-word choices: ``--scoring calibrated`` applies
 
 
 def data_error(path: Union[str, Path], where: str, message: str) -> UserError:
@@ -139,6 +148,19 @@ def require_object(path: Path, where: str, record: Any) -> dict:
     if not isinstance(record, dict):
         raise data_error(path, where, f"expected a JSON object, found {type(record).__name__}")
     return record
+
+
+def json_objects(path: Path) -> Iterator[tuple[str, dict]]:
+    """(location, record) for every record of a JSON array / JSONL file, each checked to be an object."""
+    for where, record in read_json_records(path):
+        yield where, require_object(path, where, record)
+
+
+def required_text(path: Path, where: str, record: dict, key: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise data_error(path, where, f"missing or empty '{key}'")
+    return value
 
 
 def balanced_shots(examples: Sequence, label_of: Callable[[Any], str], shots: int) -> list:

@@ -20,7 +20,9 @@ from typing import Any
 
 from mindyouzhi.errors import UserError
 
-from .base import LETTERS, ChoiceItem, TaskOptions, check_shot_count, data_error, read_json_records, require_file, require_object
+from .base import (
+    LETTERS, ChoiceItem, TaskOptions, check_shot_count, data_error, json_objects, require_file, require_path,
+)
 from .lettered import CHINESE_CUE, LetteredQuestion, build_prompt, to_choice_item
 
 SINGLE, MULTIPLE, TRUE_FALSE = "单项选择题", "多项选择题", "判断题"
@@ -48,8 +50,7 @@ def read_cflue(path: Path) -> list[tuple[LetteredQuestion, str]]:
     """(question, exam name) for every record, validated."""
     path = Path(path)
     questions = []
-    for where, record in read_json_records(path):
-        record = require_object(path, where, record)
+    for where, record in json_objects(path):
         kind = record.get("task")
         if kind not in QUESTION_KINDS:
             raise data_error(path, where, f"'task' is {kind!r}, expected one of {', '.join(QUESTION_KINDS)}")
@@ -88,8 +89,22 @@ def cflue_header(exam: str, kind: str) -> str:
     return f"以下是中国关于{exam}考试的{kind}，{ask}"
 
 
+def knowledge_file(data: Path) -> Path:
+    """The questions file: ``data`` itself, or the JSON inside a ``knowledge/`` folder (or a CFLUE
+    checkout's ``data/`` folder holding one)."""
+    data = require_path(data)
+    for folder in (data, data / "knowledge"):
+        if folder.is_dir():
+            found = sorted(folder.glob("*.json")) + sorted(folder.glob("*.jsonl"))
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise UserError(f"--data {folder}: several question files ({', '.join(f.name for f in found)}); pass one")
+    return require_file(data)
+
+
 def load_cflue(data: Path, options: TaskOptions) -> list[ChoiceItem]:
-    questions = read_cflue(require_file(data))[: options.limit]
+    questions = read_cflue(knowledge_file(data))[: options.limit]
     examples: list[LetteredQuestion] = []
     if options.shots > 0:
         if options.fewshot_data is None:

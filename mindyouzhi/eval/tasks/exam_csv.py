@@ -6,11 +6,17 @@ option columns are the consecutive single letters from A.  A split lives in a di
 (``ceval/val``, ``fineval/test_20pct``) whose files are named ``{subject}_{split}.csv`` (FinanceIQ:
 ``{科目}.csv``); few-shot examples are the first k questions of the same subject in the sibling
 ``dev`` directory (or ``--fewshot-data``), as in the benchmarks' own few-shot protocol.
+
+``--data`` may be a subject file, a split directory, or the benchmark's root folder as downloaded
+(``ceval/`` with ``dev/ val/ test/``): the root resolves to the split that has answers — ``val``
+for C-Eval and FinEval (their test answers are withheld), ``test`` for FinanceIQ — and says so on
+stderr.
 """
 from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -90,16 +96,24 @@ def read_exam_csv(path: Path, group: Optional[str] = None) -> list[LetteredQuest
     return questions
 
 
+def resolve_split(path: Path, answer_split: str) -> Path:
+    """``path`` itself, or for a benchmark root holding split directories, its ``answer_split``."""
+    if path.is_file() or any(path.glob("*.csv")):
+        return path
+    splits = sorted(child.name for child in path.iterdir() if child.is_dir() and any(child.glob("*.csv")))
+    if answer_split in splits:
+        print(f"--data {path}: using the '{answer_split}' split (the one with answers)", file=sys.stderr)
+        return path / answer_split
+    if splits:
+        raise UserError(f"--data {path}: has split directories {', '.join(splits)} but no '{answer_split}' split with "
+                        f"answers; pass one, e.g. {path / splits[0]}")
+    raise UserError(f"--data {path}: no .csv files and no split directories")
+
+
 def _data_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    files = sorted(path.glob("*.csv"))
-    if files:
-        return files
-    splits = [name for name in ("val", "test", "dev") if (path / name).is_dir()]
-    if splits:
-        raise UserError(f"--data {path}: holds split directories ({', '.join(splits)}); pass one, e.g. {path / splits[0]}")
-    raise UserError(f"--data {path}: no .csv files")
+    return sorted(path.glob("*.csv"))
 
 
 def _shot_files(data: Path, fewshot_data: Optional[Path]) -> dict[str, Path]:
@@ -120,8 +134,8 @@ def _same_question(a: LetteredQuestion, b: LetteredQuestion) -> bool:
     return a.question == b.question and a.options == b.options
 
 
-def load_exam(data: Path, options: TaskOptions, subject_names: dict) -> list[ChoiceItem]:
-    data = require_path(data)
+def load_exam(data: Path, options: TaskOptions, subject_names: dict, answer_split: str = "val") -> list[ChoiceItem]:
+    data = resolve_split(require_path(data), answer_split)
     shot_files = _shot_files(data, options.fewshot_data) if options.shots > 0 else {}
     items = []
     for file in _data_files(data):

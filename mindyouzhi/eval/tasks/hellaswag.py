@@ -1,6 +1,11 @@
-"""HellaSwag in its 6-line text format (as used by llama.cpp's ``--hellaswag``; plain or .bz2).
+"""HellaSwag: the official ``hellaswag_{train,val}.jsonl`` or llama.cpp's 6-line text (plain or .bz2).
 
-Each item is six lines: the context (``activity_label: ctx``, already preprocessed), the gold
+Official JSONL records (``ctx_a``, ``ctx_b``, ``endings``, ``label``, ``activity_label``, ...) are
+preprocessed as lm-evaluation-harness does: the context is ``activity_label: ctx_a Ctx_b`` (ctx_b
+capitalised), and context and endings drop WikiHow's bracketed markers (`` [title]`` becomes ``. ``,
+other ``[...]`` are removed) and double spaces.  The format is recognised by the first character.
+
+In the text format each item is six lines: the context (``activity_label: ctx``, already preprocessed), the gold
 ending index 0-3, then the four endings.  Each ending is scored as the continuation ``" " + ending``
 after the context; the reported ``acc_norm`` (the primary metric) picks the ending with the highest
 log-likelihood per character, as lm-evaluation-harness does, because longer endings otherwise lose
@@ -8,20 +13,47 @@ simply for having more tokens.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from mindyouzhi.errors import UserError
 
-from .base import ChoiceItem, TaskOptions, check_shot_count, data_error, read_text, require_file
+from .base import ChoiceItem, TaskOptions, check_shot_count, data_error, json_objects, read_text, require_file
 
 LINES_PER_ITEM = 6
 ENDINGS = 4
 
 
+def preprocess(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, str, tuple[str, ...], int]]:
+    items = []
+    for where, record in json_objects(path):
+        missing = [key for key in ("ctx_a", "ctx_b", "endings", "label", "activity_label") if key not in record]
+        if missing:
+            raise data_error(path, where, f"missing {', '.join(missing)} (official HellaSwag jsonl fields)")
+        endings = record["endings"]
+        if not isinstance(endings, list) or len(endings) != ENDINGS or not all(isinstance(e, str) and e.strip() for e in endings):
+            raise data_error(path, where, f"'endings' must be {ENDINGS} non-empty strings")
+        if str(record["label"]).strip() not in {str(index) for index in range(ENDINGS)}:
+            raise data_error(path, where, f"'label' {record['label']!r} is not 0-3 (the test split has no labels: use val)")
+        context = f"{record['activity_label']}: {record['ctx_a']} {str(record['ctx_b']).capitalize()}"
+        item_id = f"{path.name}:{record.get('ind', where)}"
+        items.append((item_id, preprocess(context), tuple(preprocess(e) for e in endings), int(record["label"])))
+    return items
+
+
 def read_hellaswag(path: Path) -> list[tuple[str, str, tuple[str, ...], int]]:
     """(item id, context, endings, gold index) per item."""
     path = Path(path)
-    lines = read_text(path).splitlines()
+    text = read_text(path)
+    if text.lstrip().startswith(("{", "[")):
+        return _read_jsonl(path)
+    lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) % LINES_PER_ITEM:

@@ -27,7 +27,7 @@ from mindyouzhi.errors import UserError
 
 from .base import (
     LETTERS, ChoiceItem, GenerationItem, TaskOptions, check_shot_count, contains_cjk, data_error,
-    read_json_records, require_file, require_object,
+    json_objects, require_file,
 )
 from .lettered import CHINESE_CUE, ENGLISH_CUE, LetteredQuestion, build_prompt, to_choice_item
 
@@ -77,8 +77,7 @@ def read_mcq(path: Path) -> list[tuple[LetteredQuestion, str]]:
     """(question, instruction header) per record, validated."""
     path = Path(path)
     questions = []
-    for where, record in read_json_records(path):
-        record = require_object(path, where, record)
+    for where, record in json_objects(path):
         question = record.get("question")
         if not isinstance(question, str) or not question.strip():
             raise data_error(path, where, "missing or empty 'question'")
@@ -146,8 +145,7 @@ def gold_text(gold: Any) -> str:
 def read_generation(path: Path) -> list[GenerationItem]:
     path = Path(path)
     items = []
-    for where, record in read_json_records(path):
-        record = require_object(path, where, record)
+    for where, record in json_objects(path):
         prompt_key = next((key for key in PROMPT_KEYS if isinstance(record.get(key), str)), None)
         if prompt_key is None or not record[prompt_key].strip():
             raise data_error(path, where, f"no prompt: expected a non-empty string under one of {', '.join(PROMPT_KEYS)}")

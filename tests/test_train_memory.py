@@ -1,0 +1,119 @@
+"""The per-rank memory plan (``train --plan``) and the layouts the trainer refuses before starting."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mindyouzhi.cli import main
+from mindyouzhi.models.config import ModelConfig
+from mindyouzhi.train.memory import Layout, parse_bytes, plan_memory, stage_parameters
+from test_train_fixtures import shared_models, write_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+A3_RECIPES = sorted(RECIPES.glob("*_a3.yaml"))
+
+
+def _checkpoint_shapes(model_dir: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "np") as handle:
+        return {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+
+
+def test_plan_counts_every_parameter_of_the_checkpoint(tmp_path_factory):
+    """Independent reference: the tensor shapes in the student's safetensors file."""
+    models = shared_models(tmp_path_factory)
+    config = ModelConfig.from_dir(models["student"])
+    shapes = _checkpoint_shapes(models["student"])
+    assert stage_parameters(config, Layout()) == sum(int(np.prod(s)) for s in shapes.values())
+    matrices = sum(int(np.prod(s)) for s in shapes.values() if len(s) == 2)
+    vectors = sum(int(np.prod(s)) for s in shapes.values() if len(s) == 1)
+    assert stage_parameters(config, Layout(model_parallel=2)) == matrices // 2 + vectors
+    # two stages: the larger one holds one layer plus the embedding or the head
+    assert stage_parameters(config, Layout(pipeline_stage=2)) < stage_parameters(config, Layout())
+
+
+def test_optimizer_sharding_and_bf16_change_the_right_rows(tmp_path_factory):
+    config = ModelConfig.from_dir(shared_models(tmp_path_factory)["student"])
+    common = dict(seq_length=32, micro_batch=2, recompute=True)
+    fp32 = plan_memory(config, Layout(data_parallel=4), **common)
+    sharded = plan_memory(config, Layout(data_parallel=4, optimizer_shard=True), compute_dtype="bfloat16", **common)
+    params = stage_parameters(config, Layout())
+    assert fp32.rows["AdamW moments (fp32)"] == 8 * params and "fp32 master weights" not in fp32.rows
+    assert sharded.rows["AdamW moments (fp32)"] == 8 * -(-params // 4)
+    assert sharded.rows["fp32 master weights"] == 4 * -(-params // 4)
+    assert sharded.rows["weights (bfloat16)"] == 2 * params
+
+
+def test_recompute_pays_off_with_depth():
+    """Recomputation keeps each layer's input plus one layer's working set (twice): worse than
+    keeping everything for 2 layers, far better for 24."""
+    def rows(layers, recompute):
+        config = ModelConfig.from_dict(dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2))
+        plan = plan_memory(config, Layout(), seq_length=64, micro_batch=1, recompute=recompute)
+        return plan.rows["activations (recompute)" if recompute else "activations (no recompute)"]
+
+    assert rows(2, True) > rows(2, False)
+    assert rows(24, True) < rows(24, False) / 4
+    assert rows(24, False) == 12 * rows(2, False)
+
+
+@pytest.mark.parametrize("recipe", A3_RECIPES, ids=[p.stem for p in A3_RECIPES])
+def test_a3_recipes_fit_58gb_per_npu(recipe, monkeypatch):
+    monkeypatch.setenv("MINDYOUZHI_MODELS", "/nonexistent/models")
+    monkeypatch.setenv("MINDYOUZHI_DATA", "/nonexistent/data")
+    result = CliRunner().invoke(main, ["train", "--plan", "--config", str(recipe), "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["limit"] == 58 << 30 and plan["total"] <= plan["limit"]
+    assert plan["layout"]["data_parallel"] * plan["layout"]["model_parallel"] == 32
+    assert ("teacher weights (bfloat16)" in plan["rows"]) == recipe.name.startswith("gkd")
+
+
+def test_a_recipe_that_does_not_fit_is_refused_before_anything_starts(tmp_path, tmp_path_factory):
+    models = shared_models(tmp_path_factory)
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out"),
+                          model={"student": str(models["student"]), "teacher": str(models["teacher"])},
+                          train_dataset={"sources": [str(models["text"])]},
+                          context={"mode": 0, "device_target": "CPU", "max_device_memory": "1MB"})
+    planned = CliRunner().invoke(main, ["train", "--plan", "--config", str(recipe)])
+    assert planned.exit_code == 2 and "total per rank" in planned.output
+    assert "context.max_device_memory" in planned.output.splitlines()[-1]
+    trained = CliRunner().invoke(main, ["train", "--config", str(recipe)])
+    assert trained.exit_code == 2 and "needs" in trained.output and len(trained.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"parallel_config": {"data_parallel": 1, "model_parallel": 2}}, "parallel_config.model_parallel 2 is planned"),
+    ({"parallel_config": {"data_parallel": 1, "optimizer_shard": True}}, "parallel_config.optimizer_shard"),
+    ({"model": {"compute_dtype": "bfloat16"}}, "model.compute_dtype bfloat16"),
+    ({"parallel_config": {"data_parallel": 1, "model_parallel": 3}}, "model_parallel 3 does not divide"),
+])
+def test_layouts_this_trainer_does_not_run_are_refused(tmp_path, tmp_path_factory, section, message):
+    models = shared_models(tmp_path_factory)
+    model = {"student": str(models["student"]), "teacher": str(models["teacher"]), **section.get("model", {})}
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out"), model=model,
+                          train_dataset={"sources": [str(models["text"])]},
+                          **{k: v for k, v in section.items() if k != "model"})
+    result = CliRunner().invoke(main, ["train", "--config", str(recipe)])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["runner_wrapper.type", "parallel_config.gradient_aggregation_group"])
+def test_keys_that_did_nothing_are_refused(tmp_path, key):
+    section, name = key.split(".")
+    recipe = write_recipe(tmp_path / "r.yaml", run_mode="sft", model={"student": str(tmp_path)},
+                          train_dataset={"sources": [str(tmp_path / "t.txt")]}, **{section: {name: 4}})
+    result = CliRunner().invoke(main, ["train", "--plan", "--config", str(recipe)])
+    assert result.exit_code == 2 and f"unknown key {key}" in result.output
+
+
+def test_parse_bytes():
+    assert parse_bytes("58GB", "x") == 58 << 30 and parse_bytes("512MB", "x") == 512 << 20
+    with pytest.raises(Exception, match="expected a size"):
+        parse_bytes("lots", "context.max_device_memory")
