@@ -15,6 +15,13 @@ Target: the gap to the teacher, ppl(student) − ppl(teacher), closed by ≥ 50%
 recipes, logs and curves of the measured run stay inspectable; training tokens/s are taken from
 their summaries.  Writes ``bench/results/recover.json``.
 
+``--packing-study`` instead compares the two packed-attention modes of SFT from the converted
+student (no GKD): ``train_dataset.packed_attention`` shared vs isolated, same data, steps and
+seed; reports the first-step loss (same weights, same batch: the effect of the mask alone), the
+loss curves and the wiki.test.raw perplexity of both results.  Writes
+``bench/results/packing.json`` (with ``--sft-steps 0`` only the no-training mask comparison, to
+``packing_mask.json``).
+
 Measured (2026-11-28, 2-core CPU shared with other jobs, load average 6–13): teacher 28.69, student
 before 78.57, after GKD (40 steps = 81,920 tokens) 36.78, after SFT (8 steps = 16,384 tokens)
 36.38 — gap closed 83.8% / 84.6%; GKD 45 train tokens/s (teacher forward included), SFT 153.
@@ -110,6 +117,79 @@ def gap_closed(teacher: float, before: float, after: float) -> float:
     return (before - after) / (before - teacher) if before != teacher else float("nan")
 
 
+def mask_effect(student: Path, finance: Path, seq_length: int) -> dict:
+    """Response-token loss of the examples packed *after* another one in a window (the ones the
+    mask changes), under the shared and the isolated mask: same weights, no training."""
+    import numpy as np
+
+    from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+    from mindyouzhi.models.config import ModelConfig
+    from mindyouzhi.models.decoder import CausalLM, RopeTables
+    from mindyouzhi.models.layers import causal_mask, to_tensor
+    from mindyouzhi.tokenizer import load_tokenizer
+    from mindyouzhi.train.config import DataSource
+    from mindyouzhi.train.data import attention_mask, build_dataset, collate
+
+    import mindspore as ms
+
+    config = ModelConfig.from_dir(student)
+    net = CausalLM(config, SafetensorsStore(student), where=str(student))
+    tables = tuple(to_tensor(t) for t in RopeTables(config)(seq_length))
+    data = build_dataset(load_tokenizer(student), [DataSource(finance, "sft")], seq_length, True, "packing study")
+    windows = [e for e in data.examples if len(e.segments) > 1]
+    sums = {"shared": 0.0, "isolated": 0.0}
+    count = 0
+    for example in windows:
+        batch = collate([example], seq_length, 0)
+        later = batch.mask[0] & (batch.segments[0] > 0)  # loss positions of the 2nd, 3rd, … example
+        count += int(later.sum())
+        for mode, mask in (("shared", causal_mask(seq_length)), ("isolated", attention_mask(batch.segments)[0])):
+            logits = net(to_tensor(batch.ids, ms.int32), *tables, to_tensor(mask)).asnumpy()[0].astype(np.float64)
+            logits -= logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            sums[mode] += float(-logp[np.arange(seq_length), batch.targets[0]][later].sum())
+    loss = {mode: total / count for mode, total in sums.items()}
+    return {"seq_length": seq_length, "windows": len(data.examples), "windows_with_several_examples": len(windows),
+            "scored_tokens": count, "loss": loss, "ppl": {mode: float(np.exp(v)) for mode, v in loss.items()}}
+
+
+def packing_study(student: Path, finance: Path, test: Path, args, work: Path) -> None:
+    started = time.perf_counter()
+    effect = mask_effect(student, finance, args.mask_seq_length)
+    print(f"mask alone, {effect['windows_with_several_examples']} of {effect['windows']} windows of "
+          f"{effect['seq_length']} hold several examples; loss of the later examples' {effect['scored_tokens']} "
+          f"response tokens: shared {effect['loss']['shared']:.4f}, isolated {effect['loss']['isolated']:.4f}",
+          flush=True)
+    runs = {}
+    for mode in (("shared", "isolated") if args.sft_steps > 0 else ()):
+        recipe = base_recipe("sft", work / f"sft-{mode}", student, [{"path": str(finance), "format": "sft"}], 512,
+                             args.sft_steps, 2, 2, args.sft_lr, 0.01)
+        recipe["train_dataset"]["packed_attention"] = mode
+        recipe["runner_config"]["save_steps"] = 0
+        print(f"SFT, packed_attention {mode}: {args.sft_steps} steps × 4 × 512 tokens", flush=True)
+        summary = train(recipe, work, f"sft-{mode}")
+        log = [json.loads(line) for line in (work / f"sft-{mode}" / "train_log.jsonl").read_text().splitlines()]
+        runs[mode] = {"losses": [r["loss"] for r in log], "summary": summary,
+                      "ppl": ppl(work / f"sft-{mode}" / "final", test, args.eval_windows, work, f"sft-{mode}")}
+    report = {"benchmark": "packing", "student": str(student), "mask_effect": effect,
+              "budget": {"steps": args.sft_steps, "global_batch": 4, "seq_length": 512, "learning_rate": args.sft_lr,
+                         "data": "disc-finllm (packed)"},
+              "eval": {"data": str(test), "seq_len": 512, "windows": args.eval_windows},
+              "first_step_loss": {mode: runs[mode]["losses"][0] for mode in runs},
+              "final_loss": {mode: runs[mode]["losses"][-1] for mode in runs},
+              "losses": {mode: runs[mode]["losses"] for mode in runs},
+              "ppl": {mode: runs[mode]["ppl"]["ppl"] for mode in runs},
+              "tokens_per_second": {mode: runs[mode]["summary"]["tokens_per_second"] for mode in runs},
+              "wall_seconds": round(time.perf_counter() - started, 1)}
+    # --sft-steps 0: the mask comparison alone, kept apart from the training comparison's file
+    out = REPO / "bench" / "results" / ("packing.json" if runs else "packing_mask.json")
+    write_json_atomic(out, report)
+    for mode in runs:
+        print(f"{mode:>8}: loss {report['first_step_loss'][mode]:.4f} → {report['final_loss'][mode]:.4f}, "
+              f"ppl {report['ppl'][mode]:.4f}")
+    print(f"→ {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", type=Path, default=Path("/tmp/smol"), help="SmolLM2 HF dir (fetched if missing)")
@@ -122,6 +202,10 @@ def main() -> None:
     parser.add_argument("--sft-lr", type=float, default=2e-5)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--packing-study", action="store_true",
+                        help="compare SFT with packed examples attending to each other vs isolated")
+    parser.add_argument("--mask-seq-length", type=int, default=1024,
+                        help="--packing-study: window length of the no-training mask comparison")
     args = parser.parse_args()
 
     work = args.work
@@ -147,6 +231,9 @@ def main() -> None:
             conversion = cli("convert", "--model", str(teacher), "--out", str(student), "--rope-dim", "32",
                              "--kv-lora-rank", "96", "--freqfold", "4", "--calib", str(valid), "--calib-tokens", "8192",
                              "--overwrite", log=work / "convert.log")
+    if args.packing_study:
+        packing_study(student, finance, test, args, work)
+        return
     print("perplexity on wiki.test.raw, before:", flush=True)
     results = {"teacher": ppl(teacher, test, args.eval_windows, work, "teacher"),
                "student_before": ppl(student, test, args.eval_windows, work, "student-before")}

@@ -12,10 +12,11 @@ by ≥ 25 % against the best uniform fold.
 ``--protocol hf-rows`` is the side-by-side protocol against the public TransMLA converter (issue 12):
 SmolLM2, rope_dim 32, calibration 32,768 tokens of wiki.valid.tokens, perplexity on the first 40
 windows × 2048 of WikiText-2 test built as the Hugging Face rows joined with blank lines.  It runs
-the real ``convert`` (the default adaptive search, every uniform fold asked for, each low-rank
-method) and writes ``bench/results/transition_hf_rows.json``:
+the real ``convert`` with its defaults (stage 1, final at each rank, uniform folds, the default
+adaptive search and its plan reused at the other ranks) plus one row with TransMLA's own choices in
+our code, and writes ``bench/results/transition_hf_rows.json``:
 
-    .venv/bin/python bench/transition.py --protocol hf-rows [--lowrank output,bkv] [--uniform-folds 2,4,8]
+    .venv/bin/python bench/transition.py --protocol hf-rows [--eval-windows 40] [--uniform-folds 2,4,8]
 """
 from __future__ import annotations
 
@@ -177,7 +178,6 @@ def hf_rows_protocol(args) -> dict:
                      "calibration": {"file": str(calib_path), "tokens": args.calib_tokens, "seq_len": 256},
                      "evaluation": {"file": str(test_path), "windows": int(test.shape[0]), "seq_len": 2048},
                      "rows": {}}
-    path = common.RESULTS / "transition_hf_rows.json"
 
     def ppl(directory) -> float:
         return perplexity(ModelRunner.from_dir(directory, with_tokenizer=False), test).ppl
@@ -194,37 +194,53 @@ def hf_rows_protocol(args) -> dict:
                    "test_ppl": ppl(options.out)}
         results["rows"][label] = row
         print(f"  {label}: ppl {row['test_ppl']:.4f} ({row['seconds']:.0f} s)", flush=True)
-        common.save("transition_hf_rows", results)
+        common.save(name, results)
         return row
 
+    name = "transition_hf_rows" if args.only == "all" else f"transition_hf_rows_{args.only}"
     results["rows"]["original"] = {"test_ppl": ppl(model_dir)}
     print(f"  original: {results['rows']['original']['test_ppl']:.4f}", flush=True)
-    for fold in [int(f) for f in args.uniform_folds.split(",")]:
-        run(f"stage1 f={fold}", freqfold=str(fold), stage=1)
-        for method in args.lowrank.split(","):
-            for rank in ranks:
-                run(f"final f={fold} r{rank} {method}", freqfold=str(fold), kv_lora_rank=rank, lowrank=method)
-    adaptive = run(f"adaptive r{ranks[0]}", freqfold="adaptive", kv_lora_rank=ranks[0],
-                   search_tokens=args.search_tokens, trajectories=False)
-    with tempfile.TemporaryDirectory() as scratch:
-        plan_file = Path(scratch) / "report.json"
-        plan_file.write_text(json.dumps({"fold_plan": adaptive["fold_plan"], "rope_dim": 32}))
-        for rank in ranks[1:]:
-            run(f"adaptive plan r{rank}", freqfold="adaptive", plan=plan_file, kv_lora_rank=rank)
-    default = args.lowrank.split(",")[0]
-    uniform = {label: row["test_ppl"] for label, row in results["rows"].items()
-               if label.startswith("final f=") and label.endswith(f"r{ranks[0]} {default}")}
-    best = min(uniform, key=uniform.get)
-    results["adaptive_vs_best_uniform"] = {"best_uniform": best, "ratio": adaptive["test_ppl"] / uniform[best]}
-    common.save("transition_hf_rows", results)
+    peer = {"rorope": "key", "lowrank": "bkv", "statistics": "two-stream"}  # TransMLA's choices, our code
+    first, *other_ranks = ranks
+    # most telling rows first: results are saved after every row
+    uniform_rows = args.only in ("all", "uniform")
+    if uniform_rows:
+        run(f"final f=4 r{first}", freqfold="4", kv_lora_rank=first)
+        if args.peer_equivalent:
+            run(f"TransMLA-equivalent f=4 r{first}", freqfold="4", kv_lora_rank=first, **peer)
+        run("stage1 f=4", freqfold="4", stage=1)
+        for rank in other_ranks:
+            run(f"final f=4 r{rank}", freqfold="4", kv_lora_rank=rank)
+    adaptive = None
+    if args.adaptive and args.only in ("all", "adaptive"):
+        adaptive = run(f"adaptive r{first}", freqfold="adaptive", kv_lora_rank=first, search_tokens=args.search_tokens,
+                       trajectories=False)
+    for fold in [int(f) for f in args.uniform_folds.split(",") if f and int(f) != 4 and uniform_rows]:
+        run(f"final f={fold} r{first}", freqfold=str(fold), kv_lora_rank=first)
+    if adaptive is not None:
+        with tempfile.TemporaryDirectory() as scratch:
+            plan_file = Path(scratch) / "report.json"
+            plan_file.write_text(json.dumps({"fold_plan": adaptive["fold_plan"], "rope_dim": 32}))
+            for rank in other_ranks:
+                run(f"adaptive plan r{rank}", plan=plan_file, kv_lora_rank=rank)
+        uniform = {label: row["test_ppl"] for label, row in results["rows"].items()
+                   if label.startswith("final f=") and label.endswith(f"r{first}")}
+        if uniform:
+            best = min(uniform, key=uniform.get)
+            results["adaptive_vs_best_uniform"] = {"best_uniform": best, "ratio": adaptive["test_ppl"] / uniform[best]}
+    common.save(name, results)
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--protocol", choices=["legacy", "hf-rows"], default="legacy")
-    parser.add_argument("--lowrank", default="output,bkv", help="hf-rows: low-rank methods for the uniform rows")
-    parser.add_argument("--uniform-folds", default="4", help="hf-rows: uniform folds converted and evaluated")
+    parser.add_argument("--uniform-folds", default="2,4,8", help="hf-rows: uniform folds converted at the first rank")
+    parser.add_argument("--no-peer-equivalent", dest="peer_equivalent", action="store_false",
+                        help="hf-rows: skip the row with TransMLA's choices (key PCA, BKV, two streams) in our code")
+    parser.add_argument("--no-adaptive", dest="adaptive", action="store_false", help="hf-rows: skip the search rows")
+    parser.add_argument("--only", choices=["all", "uniform", "adaptive"], default="all",
+                        help="hf-rows: run one half (e.g. in two processes); results go to transition_hf_rows_<half>.json")
     parser.add_argument("--ranks", default="96,160", help="hf-rows: kv_lora_rank values")
     parser.add_argument("--models", default="stories260k,smollm2")
     parser.add_argument("--calib-tokens", type=int, default=None, help="default 16384 (hf-rows: the issue-12 protocol's)")

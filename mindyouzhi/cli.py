@@ -88,9 +88,9 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_j
                    "care = covariance-aware SVD of the per-head keys and values")
 @click.option("--key-weight", default=1.0, show_default=True, type=float,
               help="--lowrank output: weight of key (score) errors against value errors")
-@click.option("--statistics", default="sequential", show_default=True, type=click.Choice(["sequential", "two-stream"]),
-              help="calibration streams: sequential = one stream through the converted layers; "
-                   "two-stream = TransMLA's (original model for stage 1, stage-1 model for stage 2)")
+@click.option("--statistics", default="two-stream", show_default=True, type=click.Choice(["two-stream", "sequential"]),
+              help="calibration streams: two-stream = original model for stage 1, stage-1 model for stage 2; "
+                   "sequential = one stream through the converted layers (half the cost, less accurate)")
 @click.option("--folds", default=None, help="candidate folds for the search, e.g. 1,2,4,8 (default: all legal)")
 @click.option("--criterion", default="final", show_default=True, type=click.Choice(["stage1", "final", "kl"]),
               help="search criterion: final = ppl of the deployed model (stage 2 at --kv-lora-rank), "

@@ -123,19 +123,25 @@ def test_generate_spec_parsing():
     assert specs == {"--calib": generated_text.GenerateSpec(100, 42), "--eval-data": generated_text.GenerateSpec(50, 1042)}
 
 
-def test_rows_match_the_contiguous_cache_reference(tiny):
-    """Each row of the batched paged sampler draws what the single-sequence reference draws with its generator."""
-    from mindyouzhi.models.generation import generate
+def test_rows_are_samples_of_the_transformers_distribution(tiny):
+    """Each sampled token is what the row's own generator draws from transformers' next-token logits
+    for the row so far (one torch forward per row is the reference for every step)."""
+    from hf_fixtures import hf_logits
+    from mindyouzhi.models.generation import sample_token
     from mindyouzhi.models.runner import ModelRunner
 
     runner = ModelRunner.from_dir(tiny["model"])
     prompts = [[5], [7, 8, 9], [1, 30]]
     seeds = [(3, 0), (3, 1), (3, 2)]
-    rows = generated_text.sample_rows(runner, prompts, 12, seeds)
+    rows = generated_text.sample_rows(runner, prompts, 24, seeds)
     for prompt, seed, row in zip(prompts, seeds, rows):
-        reference = generate(runner, prompt, 12 - len(prompt), temperature=generated_text.TEMPERATURE, seed=list(seed))
-        assert row == prompt + reference
-    assert generated_text.sample_rows(runner, prompts[1:2], 12, seeds[1:2])[0] == rows[1]  # batching changes nothing
+        assert len(row) == 24 and row[:len(prompt)] == prompt
+        logits = hf_logits(tiny["model"], np.asarray([row]))[0]
+        rng = np.random.default_rng(list(seed))
+        expected = [sample_token(logits[t], generated_text.TEMPERATURE, 1.0, rng) for t in range(len(prompt) - 1, 23)]
+        assert row[len(prompt):] == expected
+    assert len({tuple(row[3:]) for row in rows}) == 3  # the seeds give different text
+    assert generated_text.sample_rows(runner, prompts[1:2], 24, seeds[1:2])[0] == rows[1]  # batching changes nothing
 
 
 def test_convert_calibrates_on_generated_text_and_caches_it(tiny, tmp_path, monkeypatch):
@@ -170,3 +176,17 @@ def test_convert_calibrates_on_generated_text_and_caches_it(tiny, tmp_path, monk
     result, output = cli_json("eval", "kl", "--teacher", tiny["model"], "--student", out, "--data", "generate:300",
                               "--seq-len", 64)
     assert result["data"] == report["data"]["eval"]["path"] and "using cached generated text" in output
+
+
+def test_generated_text_too_short_is_refused_before_any_sampling(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(generated_text, "generated_texts", lambda *a, **k: pytest.fail("must not sample"))
+    out = tmp_path / "o"
+    code, output = cli("convert", "--model", tiny["model"], "--out", out, "--calib", "generate:300", "--calib-tokens", 512,
+                       "--calib-seq-len", 64, "--rope-dim", 8, "--freqfold", 2)
+    assert code == 2 and output.count("error:") == 1 and "--calib generate:300: fewer tokens than --calib-tokens 512" in output
+    code, output = cli("convert", "--model", tiny["model"], "--out", out, "--calib", "generate:600", "--calib-tokens", 512,
+                       "--calib-seq-len", 64, "--rope-dim", 8, "--search-tokens", 1024)
+    assert code == 2 and "--calib generate:600: fewer tokens than --search-tokens 1024" in output
+    code, output = cli("convert", "--model", tiny["model"], "--out", out, "--calib", "generate:1000", "--calib-tokens", 512,
+                       "--calib-seq-len", 64, "--rope-dim", 8, "--freqfold", 2, "--eval-data", "generate:10:42")
+    assert code == 2 and "same seed 42" in output and not out.exists()

@@ -68,7 +68,7 @@ def test_gkd_steps_lower_the_loss_and_checkpoints_are_model_dirs(tmp_path, model
         lr_schedule={"learning_rate": 3.0e-3, "warmup_ratio": 0.05})
     means = _epoch_means(records, 4)
     assert len(records) == 12 and means[-1] < 0.8 * means[0], means
-    assert records[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and records[0]["lr"] > 0
+    assert 0 < records[-1]["lr"] < records[-2]["lr"] and records[0]["lr"] > 0  # the last step still updates
     assert all(r["tokens_per_second"] > 0 for r in records)
     out = recipe.output_dir
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000008", "checkpoint-000012"]

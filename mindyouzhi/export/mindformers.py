@@ -132,8 +132,8 @@ def write_mindformers_yaml(recipe, export_dir: Path) -> Path:
     path = export_dir / YAML_NAME
     tmp = path.with_name(f".{path.name}.tmp")
     header = (f"# MindFormers 2.1.0 fine-tuning of this export, from {recipe.path} (written by mindyouzhi export).\n"
-              f"#   msrun --worker_num={recipe.workers} --local_worker_num={recipe.workers} run_mindformer.py "
-              f"--config {path.resolve()}\n")
+              f"#   msrun --worker_num={recipe.workers} --local_worker_num=<NPUs on this node> --master_addr=<node 0> "
+              f"--node_rank=<this node> run_mindformer.py --config {path.resolve()}\n")
     tmp.write_text(header + yaml.safe_dump(mindformers_yaml(recipe, export_dir, config), sort_keys=False,
                                            allow_unicode=True), encoding="utf-8")
     tmp.replace(path)

@@ -94,6 +94,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "sources": (None, REQUIRED),         # list of {path, format, max_samples}; validated below
         "seq_length": (INT_POS, 512),
         "packing": (BOOL, False),
+        # with packing: "shared" = one causal mask over the window (examples see each other),
+        # "isolated" = block-diagonal (each example attends only to itself)
+        "packed_attention": (_one_of("shared", "isolated"), "shared"),
         "shuffle": (BOOL, True),
     },
     "eval_dataset": {                        # optional: perplexity of the final model on this text

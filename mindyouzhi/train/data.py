@@ -4,8 +4,10 @@
   and cut into non-overlapping windows of ``seq_length`` tokens, exactly like ``eval ppl``; every
   token after the first is a target.
 * ``sft`` sources go through :mod:`mindyouzhi.train.sft` (chat template, loss on responses only),
-  fitted to ``seq_length`` (``sft.truncate``: long prompts lose their middle, not the response); ``packing`` concatenates consecutive examples into full windows
-  (attention is not isolated between packed examples).
+  fitted to ``seq_length`` (``sft.truncate``: long prompts lose their middle, not the response); ``packing`` concatenates consecutive examples into full windows.
+  With ``packed_attention: isolated`` each token attends only within its own example
+  (block-diagonal causal mask, :func:`attention_mask`); RoPE scores depend on relative positions
+  only, so no position reset is needed for an example to be computed exactly as if alone.
 
 Order: optimizer step ``s`` consumes global batch ``s`` of the epoch permutation drawn from
 ``default_rng([seed, epoch])`` (a trailing partial global batch is dropped, like MindFormers'
@@ -87,7 +89,7 @@ def pack(examples: Sequence[Example], seq_length: int) -> list[Example]:
 
     def flush():
         if ids:
-            packed.append(Example(np.concatenate(ids), np.concatenate(loss), 0, -1))
+            packed.append(Example(np.concatenate(ids), np.concatenate(loss), 0, -1, tuple(len(part) for part in ids)))
 
     for example in examples:
         if used + len(example.ids) > seq_length:
@@ -164,6 +166,7 @@ class Batch:
     ids: np.ndarray      # [B, T] int32 model input
     targets: np.ndarray  # [B, T] int32 next token (0 where there is none)
     mask: np.ndarray     # [B, T] bool: position t is a loss position (predicts a target token)
+    segments: np.ndarray  # [B, T] int32: which packed example a position belongs to (padding: its own)
 
 
 def collate(examples: Sequence[Example], seq_length: int, pad_id: int) -> Batch:
@@ -172,9 +175,23 @@ def collate(examples: Sequence[Example], seq_length: int, pad_id: int) -> Batch:
     ids = np.full((rows, seq_length), pad_id, np.int32)
     targets = np.zeros((rows, seq_length), np.int32)
     mask = np.zeros((rows, seq_length), bool)
+    segments = np.zeros((rows, seq_length), np.int32)
     for row, example in enumerate(examples):
         length = len(example.ids)
         ids[row, :length] = example.ids
         targets[row, : length - 1] = example.ids[1:]
         mask[row, : length - 1] = example.loss[1:]
-    return Batch(ids, targets, mask)
+        parts = example.segments or (length,)
+        segments[row, :length] = np.repeat(np.arange(len(parts), dtype=np.int32), parts)
+        segments[row, length:] = len(parts)
+    return Batch(ids, targets, mask, segments)
+
+
+def attention_mask(segments: np.ndarray, grouped: bool = False) -> np.ndarray:
+    """Additive block-diagonal causal mask from segment ids [B, T]: [B, 1, T, T] (the MLA score
+    layout [B, H, T, T]), or [B, 1, 1, T, T] with ``grouped`` (GQA scores [B, KV, groups, T, T])."""
+    length = segments.shape[1]
+    causal = np.tril(np.ones((length, length), bool))
+    allowed = causal[None] & (segments[:, :, None] == segments[:, None, :])
+    mask = np.where(allowed, np.float32(0.0), np.float32(-1e9))[:, None]
+    return mask[:, None] if grouped else mask

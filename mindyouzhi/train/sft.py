@@ -40,6 +40,7 @@ class Example:
     loss: np.ndarray
     prompt_length: int
     source: int = 0
+    segments: tuple = ()  # lengths of the examples packed into this one (empty: a single example)
 
     @property
     def loss_tokens(self) -> int:

@@ -99,21 +99,38 @@ class WholeGraphStep:
             self._apply = jit(apply)
 
     def run(self, micro_batches: Iterable[tuple], lr, eps, decay, tables):
-        """``micro_batches`` yields (ids, targets, weights, teacher) tensors; returns (loss, norm) tensors."""
+        """``micro_batches`` yields (ids, targets, weights, teacher[, masks]) tensors; returns (loss, norm)
+        tensors.  The whole graph passes one mask to every layer: the trainer gives it masks only
+        for models whose layers are all MLA."""
         import mindspore as ms
 
         if self.accumulation == 1:
-            (ids, targets, weights, teacher), = list(micro_batches)
-            return self._fused(ids, targets, weights, teacher, lr, eps, decay, *tables)
+            (ids, targets, weights, teacher), masks = _split_micro(next(iter(micro_batches)))
+            return self._fused(ids, targets, weights, teacher, lr, eps, decay, *_with_mask(tables, masks))
         local = 0.0
-        for index, (ids, targets, weights, teacher) in enumerate(micro_batches):
+        for index, batch in enumerate(micro_batches):
+            (ids, targets, weights, teacher), masks = _split_micro(batch)
             keep = ms.Tensor(0.0 if index == 0 else 1.0, ms.float32)
-            local += float(self._accumulate(ids, targets, weights, teacher, keep, *tables).asnumpy())
+            local += float(self._accumulate(ids, targets, weights, teacher, keep,
+                                            *_with_mask(tables, masks)).asnumpy())
         return self._apply(ms.Tensor(local, ms.float32), lr, eps, decay)
 
 
 def _identity(function):
     return function
+
+
+def _with_mask(tables: tuple, masks: Optional[tuple], kind: str = "mla") -> tuple:
+    """``tables`` = (cos, sin, mla_cos, mla_sin, causal mask); a micro-batch with packed examples
+    kept apart brings its own (MLA-layout, GQA-layout) block-diagonal masks."""
+    if masks is None:
+        return tables
+    return tables[:-1] + (masks[1] if kind == "gqa" else masks[0],)
+
+
+def _split_micro(batch: tuple) -> tuple:
+    """(ids, targets, weights, teacher[, masks]) → the four tensors and the masks (or None)."""
+    return batch[:4], (batch[4] if len(batch) > 4 else None)
 
 
 class LayerwiseStep:
@@ -133,6 +150,7 @@ class LayerwiseStep:
         self.slot = {p.name: i for i, p in enumerate(self.params)}
         self._graphs: dict[tuple, tuple] = {}
         self.layers = []
+        self.kinds: list[str] = []
         for index in range(config.num_hidden_layers):
             prefix = f"model.layers.{index}."
             if config.is_mla(index):
@@ -147,6 +165,7 @@ class LayerwiseStep:
             names = tuple(prefix + order[present[slot]] for slot in wanted)
             forward, backward = self._layer_graphs(kind, dims, eps, len(order), present, wanted, jit)
             self.layers.append((forward, backward, weights, names))
+            self.kinds.append(kind)
 
         self.embed = named["model.embed_tokens.weight"]
         self.norm = named["model.norm.weight"]
@@ -204,8 +223,9 @@ class LayerwiseStep:
         self._graphs[key] = (jit(forward), jit(backward))
         return self._graphs[key]
 
-    def _micro(self, ids, targets, weights, teacher, tables, layer_values):
+    def _micro(self, ids, targets, weights, teacher, tables, layer_values, masks=None):
         """Loss and gradients (aligned with ``self.params``, None where untouched) of one micro-batch."""
+        layer_tables = [_with_mask(tables, masks, kind) for kind in self.kinds]
         grads: list = [None] * len(self.params)
 
         def add(name, grad):
@@ -215,16 +235,16 @@ class LayerwiseStep:
 
         hidden = self._embed(self.embed, ids)
         inputs = []
-        for (forward, _, _, _), layer_weights in zip(self.layers, layer_values):
+        for (forward, _, _, _), layer_weights, own_tables in zip(self.layers, layer_values, layer_tables):
             inputs.append(hidden)
-            hidden = forward(hidden, *tables, *layer_weights)
+            hidden = forward(hidden, *own_tables, *layer_weights)
         loss, head_out = self._head(hidden, self.norm, self.head, targets, weights, teacher)
         upstream, *head_grads = head_out if isinstance(head_out, (tuple, list)) else (head_out,)  # 1 position: bare
         for position, grad in zip(self.head_positions[1:], head_grads):
             add("model.norm.weight" if position == 1 else self.head_name, grad)
-        for (_, backward, _, names), layer_weights, layer_input in zip(reversed(self.layers), reversed(layer_values),
-                                                                       reversed(inputs)):
-            grads_out = backward(layer_input, upstream, *tables, *layer_weights)
+        for (_, backward, _, names), layer_weights, layer_input, own_tables in zip(
+                reversed(self.layers), reversed(layer_values), reversed(inputs), reversed(layer_tables)):
+            grads_out = backward(layer_input, upstream, *own_tables, *layer_weights)
             upstream, *layer_grads = grads_out if isinstance(grads_out, (tuple, list)) else (grads_out,)
             for name, grad in zip(names, layer_grads):
                 add(name, grad)
@@ -240,8 +260,9 @@ class LayerwiseStep:
         layer_values = [tuple(p.value() for p in layer[2]) for layer in self.layers]
         total = None
         local = 0.0
-        for ids, targets, weights, teacher in micro_batches:
-            loss, grads = self._micro(ids, targets, weights, teacher, tables, layer_values)
+        for batch in micro_batches:
+            (ids, targets, weights, teacher), masks = _split_micro(batch)
+            loss, grads = self._micro(ids, targets, weights, teacher, tables, layer_values, masks)
             local += float(loss.asnumpy())
             total = grads if total is None else [a + b for a, b in zip(total, grads)]
         total = [g if g is not None else ms.ops.zeros_like(p) for g, p in zip(total, self.params)]

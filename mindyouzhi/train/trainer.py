@@ -32,7 +32,7 @@ from mindyouzhi.errors import UserError
 
 from . import checkpoint as ckpt
 from .config import Recipe
-from .data import BatchPlan, TrainData, build_dataset, collate
+from .data import BatchPlan, TrainData, attention_mask, build_dataset, collate
 from .distributed import WorldInfo, all_reduce_sum, barrier, init_world
 from .memory import plan_recipe, refuse_if_too_big
 from .schedule import CosineWithWarmUp
@@ -107,6 +107,22 @@ class Trainer:
                             f"worker(s); run under `msrun --worker_num={wanted}` (recipes/launch.sh) or set "
                             f"data_parallel: {world.size}")
 
+    def _isolated_packing(self, config) -> bool:
+        """``packed_attention: isolated``: refused where a mask could not reach every attention."""
+        section, where = self.recipe.train_dataset, self.where
+        if section["packed_attention"] != "isolated":
+            return False
+        if not section["packing"]:
+            raise UserError(f"{where}: train_dataset.packed_attention: isolated needs train_dataset.packing: true")
+        if self.recipe.run_mode == "gkd":
+            raise UserError(f"{where}: train_dataset.packed_attention: isolated is for SFT; the GKD teacher reads "
+                            f"the packed window as one sequence (use packing: false for GKD)")
+        gqa_layers = [i for i in range(config.num_hidden_layers) if not config.is_mla(i)]
+        if gqa_layers and not self.recipe.recompute:
+            raise UserError(f"{where}: train_dataset.packed_attention: isolated with GQA layers ({gqa_layers[0]}, …) "
+                            f"needs recompute_config.recompute: true (the whole-graph step has one mask layout)")
+        return True
+
     def _resume_point(self, world: WorldInfo) -> Optional[Path]:
         out = self.recipe.output_dir
         latest = ckpt.latest_checkpoint(out)
@@ -146,6 +162,7 @@ class Trainer:
         started = time.perf_counter()
         refuse_if_too_big(recipe, plan_recipe(recipe))
         self._refuse_ascend_only_layout()
+        isolated = self._isolated_packing(ModelConfig.from_dir(recipe.student))
         device = setup_device(recipe.context)
         world = init_world()
         self._check_world(world)
@@ -226,7 +243,7 @@ class Trainer:
         for step in range(start_step, plan.total_steps):
             began = time.perf_counter()
             result = self._step(step, plan, data, world, batch_size, steps, optimizer, schedule, teacher, tables,
-                                no_teacher, pad_id, net, config, tokenizer, seq_length)
+                                no_teacher, pad_id, net, config, tokenizer, seq_length, isolated)
             seconds = time.perf_counter() - began
             step_seconds.append(seconds)
             tokens_seen += result.loss_tokens
@@ -285,7 +302,10 @@ class Trainer:
         return summary
 
     def _step(self, step, plan: BatchPlan, data: TrainData, world: WorldInfo, batch_size, steps, optimizer,
-              schedule, teacher, tables, no_teacher, pad_id, net, config, tokenizer, seq_length) -> StepResult:
+              schedule, teacher, tables, no_teacher, pad_id, net, config, tokenizer, seq_length,
+              isolated: bool = False) -> StepResult:
+        from mindyouzhi.models.layers import to_tensor
+
         from .gkd import is_on_policy_step, on_policy_examples, student_runner
 
         recipe = self.recipe
@@ -306,7 +326,12 @@ class Trainer:
                 batch = collate(examples, seq_length, pad_id)
                 weights = batch.mask.astype(np.float32) / np.float32(count)
                 teacher_logprobs = teacher.logprobs(batch.ids) if teacher is not None else no_teacher
-                yield (*as_tensors(batch.ids, batch.targets, weights), teacher_logprobs)
+                if isolated:
+                    masks = (to_tensor(attention_mask(batch.segments)),
+                             to_tensor(attention_mask(batch.segments, grouped=True)))
+                    yield (*as_tensors(batch.ids, batch.targets, weights), teacher_logprobs, masks)
+                else:
+                    yield (*as_tensors(batch.ids, batch.targets, weights), teacher_logprobs)
 
         lr, eps, decay = optimizer.scalars(step + 1, schedule(step))
         loss, norm = steps.run(batches(), lr, eps, decay, tables)

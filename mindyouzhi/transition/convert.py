@@ -148,6 +148,13 @@ def _resolve(options: ConvertOptions):
     if explicit and options.layers is not None:
         raise UserError("--layers cannot be combined with a per-layer fold plan: mark GQA layers with null in the plan")
     generated = role_specs(_text_sources(options), options.seed)
+    needs = {"--calib": (options.calib_tokens, "--calib-tokens"), "--search-data": (options.search_tokens, "--search-tokens"),
+             "--eval-data": (options.eval_seq_len, "--eval-seq-len")}
+    if options.search_data is None and fixed_plan is None:  # the search samples its windows from --calib
+        needs["--calib"] = max(needs["--calib"], needs["--search-data"])
+    for flag, spec in generated.items():
+        if spec.tokens < needs[flag][0]:
+            raise UserError(f"{flag} generate:{spec.tokens}: fewer tokens than {needs[flag][1]} {needs[flag][0]} needs")
     for flag, path in _text_sources(options).items():
         if flag not in generated:
             _file(path, flag)

@@ -1,10 +1,10 @@
 """The streaming conversion: original model in, converted model dir out, one layer at a time.
 
 Statistics stream one layer at a time over the calibration windows (docs/conversion.md §4):
-with ``sequential`` (default) one stream runs through the layers as converted, so both stages of
-layer l see the inputs the deployed model gives it; ``two-stream`` is TransMLA's — ``A`` through the
-original layers (stage-1 statistics) and ``B`` through the stage-1 layers (stage-2 statistics).  A
-layer is read, converted, written and dropped before the next one is read.
+``two-stream`` (default, TransMLA's) runs ``A`` through the original layers (stage-1 statistics) and
+``B`` through the stage-1 layers (stage-2 statistics); ``sequential`` runs one stream through the
+layers as converted (half the cost).  A layer is read, converted, written and dropped before the
+next one is read.
 """
 from __future__ import annotations
 
@@ -35,9 +35,10 @@ WEIGHT_FILES = ("config.json", "report.json", "model.safetensors.index.json")
 # Where each layer's statistics come from.  "two-stream" (TransMLA): stage 1 from the original
 # model's hidden states (stream A), stage 2 from the stage-1 model's (stream B).  "sequential":
 # one stream through the layers already converted (both stages of layer l see the inputs the
-# deployed model gives it, rank truncation of earlier layers included) — half the forward cost.
-STATISTICS = ("sequential", "two-stream")
-DEFAULT_STATISTICS = "sequential"
+# deployed model gives it, rank truncation of earlier layers included) — half the forward cost,
+# but measured worse on validation text (SmolLM2 f=4 r=96: 67.57 vs 65.05, docs/BENCHMARKS.md).
+STATISTICS = ("two-stream", "sequential")
+DEFAULT_STATISTICS = "two-stream"
 
 
 @dataclass
