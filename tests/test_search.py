@@ -164,7 +164,7 @@ def test_analyze_layers_writes_json_and_plots(setup, tmp_path):
 @pytest.mark.parametrize("criterion", ["final", "kl"])
 def test_other_criteria(setup, criterion):
     evaluator = HybridEvaluator(setup["config"], setup["store"], setup["windows"], criterion, batch_size=4)
-    factory = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=24)
+    factory = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=6)
     original = evaluator.original_score()
     converted = evaluator.score(1, [factory(1, 2)])
     if criterion == "kl":
@@ -172,7 +172,7 @@ def test_other_criteria(setup, criterion):
     else:
         stage1 = HybridEvaluator(setup["config"], setup["store"], setup["windows"], "stage1", batch_size=4)
         full = CandidateFactory(stage1, setup["grams"], rope_dim=8, rank=None)
-        assert converted != pytest.approx(stage1.score(1, [full(1, 2)]), rel=1e-4)  # rank 24 truncation is visible
+        assert converted != pytest.approx(stage1.score(1, [full(1, 2)]), rel=1e-4)  # rank 6 truncation is visible
         assert original == pytest.approx(stage1.original_score(), rel=1e-6)
 
 
