@@ -127,13 +127,17 @@ def test_layerwise_recompute_step_equals_the_whole_graph_step(tmp_path, models, 
     _, summary, layerwise = _run(tmp_path / "b", models, recompute_config={"recompute": True}, **common)
     np.testing.assert_allclose([r["loss"] for r in layerwise], [r["loss"] for r in whole], rtol=1e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in layerwise], [r["grad_norm"] for r in whole], rtol=1e-4)
-    want, got = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0, err_msg=name)
-    if trainable == "attention":  # everything outside self_attn is the student's original weights
-        from safetensors.numpy import load_file
+    from safetensors.numpy import load_file
 
-        before = load_file(str(models["student"] / "model.safetensors"))
+    want, got = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
+    before = load_file(str(models["student"] / "model.safetensors"))
+    for name in want:
+        # Adam divides by √v: an element whose gradient is ~0 turns a last-bit gradient difference
+        # into an O(lr) step, so compare the updates with a bound relative to the largest step
+        update = want[name] - before[name]
+        bound = 1e-5 + 0.05 * float(np.abs(update).max())
+        np.testing.assert_allclose(got[name] - before[name], update, atol=bound, rtol=0, err_msg=name)
+    if trainable == "attention":  # everything outside self_attn is the student's original weights
         for name in want:
             frozen = ".self_attn." not in name
             assert np.array_equal(got[name], before[name]) == frozen, name
