@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=32768)
     parser.add_argument("--fold", type=int, default=4)
     parser.add_argument("--rank", type=int, default=96)
+    parser.add_argument("--statistics", default="two-stream", choices=["two-stream", "sequential"])
     args = parser.parse_args()
     from mindyouzhi.models.config import ModelConfig
 
@@ -37,6 +38,7 @@ def main() -> None:
         seconds, peak, stdout = common.child_peak([common.cli(), "convert", "--model", str(model_dir),
                                             "--out", f"{work}/out", "--calib", str(calib), "--calib-tokens", str(args.calib_tokens),
                                             "--rope-dim", "32", "--kv-lora-rank", str(args.rank), "--freqfold", str(args.fold),
+                                            "--statistics", args.statistics,
                                             "--json"])
     report = json.loads(stdout)
     from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
@@ -54,6 +56,7 @@ def main() -> None:
     }
     result = {
         "model": "SmolLM2-135M-Instruct", "fold": args.fold, "rank": args.rank, "calib_tokens": args.calib_tokens,
+        "statistics": args.statistics,
         "wall_seconds": seconds, "peak_rss_bytes": peak, "runtime_baseline_rss_bytes": baseline,
         "model_fp32_bytes": model_bytes, "peak_over_model": peak / model_bytes,
         "peak_above_baseline_over_model": (peak - baseline) / model_bytes,

@@ -86,7 +86,7 @@ def output_metric(attn: dict, latent_rows: np.ndarray, gram: np.ndarray, geometr
     scale = 1.0 / (geometry.qk_nope_dim + geometry.qk_rope_dim)
     for q_nope, b_k, b_v, w_o in _head_blocks(attn, geometry):
         value_map = w_o @ b_v @ latent_rows  # x ↦ this head's value as seen by the residual stream
-        spread = float(np.einsum("ij,jk,ik->", value_map, centred, value_map))
+        spread = float(np.sum((value_map @ centred) * value_map))  # tr(V C Vᵀ) through BLAS
         metric += b_v.T @ (w_o.T @ w_o) @ b_v
         if len(q_nope):
             query_moment = q_nope @ gram @ q_nope.T / max(count, 1.0)
