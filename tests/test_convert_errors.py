@@ -37,6 +37,17 @@ def test_illegal_fold_lists_legal_values(env, tmp_path):
     assert_refused(*convert(env, out, "--rope-dim", 8, "--freqfold", 3), "--freqfold 3", "legal values: 1, 2, 4, 8", out=out)
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--key-weight", 0], ["--key-weight 0", "positive"]),
+    (["--shortlist", 0], ["--shortlist 0", "at least 1"]),
+    (["--freqfold", "2,x"], ["--freqfold 2,x", "one fold per layer"]),
+    (["--freqfold", "2,4", "--layers", "1"], ["--layers", "per-layer fold plan"]),
+])
+def test_bad_conversion_options_are_named(env, tmp_path, args, words):
+    out = tmp_path / "o"
+    assert_refused(*convert(env, out, "--rope-dim", 8, *args), *words, out=out)
+
+
 def test_rank_above_maximum_gives_the_maximum(env, tmp_path):
     out = tmp_path / "o"
     # 2 KV heads × head_dim 16: latent 2·32 − rope 8 = 56
