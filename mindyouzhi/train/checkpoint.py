@@ -45,37 +45,56 @@ def copy_side_files(source_dir: Path, out_dir: Path) -> None:
             shutil.copy2(path, out_dir / path.name)
 
 
-def write_model(out_dir: Path, net, config, side_files_from: Path) -> None:
+def full_arrays(cell, sharded_scratch: Optional[Path] = None) -> dict:
+    """Parameter name → full numpy array.  A semi-auto parallel run (``sharded_scratch`` given)
+    holds slices: MindSpore's ``save_checkpoint(integrated_save=True)`` gathers them (a collective:
+    every rank calls it) into a scratch file read back here."""
+    if sharded_scratch is None:
+        return {name: param.asnumpy() for name, param in cell.parameters_and_names()}
+    import mindspore as ms
+    from safetensors.numpy import load_file
+
+    ms.save_checkpoint(cell, str(sharded_scratch), integrated_save=True, format="safetensors")
+    path = sharded_scratch if sharded_scratch.is_file() else sharded_scratch.with_suffix(".safetensors")
+    arrays = load_file(str(path))
+    path.unlink()
+    return arrays
+
+
+def write_model(out_dir: Path, net, config, side_files_from: Path, arrays: Optional[dict] = None) -> None:
     from mindyouzhi.convert_weights.safetensors_io import ShardedWriter
 
-    params = list(net.parameters_and_names())
-    writer = ShardedWriter(out_dir, {name: param.shape for name, param in params}, max_shard_bytes=4 << 30,
+    arrays = arrays if arrays is not None else full_arrays(net)
+    writer = ShardedWriter(out_dir, {name: value.shape for name, value in arrays.items()}, max_shard_bytes=4 << 30,
                            metadata={"format": "pt"})
-    for name, param in params:
-        writer.add(name, param.asnumpy())
+    for name, value in arrays.items():
+        writer.add(name, value)
     writer.close()
     (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2, ensure_ascii=False) + "\n")
     copy_side_files(side_files_from, out_dir)
 
 
 def save_checkpoint(output_dir: Path, step: int, net, config, optimizer, state: dict, side_files_from: Path,
-                    keep: int) -> Path:
+                    keep: int, arrays: Optional[tuple] = None) -> Path:
+    """``arrays``: (weights, optimizer state) already gathered (a sharded run), else read here."""
     from safetensors.numpy import save_file
 
+    weights, moments = arrays if arrays is not None else (None, optimizer.state_arrays())
     target = output_dir / checkpoint_name(step)
     with atomic_output_dir(target, overwrite=True, flag="checkpoint") as tmp:
-        write_model(tmp, net, config, side_files_from)
-        save_file({k: np.ascontiguousarray(v) for k, v in optimizer.state_arrays().items()}, str(tmp / OPTIMIZER_FILE))
+        write_model(tmp, net, config, side_files_from, weights)
+        save_file({k: np.ascontiguousarray(v) for k, v in moments.items()}, str(tmp / OPTIMIZER_FILE))
         write_json_atomic(tmp / STATE_FILE, state)
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def save_final(output_dir: Path, net, config, state: dict, side_files_from: Path) -> Path:
+def save_final(output_dir: Path, net, config, state: dict, side_files_from: Path,
+               weights: Optional[dict] = None) -> Path:
     target = output_dir / FINAL_DIR
     with atomic_output_dir(target, overwrite=True, flag="final model") as tmp:
-        write_model(tmp, net, config, side_files_from)
+        write_model(tmp, net, config, side_files_from, weights)
         write_json_atomic(tmp / STATE_FILE, state)
     return target
 

@@ -19,16 +19,23 @@ from mindyouzhi.cli_support import emit, exit_on_user_error, json_option, progre
               help="continue from the latest checkpoint in output_dir, if there is one")
 @click.option("--plan", "plan_only", is_flag=True,
               help="print the per-rank memory plan and exit (2 if it exceeds context.max_device_memory)")
+@click.option("--device", "plan_device", type=click.Choice(["cpu", "ascend"]), default=None,
+              help="with --plan: plan for this device instead of the recipe's context.device_target")
 @progress_option
 @json_option
-def train_cmd(config_path, resume, plan_only, as_json):
+def train_cmd(config_path, resume, plan_only, plan_device, as_json):
     """Post-training: GKD from the original model, or SFT on instruction data."""
     from .config import load_recipe
     from .trainer import train
 
     if plan_only:
-        _print_plan(config_path, as_json)
+        _print_plan(config_path, as_json, plan_device)
         return
+    if plan_device is not None:
+        with exit_on_user_error():
+            from mindyouzhi.errors import UserError
+
+            raise UserError("--device: only with --plan (a run uses the recipe's context.device_target)")
     with exit_on_user_error():  # also when run outside the main group (msrun workers, python -m)
         recipe = load_recipe(config_path)
         summary = train(recipe, resume=resume)
@@ -48,17 +55,18 @@ def train_cmd(config_path, resume, plan_only, as_json):
     emit(summary, as_json, "\n".join(lines))
 
 
-def _print_plan(config_path: Path, as_json: bool) -> None:
+def _print_plan(config_path: Path, as_json: bool, device) -> None:
     """The plan needs no model weights or data: the models may not exist yet (``memory_plan``)."""
     from .config import load_recipe
-    from .memory import plan_recipe, refuse_if_too_big
+    from .memory import plan_recipe, recipe_device, refuse_if_too_big
 
     with exit_on_user_error():
         recipe = load_recipe(config_path, check_paths=False)
-        plan = plan_recipe(recipe)
+        device = device or recipe_device(recipe)
+        plan = plan_recipe(recipe, device)
         layout = plan.layout
-        emit({"recipe": str(config_path), **plan.to_dict()}, as_json,
-             f"{recipe.path}: per-rank memory, {layout.world} workers (dp {layout.data_parallel} × mp "
+        emit({"recipe": str(config_path), "device": device, **plan.to_dict()}, as_json,
+             f"{recipe.path}: per-rank memory on {device}, {layout.world} workers (dp {layout.data_parallel} × mp "
              f"{layout.model_parallel} × pp {layout.pipeline_stage}, optimizer_shard "
              f"{str(layout.optimizer_shard).lower()}), {recipe.model['compute_dtype']}, "
              f"{recipe.runner_config['batch_size']} × {recipe.train_dataset['seq_length']} tokens per micro-batch\n"

@@ -1,16 +1,17 @@
 """Per-rank memory plan of a training recipe, checked before anything is loaded.
 
-The plan counts what one device holds at the peak of a step, from the model's tensor shapes
-(``models.decoder.expected_*_shapes``, so MLA and GQA layers are both exact), the parallel layout
-and the recipe's dtype, batch and sequence length:
+Two plans, chosen by the device (``context.device_target``, or ``train --plan --device``):
 
-* weights in the compute dtype, split over ``model_parallel`` (every matrix; vectors are
-  replicated, as MindSpore's ``shard`` leaves them) and ``pipeline_stage`` (whole layers; the
-  embedding sits on the first stage, the final norm and head on the last; the plan reports the
-  largest stage);
+``ascend`` — what a buffer-reusing device must hold at the peak of a step (the plan of the A3
+recipes), from the model's tensor shapes (``models.decoder.expected_*_shapes``, so MLA and GQA
+layers are both exact), the parallel layout and the recipe's dtype, batch and sequence length:
+
+* weights in the compute dtype: the slices MindSpore's shard strategies give one rank of the
+  largest pipeline stage (``parallel_layout.build_layout``: heads, MLP width and vocabulary split
+  over ``model_parallel``, replicated norms and latent projection, layers in contiguous stages);
 * fp32 master weights when the compute dtype is not fp32, fp32 gradients, AdamW's two fp32 moments
   — master weights and moments are divided over the data-parallel ranks with
-  ``parallel_config.optimizer_shard`` (MindSpore's parallel optimizer, level 1);
+  ``parallel_config.optimizer_shard`` (MindSpore's parallel optimizer, ``hsdp`` level 1);
 * the GKD teacher's weights in the compute dtype, sharded like the student;
 * activations of one micro-batch, from the layer's own tensors: without recomputation every
   layer keeps its projections' outputs, attention scores and probabilities and the MLP's four
@@ -20,8 +21,12 @@ and the recipe's dtype, batch and sequence length:
 * the head: logits, log-softmax and their gradient in fp32 over the vocabulary slice, plus the
   teacher's log-probabilities for GKD.
 
-Not counted: the framework's own workspace and fragmentation (on CPU the runtime baseline, which
-``bench``/tests subtract; on Ascend the gap between HBM and ``max_device_memory``).
+Not counted there: the framework's workspace and fragmentation (the gap between HBM and
+``max_device_memory``).  Not checked on Ascend (none here).
+
+``cpu`` — what MindSpore's CPU graph really holds (``cpu_memory``: every op output and gradient,
+counted op by op from the model code, plus the runtime's working set measured on a nano model);
+checked against measured peaks by ``bench/train_memory.py`` and ``tests/test_train_memory.py``.
 """
 from __future__ import annotations
 
@@ -89,29 +94,12 @@ def gib(value: int) -> str:
     return f"{value / (1 << 30):.2f} GiB"
 
 
-def _split(shape: tuple, model_parallel: int) -> int:
-    count = math.prod(shape)
-    return count // model_parallel if len(shape) >= 2 else count
-
-
 def stage_parameters(config, layout: Layout) -> int:
-    """Parameters on the largest pipeline stage of one model-parallel slice."""
-    from mindyouzhi.models.decoder import expected_global_shapes, expected_layer_shapes
+    """Weight elements one rank of the largest pipeline stage holds: the slices the shard
+    strategies of ``parallel_layout`` give it (so the plan and the strategies cannot disagree)."""
+    from .parallel_layout import build_layout
 
-    mp, pp = layout.model_parallel, layout.pipeline_stage
-    layers = [sum(_split(s, mp) for s in expected_layer_shapes(config, i).values())
-              for i in range(config.num_hidden_layers)]
-    per_stage = math.ceil(len(layers) / pp)
-    stages = [sum(layers[i:i + per_stage]) for i in range(0, len(layers), per_stage)]
-    stages += [0] * (pp - len(stages))
-    shapes = expected_global_shapes(config)
-    stages[0] += _split(shapes["model.embed_tokens.weight"], mp)
-    stages[-1] += _split(shapes["model.norm.weight"], mp)
-    if "lm_head.weight" in shapes:
-        stages[-1] += _split(shapes["lm_head.weight"], mp)
-    elif pp > 1:  # tied: the last stage keeps its own copy of the table for the head
-        stages[-1] += _split(shapes["model.embed_tokens.weight"], mp)
-    return max(stages)
+    return build_layout(config, layout).largest_stage_elements()
 
 
 def _layer_activation_elements(config, layer: int, tokens: int, seq_length: int, mp: int) -> int:
@@ -130,10 +118,17 @@ def _layer_activation_elements(config, layer: int, tokens: int, seq_length: int,
 
 
 def plan_memory(config, layout: Layout, *, seq_length: int, micro_batch: int, compute_dtype: str = "float32",
-                recompute: bool, teacher_config=None, limit: Optional[int] = None) -> MemoryPlan:
+                recompute: bool, teacher_config=None, limit: Optional[int] = None, device: str = "ascend",
+                clip: bool = True, accumulation: int = 1) -> MemoryPlan:
+    """``device="ascend"``: what a buffer-reusing device must hold (the A3 recipes' plan);
+    ``device="cpu"``: what MindSpore's CPU graph really holds (``cpu_memory``), single-process
+    data-parallel fp32 only, as that is all the CPU runs."""
     check_layout(config, layout, "parallel_config")
     if teacher_config is not None:
         check_layout(teacher_config, layout, "parallel_config (teacher)")
+    if device == "cpu":
+        return _plan_cpu(config, layout, seq_length=seq_length, micro_batch=micro_batch, recompute=recompute,
+                         teacher_config=teacher_config, limit=limit, clip=clip, accumulation=accumulation)
     mp, dp, pp = layout.model_parallel, layout.data_parallel, layout.pipeline_stage
     compute = DTYPE_BYTES[compute_dtype]
     shard = dp if layout.optimizer_shard else 1
@@ -167,16 +162,22 @@ def plan_memory(config, layout: Layout, *, seq_length: int, micro_batch: int, co
     return MemoryPlan(rows, limit, layout, notes)
 
 
+def _plan_cpu(config, layout: Layout, *, seq_length: int, micro_batch: int, recompute: bool, teacher_config,
+              limit: Optional[int], clip: bool, accumulation: int) -> MemoryPlan:
+    from .cpu_memory import step_buffers
+
+    rows = step_buffers(config, stage_parameters(config, Layout()), batch=micro_batch, seq=seq_length,
+                        recompute=recompute, gkd=teacher_config is not None, clip=clip, accumulation=accumulation,
+                        teacher_config=teacher_config, data_parallel=layout.data_parallel)
+    return MemoryPlan(rows, limit, layout, ["device CPU: every op output and gradient of the step graphs is counted "
+                                            "(MindSpore's CPU graph does not reuse buffers); fp32 compute"])
+
+
 def check_layout(config, layout: Layout, where: str) -> None:
-    """What MindSpore's shard strategies need: heads, MLP width and vocabulary divisible by mp."""
-    mp = layout.model_parallel
-    for name, value in (("num_attention_heads", config.num_attention_heads),
-                        ("intermediate_size", config.intermediate_size), ("vocab_size", config.vocab_size)):
-        if value % mp:
-            raise UserError(f"{where}: model_parallel {mp} does not divide the model's {name} {value}")
-    if config.num_hidden_layers < layout.pipeline_stage:
-        raise UserError(f"{where}: pipeline_stage {layout.pipeline_stage} is more than the model's "
-                        f"{config.num_hidden_layers} layers")
+    """What MindSpore's shard strategies and pipeline need (``parallel_layout.build_layout``)."""
+    from .parallel_layout import build_layout
+
+    build_layout(config, layout, where)
 
 
 def recipe_layout(recipe) -> Layout:
@@ -185,15 +186,34 @@ def recipe_layout(recipe) -> Layout:
                   pc["micro_batch_num"])
 
 
-def plan_recipe(recipe) -> MemoryPlan:
+def plan_recipe(recipe, device: Optional[str] = None) -> MemoryPlan:
     """The plan of a validated recipe (the student's and teacher's config.json, or the recipe's
     ``memory_plan`` configs for models that do not exist yet)."""
+    device = device or recipe_device(recipe)
     student, teacher = recipe_model_configs(recipe)
+    if device == "cpu":  # a layout the CPU cannot run has no CPU plan (after the layout's own checks)
+        from .parallel_layout import refuse_on_cpu
+
+        check_layout(student, recipe_layout(recipe), f"recipe {recipe.path}: parallel_config")
+        refuse_on_cpu(recipe, "CPU")
     limit_text = recipe.context["max_device_memory"]
     limit = parse_bytes(limit_text, f"recipe {recipe.path}: context.max_device_memory") if limit_text else None
     return plan_memory(student, recipe_layout(recipe), seq_length=recipe.train_dataset["seq_length"],
                        micro_batch=recipe.runner_config["batch_size"], compute_dtype=recipe.model["compute_dtype"],
-                       recompute=recipe.recompute, teacher_config=teacher, limit=limit)
+                       recompute=recipe.recompute, teacher_config=teacher, limit=limit,
+                       device=device, clip=recipe.runner_wrapper["use_clip_grad"],
+                       accumulation=recipe.runner_config["gradient_accumulation_steps"])
+
+
+def recipe_device(recipe) -> str:
+    """``cpu`` or ``ascend`` from ``context.device_target`` (``auto``: Ascend where MindSpore's
+    Ascend runtime is installed, as the trainer decides)."""
+    target = recipe.context["device_target"]
+    if target == "auto":
+        from mindyouzhi.ops.dispatch import device_target
+
+        target = "Ascend" if device_target() == "Ascend" else "CPU"
+    return target.lower()
 
 
 def recipe_model_configs(recipe):

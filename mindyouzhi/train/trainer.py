@@ -35,6 +35,7 @@ from .config import Recipe
 from .data import BatchPlan, TrainData, attention_mask, build_dataset, collate
 from .distributed import WorldInfo, all_reduce_sum, barrier, init_world
 from .memory import plan_recipe, refuse_if_too_big
+from .parallel_layout import check_semi_auto_recipe, data_parallel_rank, needs_semi_auto, refuse_on_cpu
 from .schedule import CosineWithWarmUp
 from .steps import as_tensors, build_step
 
@@ -82,30 +83,13 @@ class Trainer:
         self.where = f"recipe {recipe.path}"
 
     # -- set-up ------------------------------------------------------------------------------------
-    def _refuse_ascend_only_layout(self) -> None:
-        """Model/pipeline parallel, optimizer sharding and bf16/fp16 compute are planned (``--plan``)
-        but not run by this trainer: MindSpore 2.10 compiles semi-auto parallel graphs only for
-        Ascend/GPU ("Invalid backend: CPU"), shards no optimizer state in data-parallel mode on CPU,
-        and has no bf16 MatMul on CPU (docs/training.md, "MindSpore parallel features")."""
-        pc, where = self.recipe.parallel_config, self.where
-        for key in ("model_parallel", "pipeline_stage"):
-            if pc[key] > 1:
-                raise UserError(f"{where}: parallel_config.{key} {pc[key]} is planned (train --plan) but not run by "
-                                f"this trainer; on Ascend fine-tune through MindFormers (export --format mindformers)")
-        if pc["optimizer_shard"]:
-            raise UserError(f"{where}: parallel_config.optimizer_shard is planned (train --plan) but not run by this "
-                            f"trainer; set it to false here")
-        if self.recipe.model["compute_dtype"] != "float32":
-            raise UserError(f"{where}: model.compute_dtype {self.recipe.model['compute_dtype']} is planned (train "
-                            f"--plan) but this trainer computes in float32; set compute_dtype: float32")
-
     def _check_world(self, world: WorldInfo) -> None:
-        wanted = self.recipe.parallel_config["data_parallel"]
+        wanted = self.recipe.workers
         if wanted != world.size:
             how = "msrun started" if world.size > 1 else "this is a single process with"
-            raise UserError(f"{self.where}: parallel_config.data_parallel is {wanted} but {how} {world.size} "
-                            f"worker(s); run under `msrun --worker_num={wanted}` (recipes/launch.sh) or set "
-                            f"data_parallel: {world.size}")
+            raise UserError(f"{self.where}: parallel_config data_parallel × model_parallel × pipeline_stage is "
+                            f"{wanted} but {how} {world.size} worker(s); run under `msrun --worker_num={wanted}` "
+                            f"(recipes/launch.sh) or change parallel_config")
 
     def _isolated_packing(self, config) -> bool:
         """``packed_attention: isolated``: refused where a mask could not reach every attention."""
@@ -160,12 +144,20 @@ class Trainer:
 
         recipe, rc = self.recipe, self.recipe.runner_config
         started = time.perf_counter()
-        refuse_if_too_big(recipe, plan_recipe(recipe))
-        self._refuse_ascend_only_layout()
+        refuse_if_too_big(recipe, plan_recipe(recipe))  # on CPU also refuses what needs Ascend
+        sharded = bool(needs_semi_auto(recipe))
+        if sharded:
+            check_semi_auto_recipe(recipe)
         isolated = self._isolated_packing(ModelConfig.from_dir(recipe.student))
         device = setup_device(recipe.context)
+        refuse_on_cpu(recipe, device)
         world = init_world()
         self._check_world(world)
+        # which rows this rank reads: under semi-auto parallel the ranks of one model-parallel group share them
+        pc = recipe.parallel_config
+        data = WorldInfo(data_parallel_rank(world.rank, pc["data_parallel"], pc["model_parallel"]),
+                         pc["data_parallel"], world.backend) if sharded else world
+        scratch = (recipe.output_dir / f".gather-rank{world.rank}") if sharded else None
         out = recipe.output_dir
         if world.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -182,13 +174,13 @@ class Trainer:
                 raise UserError(f"{self.where}: gkd.lmbda > 0 (on-policy sampling) needs unpacked examples; "
                                 f"set train_dataset.packing: false")
         seq_length = recipe.train_dataset["seq_length"]
-        data = build_dataset(tokenizer, recipe.sources, seq_length, recipe.train_dataset["packing"], self.where)
+        dataset = build_dataset(tokenizer, recipe.sources, seq_length, recipe.train_dataset["packing"], self.where)
         batch_size, accumulation = rc["batch_size"], rc["gradient_accumulation_steps"]
-        global_batch = recipe.global_batch(world.size)
-        plan = BatchPlan(len(data), global_batch, rc["epochs"], rc["max_steps"], recipe.seed,
+        global_batch = recipe.global_batch(data.size)
+        plan = BatchPlan(len(dataset), global_batch, rc["epochs"], rc["max_steps"], recipe.seed,
                          recipe.train_dataset["shuffle"], self.where)
         schedule = CosineWithWarmUp.from_recipe(recipe.lr_schedule, plan.total_steps)
-        fingerprint, data_fingerprint = recipe.training_fingerprint(), data.fingerprint()
+        fingerprint, data_fingerprint = recipe.training_fingerprint(), dataset.fingerprint()
 
         start_step, tokens_seen, previous_seconds = 0, 0, 0.0
         model_dir = recipe.student
@@ -213,15 +205,28 @@ class Trainer:
         optimizer = AdamW(params, tuple(opt_section["betas"]), opt_section["eps"], opt_section["weight_decay"])
         if resume_from is not None:
             ckpt.load_optimizer_state(resume_from, optimizer)
-        teacher = Teacher(recipe.teacher, recipe.gkd["temperature"]) if recipe.run_mode == "gkd" else None
-        steps = build_step(net, config, params, optimizer, recipe, world.size)
         tables = tuple(to_tensor(t) for t in RopeTables(config)(seq_length)) + (to_tensor(causal_mask(seq_length)),)
+        teacher = None
+        if sharded:  # the teacher runs inside the student's parallel graph, sharded like it
+            from .parallel_layout import SemiAutoStep
+
+            teacher_net = None
+            if recipe.run_mode == "gkd":
+                teacher_net = CausalLM(teacher_config, SafetensorsStore(recipe.teacher), where=str(recipe.teacher))
+                for param in teacher_net.trainable_params():
+                    param.requires_grad = False
+            steps = SemiAutoStep(net, config, params, optimizer, recipe, tables, teacher_net,
+                                 teacher_config if recipe.run_mode == "gkd" else None)
+        else:
+            teacher = Teacher(recipe.teacher, recipe.gkd["temperature"]) if recipe.run_mode == "gkd" else None
+            steps = build_step(net, config, params, optimizer, recipe, world.size)
         no_teacher = to_tensor(np.zeros((1,), np.float32))
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
         if world.is_main:
-            self.echo(f"{recipe.run_mode}: {len(data)} examples × {seq_length} tokens, global batch {global_batch} "
-                      f"({world.size} worker(s) × {accumulation} × {batch_size}), steps {start_step}→{plan.total_steps}"
+            self.echo(f"{recipe.run_mode}: {len(dataset)} examples × {seq_length} tokens, global batch {global_batch} "
+                      f"({data.size} data-parallel worker(s) × {accumulation} × {batch_size}), steps "
+                      f"{start_step}→{plan.total_steps}"
                       f" on {device}" + (f", resuming from {resume_from.name}" if resume_from else ""))
         bar = None
         if world.is_main and self.show_progress:
@@ -242,7 +247,7 @@ class Trainer:
         save_steps = rc["save_steps"]
         for step in range(start_step, plan.total_steps):
             began = time.perf_counter()
-            result = self._step(step, plan, data, world, batch_size, steps, optimizer, schedule, teacher, tables,
+            result = self._step(step, plan, dataset, data, batch_size, steps, optimizer, schedule, teacher, tables,
                                 no_teacher, pad_id, net, config, tokenizer, seq_length, isolated)
             seconds = time.perf_counter() - began
             step_seconds.append(seconds)
@@ -264,23 +269,27 @@ class Trainer:
                     bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_second']:.0f}")
                     bar.update(1)
-                if (save_steps and done % save_steps == 0) or done == plan.total_steps:
+            if (save_steps and done % save_steps == 0) or done == plan.total_steps:
+                gathered = _gathered(net, optimizer, scratch)  # a collective when sharded: every rank
+                if world.is_main:
                     ckpt.save_checkpoint(out, done, net, config, optimizer,
                                          state_for(done, previous_seconds + sum(step_seconds)), recipe.student,
-                                         rc["keep_checkpoints"])
+                                         rc["keep_checkpoints"], gathered)
                     _plot(out, recipe)
         if bar is not None:
             bar.close()
 
+        final_weights = _gathered(net, optimizer, scratch)[0] if sharded else None
         summary = {"run_mode": recipe.run_mode, "output_dir": str(out), "device": device, "world_size": world.size,
-                   "rank": world.rank, "examples": len(data), "data": data.stats, "seq_length": seq_length,
+                   "rank": world.rank, "examples": len(dataset), "data": dataset.stats, "seq_length": seq_length,
                    "global_batch": global_batch, "total_steps": plan.total_steps, "start_step": start_step,
                    "resumed_from": str(resume_from) if resume_from else None, "steps_run": len(step_seconds),
                    "first_loss": first_loss, "final_loss": last_loss,
                    "compile_and_first_step_seconds": step_seconds[0] if step_seconds else None,
                    "tokens_per_second": _steady_rate(step_seconds, tokens_per_step),
                    "train_seconds": previous_seconds + sum(step_seconds),
-                   "wall_seconds": time.perf_counter() - started, "weights_sha256": weights_digest(net)}
+                   "wall_seconds": time.perf_counter() - started,
+                   "weights_sha256": weights_digest(net, final_weights)}
         if not world.is_main:  # lets a user (and the tests) check that every rank ends with the same weights
             from mindyouzhi.io_utils import write_json_atomic
 
@@ -288,7 +297,7 @@ class Trainer:
                                                                   ("rank", "final_loss", "weights_sha256")})
         if world.is_main:
             final = ckpt.save_final(out, net, config, state_for(plan.total_steps, summary["train_seconds"]),
-                                    recipe.student)
+                                    recipe.student, final_weights)
             summary["final_model"] = str(final)
             summary["log"] = str(log_path)
             summary["plot"] = str(out / PLOT_FILE)
@@ -304,6 +313,7 @@ class Trainer:
     def _step(self, step, plan: BatchPlan, data: TrainData, world: WorldInfo, batch_size, steps, optimizer,
               schedule, teacher, tables, no_teacher, pad_id, net, config, tokenizer, seq_length,
               isolated: bool = False) -> StepResult:
+        """``world``: this rank's data-parallel position (under semi-auto parallel, its slice's)."""
         from mindyouzhi.models.layers import to_tensor
 
         from .gkd import is_on_policy_step, on_policy_examples, student_runner
@@ -338,15 +348,25 @@ class Trainer:
         return StepResult(float(loss.asnumpy()), float(norm.asnumpy()), int(count), on_policy)
 
 
-def weights_digest(net) -> str:
+def weights_digest(net, arrays: Optional[dict] = None) -> str:
     """sha256 over every parameter (name and bytes), in name order."""
     import hashlib
 
+    arrays = arrays if arrays is not None else {name: param.asnumpy() for name, param in net.parameters_and_names()}
     digest = hashlib.sha256()
-    for name, param in sorted(net.parameters_and_names(), key=lambda item: item[0]):
+    for name in sorted(arrays):
         digest.update(name.encode())
-        digest.update(np.ascontiguousarray(param.asnumpy()).tobytes())
+        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
     return digest.hexdigest()
+
+
+def _gathered(net, optimizer, scratch: Optional[Path]):
+    """(weights, AdamW moments) as full arrays, or None for an unsharded run (read where written)."""
+    if scratch is None:
+        return None
+    moments = ckpt.full_arrays(optimizer, scratch.with_name(scratch.name + "-optimizer"))
+    return (ckpt.full_arrays(net, scratch),
+            {name: value for name, value in moments.items() if name.startswith(("exp_avg.", "exp_avg_sq."))})
 
 
 def _steady_rate(step_seconds: list[float], tokens_per_step: int) -> Optional[float]:
