@@ -73,6 +73,9 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_j
                    "the original model writes itself (data-free; cached in ~/.cache/mindyouzhi/generated)")
 @click.option("--calib-tokens", default=128 * 256, show_default=True, help="calibration tokens (windows × seq len)")
 @click.option("--calib-seq-len", default=256, show_default=True)
+@click.option("--calib-sampling", type=click.Choice(["rows", "slots"]), default=None,
+              help="calibration windows: rows = each starts at a line/record, following rows joined by a blank line "
+                   "(default for files); slots = random offsets of the token stream (default for generate:)")
 @click.option("--rope-dim", type=int, default=None, help="shared RoPE key width (default head_dim/2)")
 @click.option("--kv-lora-rank", type=KV_LORA_RANK, default=None,
               help="latent width K, or 'full' (no truncation); default min(4·head_dim, full)")
@@ -119,7 +122,7 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_j
 @overwrite_option
 @progress_option
 @json_option
-def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, rope_dim, kv_lora_rank, freqfold, plan_file, lowrank,
+def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, calib_sampling, rope_dim, kv_lora_rank, freqfold, plan_file, lowrank,
                 key_weight, statistics, rorope, folds, criterion, shortlist, search_data, search_tokens, search_seq_len, layers, stage, latent_norm, eval_data, text_field, eval_seq_len,
                 eval_max_windows, seed, batch_size, work_dir, restart, no_uniform_guard, no_trajectories, rope_all,
                 overwrite, as_json):
@@ -129,8 +132,8 @@ def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, rope_dim, kv
     options = ConvertOptions(
         model=model_dir, out=out, calib=Path(calib), rope_dim=rope_dim, kv_lora_rank=kv_lora_rank, freqfold=freqfold,
         search_data=search_data, search_tokens=search_tokens, search_seq_len=search_seq_len, calib_tokens=calib_tokens,
-        calib_seq_len=calib_seq_len, layers=layers, latent_norm=latent_norm, stage=stage, criterion=criterion,
-        folds=_int_list(folds, "--folds"), eval_data=eval_data, text_field=text_field, eval_seq_len=eval_seq_len,
+        calib_seq_len=calib_seq_len, calib_sampling=calib_sampling, layers=layers, latent_norm=latent_norm, stage=stage,
+        criterion=criterion, folds=_int_list(folds, "--folds"), eval_data=eval_data, text_field=text_field, eval_seq_len=eval_seq_len,
         eval_max_windows=eval_max_windows, seed=seed, overwrite=overwrite, work_dir=work_dir, restart=restart,
         batch_size=batch_size, uniform_guard=not no_uniform_guard, trajectories=not no_trajectories, rope_all=rope_all,
         plan=plan_file, lowrank=lowrank, key_weight=key_weight, shortlist=shortlist, statistics=statistics,
@@ -165,6 +168,10 @@ def _convert_summary(report: dict, out: Path) -> str:
     elif search.get("mode") == "uniform":
         lines.append(f"  uniform search: {search['uniform_scores']} → f={search['chosen']}")
     data = report.get("data") or {}
+    calibration = report.get("calibration") or {}
+    if calibration:
+        lines.append(f"  calibration: {calibration['tokens']} tokens in windows of {calibration['seq_len']} "
+                     f"(seed {calibration['seed']}, sampling {calibration.get('sampling', 'slots')})")
     lines.append("  data: " + "; ".join(f"{label} {data[role].get('source', 'file')} ({data[role]['path']})"
                                         for role, label in (("calib", "calibration"), ("search", "search"),
                                                             ("eval", "evaluation")) if role in data))

@@ -104,6 +104,20 @@ def read_text(path: str | Path, flag: str = "--data", text_field: str = DEFAULT_
     return text
 
 
+def read_rows(path: str | Path, flag: str = "--data", text_field: str = DEFAULT_TEXT_FIELD) -> list[str]:
+    """The corpus as its natural units, blank ones dropped: the lines of a text file (newline kept,
+    as Hugging Face's line-based datasets store them), the records of ``.jsonl``/``.parquet``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: file not found")
+    if path.suffix.lower() in RECORD_SUFFIXES:
+        _check_field(text_field)
+        rows = (_jsonl_rows if path.suffix.lower() == ".jsonl" else _parquet_rows)(path, flag, text_field)
+    else:
+        rows = _utf8(path, flag).splitlines(keepends=True)
+    return [row for row in rows if row and row.strip()]
+
+
 def token_stream(tokenizer, path: str | Path, flag: str = "--data", text_field: str = DEFAULT_TEXT_FIELD) -> np.ndarray:
     """The corpus tokenized as one stream, without special tokens."""
     return np.asarray(tokenizer.encode(read_text(path, flag, text_field)), dtype=np.int32)

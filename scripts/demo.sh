@@ -18,7 +18,7 @@ OUT="${DEMO_DIR:-demo}"
 MODEL="$OUT/smollm2-135m"
 MLA="$OUT/smollm2-135m-mla"
 CONVERSION=(--rope-dim 32 --kv-lora-rank 96 --freqfold adaptive)
-BUDGETS=(--calib-tokens 8192 --folds 1,2,4,8 --search-tokens 1024 --search-seq-len 512 --no-trajectories)
+BUDGETS=(--calib-tokens 8192 --folds 2,4,8 --search-tokens 1024 --search-seq-len 512 --no-trajectories)
 HELD_OUT=generate:2048:1042  # data-free evaluation: 4 windows × 512 tokens, a seed calibration never uses
 
 .venv/bin/mindyouzhi fetch smollm2-135m-instruct --out "$MODEL" --overwrite

@@ -8,7 +8,7 @@ from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
 from mindyouzhi.io_utils import atomic_output_dir, check_output_dir, sha256_file, write_json_atomic
 from mindyouzhi.models.config import ModelConfig
 
-from .calibration import GramCache, text_windows
+from .calibration import GramCache, calibration_windows, text_windows
 from .folds import check_fold, collapse, legal_folds, paper_label
 from .pipeline import check_convertible, compute_original_grams
 from .plots import plot_sensitivity
@@ -29,7 +29,7 @@ def analyze_layers(model_dir: Path, search_data: Path, calib: Path, out: Path, r
     for fold in folds:
         check_fold(fold, config.head_dim, rope_dim, "--folds")
     tokenizer = load_tokenizer(model_dir)
-    calib_windows = text_windows(tokenizer, calib, calib_tokens, 256, seed, "--calib")
+    calib_windows, _ = calibration_windows(tokenizer, calib, calib_tokens, 256, seed, None)
     search_windows = text_windows(tokenizer, search_data, search_tokens, search_seq_len, seed + 1, "--search-data")
     store = SafetensorsStore(model_dir)
     grams = GramCache()

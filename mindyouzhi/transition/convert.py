@@ -16,14 +16,14 @@ from typing import Optional, Union
 
 from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
 from mindyouzhi.errors import UserError
-from mindyouzhi.generated_text import generated_texts, role_specs
+from mindyouzhi.generated_text import generated_texts, parse_spec, role_specs
 from mindyouzhi.io_utils import (atomic_output_dir, check_output_dir, locked_work_dir, peak_rss_bytes, read_json,
                                  sha256_file, write_json_atomic)
 from mindyouzhi.models.config import ModelConfig
 from mindyouzhi.models.decoder import read_global_weights
 from mindyouzhi.textdata import DEFAULT_TEXT_FIELD
 
-from .calibration import GramCache, text_windows
+from .calibration import CALIB_SAMPLING, GramCache, calibration_windows, text_windows
 from .folds import check_fold, collapse, legal_folds, paper_label
 from .layers import full_rank
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK, LOWRANK_METHODS
@@ -46,6 +46,7 @@ class ConvertOptions:
     search_seq_len: int = 512
     calib_tokens: int = 128 * 256
     calib_seq_len: int = 256
+    calib_sampling: Optional[str] = None  # "rows" | "slots"; None: rows for files, slots for generate: text
     layers: Optional[str] = None
     latent_norm: bool = False
     stage: int = 2
@@ -223,6 +224,10 @@ def _fixed_plan(options: ConvertOptions, config: ModelConfig, rope_dim: int) -> 
 def convert(options: ConvertOptions) -> dict:
     started = time.perf_counter()
     config, rope_dim, rank, candidates, layers, fixed_plan = _resolve(options)
+    if options.calib_sampling not in (None, *CALIB_SAMPLING):
+        raise UserError(f"--calib-sampling {options.calib_sampling}: expected one of {', '.join(CALIB_SAMPLING)}")
+    # Generated text is independent rows of one sampling run: any window is as good as a row start.
+    sampling = options.calib_sampling or ("slots" if parse_spec(options.calib, "--calib") else None)
     options, origins = _with_generated_text(options)
     from mindyouzhi.tokenizer import load_tokenizer
 
@@ -235,8 +240,8 @@ def convert(options: ConvertOptions) -> dict:
         if role in hashes:
             hashes[role]["source"] = origins[flag]
     t0 = time.perf_counter()
-    calib = text_windows(tokenizer, options.calib, options.calib_tokens, options.calib_seq_len, options.seed, "--calib",
-                         options.text_field)
+    calib, sampling = calibration_windows(tokenizer, options.calib, options.calib_tokens, options.calib_seq_len,
+                                          options.seed, sampling, options.text_field)
     timings["calibration_tokenize"] = time.perf_counter() - t0
     store = SafetensorsStore(options.model)
     work = options.work_dir or options.out.parent / f".{options.out.name}.work"
@@ -306,7 +311,8 @@ def convert(options: ConvertOptions) -> dict:
                 t0 = time.perf_counter()
                 ppl = _evaluate_stages(options, config, result, tokenizer, store, tmp)
                 timings["evaluation"] = time.perf_counter() - t0
-            report = _report(options, config, result, plan, rank, candidates, search_info, ppl, hashes, timings, started)
+            report = _report(options, config, result, plan, rank, candidates, search_info, ppl, hashes, timings, started,
+                             sampling)
             if search_info.get("trajectory"):
                 plot_trajectory(search_info["trajectory"], search_info["original"], tmp / "search_trajectory.png",
                                 ylabel=f"search criterion ({options.criterion})")
@@ -356,7 +362,8 @@ def _evaluate_stages(options, config, result, tokenizer, store, out_tmp: Path) -
     return out
 
 
-def _report(options, config, result, plan, rank, candidates, search_info, ppl, hashes, timings, started) -> dict:
+def _report(options, config, result, plan, rank, candidates, search_info, ppl, hashes, timings, started,
+            sampling: str) -> dict:
     kv_before = [config.kv_values_per_token(i) for i in range(config.num_hidden_layers)]
     kv_after = [result.config.kv_values_per_token(i) for i in range(config.num_hidden_layers)]
     return {
@@ -381,7 +388,8 @@ def _report(options, config, result, plan, rank, candidates, search_info, ppl, h
                                 "reduction": 1.0 - sum(kv_after) / sum(kv_before)},
         "layers": result.layers,
         "data": hashes,
-        "calibration": {"tokens": options.calib_tokens, "seq_len": options.calib_seq_len, "seed": options.seed},
+        "calibration": {"tokens": options.calib_tokens, "seq_len": options.calib_seq_len, "seed": options.seed,
+                        "sampling": sampling},
         "timings_seconds": {k: round(v, 3) for k, v in {**timings, "total": time.perf_counter() - started}.items()},
         "peak_rss_bytes": peak_rss_bytes(),
     }
