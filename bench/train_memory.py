@@ -5,7 +5,7 @@ One command: ``.venv/bin/python bench/train_memory.py [--calibrate] [--layer] [-
 Each row builds a tiny model in code (random weights of the shapes the project's family spec
 gives, a word-level tokenizer, a text file), writes an SFT or GKD recipe and runs 3 optimizer
 steps of ``mindyouzhi train`` in a fresh child process.  Measured = the child's peak RSS
-(``ru_maxrss``) minus its resident set after ``import mindspore``, ``set_device("CPU")``, one jitted op and
+(VmHWM of its own address space) minus its resident set after ``import mindspore``, ``set_device("CPU")``, one jitted op and
 the trainer's imports — what the run adds to the runtime.  The plan is ``plan_recipe(recipe,
 device="cpu")``; the row passes when |measured / plan − 1| ≤ 20 %.  Figures go to
 ``bench/results/train_memory.json`` and the table in docs/training.md.
@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mindyouzhi.io_utils import peak_rss_bytes  # noqa: E402
 
 TOLERANCE = 0.20
 WORDS = [f"w{i}" for i in range(120)]
@@ -71,7 +73,7 @@ def child(recipe_path: str) -> None:
     # the resident set now, not ru_maxrss: importing leaves transient peaks that would hide what the run adds
     baseline = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
     train(load_recipe(recipe_path), resume=False, show_progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()  # VmHWM: ru_maxrss would carry a large parent's peak across exec
     print("MEASURED " + json.dumps({"baseline": baseline, "peak": peak}), flush=True)
 
 
@@ -114,7 +116,7 @@ def layer_child(batch: int, mode: str) -> None:
     function = ms.grad(objective, grad_position=tuple(range(9))) if mode == "grad" else objective
     out = ms.jit(function)(x, upstream, *matrices)
     (out[0] if isinstance(out, tuple) else out).asnumpy()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()  # VmHWM: ru_maxrss would carry a large parent's peak across exec
     print("MEASURED " + json.dumps({"added": peak - baseline}), flush=True)
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -132,7 +133,15 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux ru_maxrss is in KiB)."""
+    """Peak resident set size of this process: VmHWM of its own address space where Linux has it
+    (``ru_maxrss`` survives ``execve``, so a process started by a large one would report its
+    parent's peak), else ``ru_maxrss``."""
     import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
