@@ -88,16 +88,23 @@ def _utf8(path: Path, flag: str) -> str:
         raise UserError(f"{flag} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
-def read_text(path: str | Path, flag: str = "--data", text_field: str = DEFAULT_TEXT_FIELD) -> str:
-    """The corpus at ``path`` as one string (see the module docstring for the formats)."""
+def _records(path: str | Path, flag: str, text_field: str) -> tuple[Path, Optional[list[Optional[str]]]]:
+    """The checked path, and its records for ``.jsonl``/``.parquet`` (None for plain text)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: file not found")
     suffix = path.suffix.lower()
     if suffix not in RECORD_SUFFIXES:
-        return _utf8(path, flag)
+        return path, None
     _check_field(text_field)
-    rows = (_jsonl_rows if suffix == ".jsonl" else _parquet_rows)(path, flag, text_field)
+    return path, (_jsonl_rows if suffix == ".jsonl" else _parquet_rows)(path, flag, text_field)
+
+
+def read_text(path: str | Path, flag: str = "--data", text_field: str = DEFAULT_TEXT_FIELD) -> str:
+    """The corpus at ``path`` as one string (see the module docstring for the formats)."""
+    path, rows = _records(path, flag, text_field)
+    if rows is None:
+        return _utf8(path, flag)
     text = join_records(rows)
     if not text.strip():
         raise UserError(f"{flag} {path}: no text in field {text_field!r}")
@@ -107,13 +114,8 @@ def read_text(path: str | Path, flag: str = "--data", text_field: str = DEFAULT_
 def read_rows(path: str | Path, flag: str = "--data", text_field: str = DEFAULT_TEXT_FIELD) -> list[str]:
     """The corpus as its natural units, blank ones dropped: the lines of a text file (newline kept,
     as Hugging Face's line-based datasets store them), the records of ``.jsonl``/``.parquet``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{flag} {path}: file not found")
-    if path.suffix.lower() in RECORD_SUFFIXES:
-        _check_field(text_field)
-        rows = (_jsonl_rows if path.suffix.lower() == ".jsonl" else _parquet_rows)(path, flag, text_field)
-    else:
+    path, rows = _records(path, flag, text_field)
+    if rows is None:
         rows = _utf8(path, flag).splitlines(keepends=True)
     return [row for row in rows if row and row.strip()]
 

@@ -62,7 +62,7 @@ def row_windows(tokenizer, rows: list[str], count: int, seq_len: int, seed: int,
         free = np.flatnonzero(unused)
         if len(free) == 0:
             raise RowsExhausted(f"{flag} {path}: {len(rows)} rows give only {len(windows)} windows of {seq_len} tokens "
-                            f"starting at a row, {count} requested (fewer --calib-tokens, or --calib-sampling slots)")
+                                f"starting at a row, {count} requested (fewer --calib-tokens, or --calib-sampling slots)")
         start = end = int(rng.choice(free))
         ids: list[int] = []
         while len(ids) < seq_len and end < len(rows) and unused[end]:
