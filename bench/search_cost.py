@@ -5,7 +5,7 @@ shortlist; no uniform trajectories) in a child process and reads its report.  Ta
 ≤ 0.6·L·|S| full-model forward equivalents, the whole convert ≤ 20 min and peak RSS ≤ 1.5 GiB on
 the 2-core machine.
 
-    .venv/bin/python bench/search_cost.py [--search-tokens 8192] [--calib-tokens 32768]
+    .venv/bin/python bench/search_cost.py [--search-tokens 8192] [--calib-tokens 32768] [--out DIR]
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--search-tokens", type=int, default=8192)
     parser.add_argument("--search-seq-len", type=int, default=512)
     parser.add_argument("--calib-tokens", type=int, default=32768)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="keep the converted model here (for a test-set evaluation); default: a temporary dir")
     args = parser.parse_args()
     from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
     from mindyouzhi.models.config import ModelConfig
@@ -37,7 +39,8 @@ def main() -> None:
     model_bytes = sum(4 * int(np.prod(store.shape(name))) for name in store.keys())
     baseline = common.runtime_baseline_rss()
     with tempfile.TemporaryDirectory() as work:
-        cmd = [common.cli(), "convert", "--model", str(model_dir), "--out", f"{work}/out",
+        out = args.out or Path(work) / "out"
+        cmd = [common.cli(), "convert", "--model", str(model_dir), "--out", str(out),
                "--calib", str(calib), "--calib-tokens", str(args.calib_tokens), "--search-tokens", str(args.search_tokens),
                "--search-seq-len", str(args.search_seq_len), "--rope-dim", "32", "--kv-lora-rank", "96",
                "--freqfold", "adaptive", "--no-trajectories", "--json"]

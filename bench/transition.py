@@ -43,7 +43,8 @@ def stage1_model(config, store, grams, plan, rope_dim):
     weights = dict(read_global_weights(store, config))
     for index, fold in enumerate(plan):
         layer = read_layer_weights(store, config, index)
-        stage1 = convert_stage1(config, layer, np.asarray(grams[index]), fold, rope_dim) if fold is not None else None
+        stage1 = (convert_stage1(config, layer, np.asarray(grams[index]), fold, rope_dim, profile=grams.profile(index))
+                  if fold is not None else None)
         weights.update({layer_prefix(index) + k: v for k, v in (stage1.weights if stage1 else layer).items()})
     ranks = [full_rank(config, rope_dim) if f is not None else None for f in plan]
     return hybrid_config(config, plan, ranks, rope_dim, stage=1), weights
@@ -200,7 +201,7 @@ def hf_rows_protocol(args) -> dict:
     name = "transition_hf_rows" if args.only == "all" else f"transition_hf_rows_{args.only}"
     results["rows"]["original"] = {"test_ppl": ppl(model_dir)}
     print(f"  original: {results['rows']['original']['test_ppl']:.4f}", flush=True)
-    peer = {"rorope": "key", "lowrank": "bkv", "statistics": "two-stream"}  # TransMLA's choices, our code
+    peer = {"rorope": "key", "lowrank": "bkv", "statistics": "two-stream", "nope_rotation": "none"}  # TransMLA's choices
     first, *other_ranks = ranks
     # most telling rows first: results are saved after every row
     uniform_rows = args.only in ("all", "uniform")

@@ -86,6 +86,9 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_j
 @click.option("--rorope", default="score", show_default=True, type=click.Choice(["score", "key"]),
               help="stage-1 basis: score = the components carrying the most score energy E[(q·k)²] keep RoPE "
                    "(default), key = TransMLA's key PCA")
+@click.option("--nope-rotation", default="mean", show_default=True, type=click.Choice(["mean", "none"]),
+              help="position-free key components: mean = scored with the relative rotation they lose, averaged "
+                   "under each head's attention (default), none = as if at distance 0 (TransMLA)")
 @click.option("--lowrank", default="output", show_default=True, type=click.Choice(["output", "bkv", "care"]),
               help="stage-2 compression: output = query/W_o-aware (default), bkv = TransMLA's balanced PCA, "
                    "care = covariance-aware SVD of the per-head keys and values")
@@ -123,10 +126,10 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_j
 @progress_option
 @json_option
 def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, calib_sampling, rope_dim, kv_lora_rank, freqfold, plan_file, lowrank,
-                key_weight, statistics, rorope, folds, criterion, shortlist, search_data, search_tokens, search_seq_len, layers, stage, latent_norm, eval_data, text_field, eval_seq_len,
+                key_weight, statistics, rorope, nope_rotation, folds, criterion, shortlist, search_data, search_tokens, search_seq_len, layers, stage, latent_norm, eval_data, text_field, eval_seq_len,
                 eval_max_windows, seed, batch_size, work_dir, restart, no_uniform_guard, no_trajectories, rope_all,
                 overwrite, as_json):
-    """Convert a GQA model into an MLA model (RoRoPE + FreqFold, BKV joint low-rank)."""
+    """Convert a GQA model into an MLA model (RoRoPE + FreqFold, output-aware joint low-rank)."""
     from mindyouzhi.transition.convert import ConvertOptions, convert
 
     options = ConvertOptions(
@@ -137,7 +140,7 @@ def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, calib_sampli
         eval_max_windows=eval_max_windows, seed=seed, overwrite=overwrite, work_dir=work_dir, restart=restart,
         batch_size=batch_size, uniform_guard=not no_uniform_guard, trajectories=not no_trajectories, rope_all=rope_all,
         plan=plan_file, lowrank=lowrank, key_weight=key_weight, shortlist=shortlist, statistics=statistics,
-        rorope=rorope)
+        rorope=rorope, nope_rotation=nope_rotation)
     report = convert(options)
     emit(report, as_json, _convert_summary(report, out))
 

@@ -177,13 +177,14 @@ class LayerRunner:
 
 
 class GramCache:
-    """Per-layer Gram matrices, kept in memory or spilled to ``directory`` (np.save, read by mmap)."""
+    """Per-layer Gram matrices and attention-distance profiles, kept in memory or spilled to
+    ``directory`` (np.save, read by mmap)."""
 
     def __init__(self, directory: Optional[Path] = None):
         self.directory = Path(directory) if directory else None
         self._memory: dict[int, np.ndarray] = {}
 
-    def __setitem__(self, layer: int, gram: np.ndarray) -> None:
+    def __setitem__(self, layer, gram: np.ndarray) -> None:
         if self.directory is None:
             self._memory[layer] = gram
             return
@@ -191,14 +192,25 @@ class GramCache:
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".npy")
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, gram)
-        os.replace(tmp, self.directory / f"gram_{layer:04d}.npy")
+        os.replace(tmp, self._path(layer))
 
-    def __getitem__(self, layer: int) -> np.ndarray:
+    def __getitem__(self, layer) -> np.ndarray:
         if self.directory is None:
             return self._memory[layer]
-        return np.load(self.directory / f"gram_{layer:04d}.npy", mmap_mode="r")
+        return np.load(self._path(layer), mmap_mode="r")
 
-    def __contains__(self, layer: int) -> bool:
+    def __contains__(self, layer) -> bool:
         if self.directory is None:
             return layer in self._memory
-        return (self.directory / f"gram_{layer:04d}.npy").is_file()
+        return self._path(layer).is_file()
+
+    def _path(self, key) -> Path:
+        return self.directory / (f"gram_{key:04d}.npy" if isinstance(key, int) else f"{key}.npy")
+
+    # The attention-distance profile of each layer (positions.distance_profile) travels with its Gram.
+    def set_profile(self, layer: int, profile: np.ndarray) -> None:
+        self[f"profile_{layer}"] = profile
+
+    def profile(self, layer: int) -> Optional[np.ndarray]:
+        key = f"profile_{layer}"
+        return np.asarray(self[key]) if key in self else None

@@ -27,6 +27,7 @@ from .calibration import CALIB_SAMPLING, GramCache, calibration_windows, text_wi
 from .folds import check_fold, collapse, legal_folds, paper_label
 from .layers import full_rank
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK, LOWRANK_METHODS
+from .positions import DEFAULT_NOPE_ROTATION, check_nope_rotation
 from .rorope import DEFAULT_RORO, RORO_METHODS
 from .pipeline import DEFAULT_STATISTICS, ConversionPlan, check_convertible, compute_original_grams, convert_streaming, copy_side_files
 from .plots import plot_plan, plot_trajectory
@@ -58,6 +59,7 @@ class ConvertOptions:
     shortlist: Optional[int] = DEFAULT_SHORTLIST
     statistics: str = DEFAULT_STATISTICS
     rorope: str = DEFAULT_RORO
+    nope_rotation: str = DEFAULT_NOPE_ROTATION
     eval_data: Optional[Path] = None
     text_field: str = DEFAULT_TEXT_FIELD  # the text field/column of .jsonl/.parquet data
     eval_seq_len: int = 2048
@@ -134,6 +136,7 @@ def _resolve(options: ConvertOptions):
         raise UserError(f"--criterion {options.criterion}: expected one of {', '.join(CRITERIA)}")
     if options.rorope not in RORO_METHODS:
         raise UserError(f"--rorope {options.rorope}: expected one of {', '.join(RORO_METHODS)}")
+    check_nope_rotation(options.nope_rotation)
     if options.lowrank not in LOWRANK_METHODS:
         raise UserError(f"--lowrank {options.lowrank}: expected one of {', '.join(LOWRANK_METHODS)}")
     if not options.key_weight > 0:
@@ -253,7 +256,8 @@ def convert(options: ConvertOptions) -> dict:
         else:
             t0 = time.perf_counter()
             grams = GramCache(work / "grams")
-            compute_original_grams(config, store, calib, grams, options.batch_size, str(options.model))
+            compute_original_grams(config, store, calib, grams, options.batch_size, str(options.model),
+                                   profiles=options.nope_rotation == "mean")
             timings["calibration"] = time.perf_counter() - t0
             search_path = data_files["search"]
             search_windows = text_windows(tokenizer, search_path, options.search_tokens, options.search_seq_len,
@@ -263,7 +267,7 @@ def convert(options: ConvertOptions) -> dict:
                                         spill_dir=work / "hidden", where=str(options.model))
             timings["search_prefix"] = time.perf_counter() - t0
             factory = CandidateFactory(evaluator, grams, rope_dim, rank, options.lowrank, options.key_weight,
-                                       options.rorope)
+                                       options.rorope, options.nope_rotation)
             t0 = time.perf_counter()
             if options.freqfold == "uniform":
                 best, scores = best_uniform(evaluator, factory, candidates, layers)
@@ -277,7 +281,7 @@ def convert(options: ConvertOptions) -> dict:
                                "rank": rank, "seed": options.seed, "search_tokens": options.search_tokens,
                                "search_seq_len": options.search_seq_len, "calib_tokens": options.calib_tokens,
                                "layers": sorted(layers), "lowrank": options.lowrank, "key_weight": options.key_weight,
-                               "rorope": options.rorope,
+                               "rorope": options.rorope, "nope_rotation": options.nope_rotation,
                                "shortlist": options.shortlist}
                 outcome = run_adaptive_search(evaluator, factory, candidates, work / "search_state.json", fingerprint,
                                               options.uniform_guard, options.trajectories, layers, options.shortlist)
@@ -298,7 +302,8 @@ def convert(options: ConvertOptions) -> dict:
             timings["search"] = time.perf_counter() - t0
             search_info["search_windows"] = list(search_windows.shape)
         plan = ConversionPlan(rope_dim, plan_folds, rank, options.stage, options.latent_norm, options.rope_all,
-                              options.lowrank, options.key_weight, options.statistics, options.rorope)
+                              options.lowrank, options.key_weight, options.statistics, options.rorope,
+                              options.nope_rotation)
         with atomic_output_dir(options.out, options.overwrite) as tmp:
             t0 = time.perf_counter()
             result = convert_streaming(options.model, tmp, plan, calib, grams, keep_stage1=options.eval_data is not None,
@@ -376,6 +381,7 @@ def _report(options, config, result, plan, rank, candidates, search_info, ppl, h
         "lowrank": {"method": plan.lowrank, "key_weight": plan.key_weight},
         "statistics": plan.statistics,
         "rorope": plan.rorope,
+        "nope_rotation": plan.nope_rotation,
         "fold_plan": plan.fold_plan,
         "fold_plan_paper_labels": [paper_label(f, config.head_dim, plan.rope_dim) if f is not None else None
                                    for f in plan.fold_plan],

@@ -9,6 +9,7 @@ import numpy as np
 from mindyouzhi.models.config import MLAConfig, ModelConfig
 
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK, HeadGeometry, stage2_attention
+from .positions import nope_query_map
 from .rorope import DEFAULT_RORO, stage1_attention
 
 
@@ -45,10 +46,12 @@ def head_geometry(config: ModelConfig, rope_width: int, rope_all: bool = False) 
 
 
 def convert_stage1(config: ModelConfig, layer: dict[str, np.ndarray], gram: np.ndarray, fold: int, rope_dim: int,
-                   rope_all: bool = False, rorope: str = DEFAULT_RORO) -> Stage1Layer:
+                   rope_all: bool = False, rorope: str = DEFAULT_RORO, profile: Optional[np.ndarray] = None) -> Stage1Layer:
+    """``profile`` ([H, S] attention mass by distance, ``positions.distance_profile``) turns on the
+    expected rotation of the position-free components; None keeps TransMLA's partial-RoPE layer."""
     attn, rest = split_attention(layer)
     result = stage1_attention(attn, gram, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-                              rope_dim, fold, rope_all, rorope)
+                              rope_dim, fold, rope_all, rorope, nope_query_map(profile, config))
     rank = result.attention["kv_a_proj_with_mqa.weight"].shape[0] - result.rope_width
     return Stage1Layer(join_attention(result.attention, rest), result.nope_latent, result.rope_width, rank,
                        head_geometry(config, result.rope_width, rope_all))

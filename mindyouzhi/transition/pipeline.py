@@ -28,6 +28,7 @@ from .calibration import GramCache, LayerRunner, layer_gram
 from .folds import check_fold, collapse
 from .layers import convert_stage1, convert_stage2, full_rank, hybrid_config
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK
+from .positions import DEFAULT_NOPE_ROTATION, distance_profile
 from .rorope import DEFAULT_RORO
 
 WEIGHT_FILES = ("config.json", "report.json", "model.safetensors.index.json")
@@ -53,6 +54,7 @@ class ConversionPlan:
     key_weight: float = DEFAULT_KEY_WEIGHT
     statistics: str = DEFAULT_STATISTICS
     rorope: str = DEFAULT_RORO
+    nope_rotation: str = DEFAULT_NOPE_ROTATION
 
     def layer_rank(self, config: ModelConfig, layer: int) -> Optional[int]:
         if self.fold_plan[layer] is None:
@@ -108,8 +110,9 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
 
 
 def compute_original_grams(config: ModelConfig, store: SafetensorsStore, calib: np.ndarray, grams: GramCache,
-                           batch_size: int = 8, where: str = "checkpoint") -> None:
-    """Stage-1 statistics of every layer from one streamed pass of the original model."""
+                           batch_size: int = 8, where: str = "checkpoint", profiles: bool = True) -> None:
+    """Stage-1 statistics of every layer (Gram, and the attention-distance profile unless
+    ``profiles`` is False) from one streamed pass of the original model."""
     runner = LayerRunner(calib.shape[1], batch_size)
     hidden = store.get("model.embed_tokens.weight")[calib]
     bar = progress_bar(config.num_hidden_layers, "calibrating", "layer")
@@ -117,6 +120,8 @@ def compute_original_grams(config: ModelConfig, store: SafetensorsStore, calib: 
         weights = read_layer_weights(store, config, index, where)
         if index not in grams:
             grams[index] = layer_gram(hidden, weights, config.rms_norm_eps)[0]
+        if profiles and grams.profile(index) is None:
+            grams.set_profile(index, distance_profile(hidden, weights, config))
         if index + 1 < config.num_hidden_layers:
             hidden = runner.run(config, index, weights, hidden)
         bar.update(1)
@@ -167,7 +172,13 @@ def convert_streaming(model_dir: Path, out_dir: Path, plan: ConversionPlan, cali
                 gram_a = gram_b
             else:
                 gram_a = grams_a[index] if grams_a is not None else layer_gram(hidden_a, original, eps)[0]
-            stage1 = convert_stage1(config, original, np.asarray(gram_a), fold, plan.rope_dim, plan.rope_all, plan.rorope)
+            profile = None
+            if plan.nope_rotation == "mean" and not plan.rope_all:
+                profile = grams_a.profile(index) if grams_a is not None else None
+                if profile is None:
+                    profile = distance_profile(hidden_b if sequential else hidden_a, original, config)
+            stage1 = convert_stage1(config, original, np.asarray(gram_a), fold, plan.rope_dim, plan.rope_all, plan.rorope,
+                                    profile)
             layer_for_b = (stage1_config, stage1.weights)
             if plan.stage == 1:
                 final = stage1.weights

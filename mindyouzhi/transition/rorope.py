@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from mindyouzhi.errors import UserError
 
 from .folds import fold_groups
+
+
+def rotate_queries(q_rows: np.ndarray, cbar: np.ndarray, sbar: np.ndarray) -> np.ndarray:
+    """``Mᵀ q`` for one head's query rows [head_dim, …] (rotate-half order), M = [[c̄, s̄], [−s̄, c̄]] per pair."""
+    half = q_rows.shape[0] // 2
+    re, im = q_rows[:half], q_rows[half:]
+    return np.concatenate([cbar[:, None] * re - sbar[:, None] * im, sbar[:, None] * re + cbar[:, None] * im])
 
 
 @dataclass
@@ -116,8 +123,13 @@ def rorope_rotation(k_aug: np.ndarray, gram: np.ndarray, num_kv_heads: int, head
 
 
 def stage1_attention(attn: dict[str, np.ndarray], gram: np.ndarray, num_heads: int, num_kv_heads: int, head_dim: int,
-                     rope_dim: int, fold: int, rope_all: bool = False, method: str = DEFAULT_RORO) -> Stage1Result:
-    """Convert one GQA attention (local tensor names) into its full-latent MLA form."""
+                     rope_dim: int, fold: int, rope_all: bool = False, method: str = DEFAULT_RORO,
+                     nope_queries: Optional[Callable[[int], tuple[np.ndarray, np.ndarray]]] = None) -> Stage1Result:
+    """Convert one GQA attention (local tensor names) into its full-latent MLA form.
+
+    ``nope_queries`` (head → (c̄, s̄), see ``positions``) folds the expected relative rotation into
+    the position-free query rows; without it they score the keys at Δ = 0 (TransMLA), and the layer
+    is exactly the partial-RoPE model."""
     if method not in RORO_METHODS:
         raise UserError(f"--rorope {method}: expected one of {', '.join(RORO_METHODS)}")
     groups = num_heads // num_kv_heads
@@ -141,7 +153,7 @@ def stage1_attention(attn: dict[str, np.ndarray], gram: np.ndarray, num_heads: i
         cols = slice(g * head_dim, (g + 1) * head_dim)
         q_h = q_aug[h * head_dim:(h + 1) * head_dim]
         if nope_dim:
-            q_rows.append(q_scale * q_h)
+            q_rows.append(q_scale * (rotate_queries(q_h, *nope_queries(h)) if nope_queries else q_h))
         q_rows.append(q_scale * (inv_rope[cols].T @ q_h))
         k_up = np.zeros((nope_dim, nope_latent + latent))
         if nope_dim:

@@ -31,6 +31,7 @@ from mindyouzhi.progress import progress_bar
 from .calibration import GramCache, LayerRunner
 from .layers import convert_stage1, convert_stage2, full_rank, hybrid_config
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK
+from .positions import DEFAULT_NOPE_ROTATION
 from .rorope import DEFAULT_RORO
 
 CRITERIA = ("stage1", "final", "kl")
@@ -166,6 +167,7 @@ class CandidateFactory:
     lowrank: str = DEFAULT_LOWRANK
     key_weight: float = DEFAULT_KEY_WEIGHT
     rorope: str = DEFAULT_RORO
+    nope_rotation: str = DEFAULT_NOPE_ROTATION
     _cache: dict = field(default_factory=dict)
 
     def __call__(self, layer: int, fold: int, keep: bool = False) -> Callable[[np.ndarray], np.ndarray]:
@@ -176,7 +178,8 @@ class CandidateFactory:
         config = ev.config
         original = read_layer_weights(ev.store, config, layer, ev.where)
         gram = np.asarray(self.grams[layer])
-        stage1 = convert_stage1(config, original, gram, fold, self.rope_dim, rorope=self.rorope)
+        profile = self.grams.profile(layer) if self.nope_rotation == "mean" else None
+        stage1 = convert_stage1(config, original, gram, fold, self.rope_dim, rorope=self.rorope, profile=profile)
         weights, rank = stage1.weights, stage1.rank
         if ev.criterion in ("final", "kl") and self.rank is not None:
             converted = convert_stage2(stage1, gram, self.rank, self.lowrank, self.key_weight)

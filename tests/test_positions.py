@@ -1,0 +1,136 @@
+"""Expected rotation of the position-free key components (``--nope-rotation mean``).
+
+The distance profile is checked against the attention probabilities of HF ``transformers`` (eager),
+the rotation algebra against an independent RoPE written here, and the stage-1 plumbing against
+TransMLA's Δ = 0 layer.
+"""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hf_fixtures import build_hf_model, tiny_convertible, write_text
+from mindyouzhi.cli import main
+from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+from mindyouzhi.models.config import ModelConfig
+from mindyouzhi.models.decoder import read_layer_weights
+from mindyouzhi.transition.calibration import GramCache, layer_gram
+from mindyouzhi.transition.layers import convert_stage1
+from mindyouzhi.transition.positions import distance_profile, expected_rotation
+from mindyouzhi.transition.rorope import rotate_queries
+
+HEADS, HEAD_DIM, THETA = 4, 16, 10000.0
+
+
+def config_with(rope_scaling=None) -> ModelConfig:
+    data = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128, "hidden_size": 64,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": HEADS, "num_key_value_heads": 2,
+            "head_dim": HEAD_DIM, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": THETA}
+    if rope_scaling:
+        data["rope_scaling"] = rope_scaling
+    return ModelConfig.from_dict(data)
+
+
+def rope(vector, position, scale=1.0):
+    """Rotate-half RoPE at one position, θ_j = THETA^(−2j/d) / scale (independent of mindyouzhi)."""
+    half = HEAD_DIM // 2
+    angle = position * THETA ** (-np.arange(half) * 2.0 / HEAD_DIM) / scale
+    re, im = vector[:half], vector[half:]
+    return np.concatenate([re * np.cos(angle) - im * np.sin(angle), re * np.sin(angle) + im * np.cos(angle)])
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0}])
+def test_expected_rotation_is_the_attention_weighted_relative_rotation(scaling):
+    """q' = Mᵀq gives q'·k = Σ_Δ p(Δ) RoPE(q, t)·RoPE(k, t − Δ) for any profile p (here 3 distances)."""
+    config = config_with(scaling)
+    scale = scaling["factor"] if scaling else 1.0
+    rng = np.random.default_rng(0)
+    profile = np.zeros((HEADS, 64))
+    distances, weights = [0, 5, 37], [0.5, 0.3, 0.2]
+    profile[:, distances] = weights
+    cbar, sbar = expected_rotation(profile, config)
+    for head in range(HEADS):
+        q, k = rng.normal(size=HEAD_DIM), rng.normal(size=HEAD_DIM)
+        t = 50
+        expected = sum(w * rope(q, t, scale) @ rope(k, t - d, scale) for d, w in zip(distances, weights))
+        rotated = rotate_queries(q[:, None], cbar[head], sbar[head])[:, 0]
+        np.testing.assert_allclose(rotated @ k, expected, rtol=1e-6)  # float32 frequencies
+        assert abs(q @ k - expected) > 1e-3  # TransMLA's Δ = 0 differs: the check above is not vacuous
+
+
+def test_distance_profile_equals_transformers_attention(tmp_path):
+    """Per head, the mean over queries of the attention mass at each distance, from HF's own probabilities."""
+    import torch
+    import transformers
+
+    model_dir = build_hf_model("llama", tmp_path / "llama")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    ids = np.random.default_rng(1).integers(4, 124, size=(3, 24))
+    with torch.no_grad():
+        out = model(torch.tensor(ids), output_attentions=True, output_hidden_states=True)
+    config = ModelConfig.from_dir(model_dir)
+    store = SafetensorsStore(model_dir)
+    for layer in range(config.num_hidden_layers):
+        probs = out.attentions[layer].numpy()  # [B, H, S, S]
+        length = probs.shape[-1]
+        reference = np.zeros((config.num_attention_heads, length))
+        for d in range(length):
+            reference[:, d] = np.stack([np.diagonal(p, -d, axis1=-2, axis2=-1).sum(-1) for p in probs]).sum(0)
+        reference /= probs.shape[0] * length
+        hidden = out.hidden_states[layer].numpy()
+        profile = distance_profile(hidden, read_layer_weights(store, config, layer), config)
+        np.testing.assert_allclose(profile.sum(1), 1.0, atol=1e-6)
+        np.testing.assert_allclose(profile, reference, atol=2e-6)
+
+
+def test_all_attention_at_distance_zero_is_transmla_stage1(tmp_path):
+    """With every head attending only to itself the expected rotation is the identity: same layer as none."""
+    model_dir = build_hf_model("llama", tmp_path / "llama")
+    config = ModelConfig.from_dir(model_dir)
+    layer = read_layer_weights(SafetensorsStore(model_dir), config, 0)
+    hidden = np.random.default_rng(2).normal(size=(4, 32, config.hidden_size)).astype(np.float32)
+    gram = layer_gram(hidden, layer, config.rms_norm_eps)[0]
+    at_zero = np.zeros((config.num_attention_heads, 32))
+    at_zero[:, 0] = 1.0
+    plain = convert_stage1(config, layer, gram, 2, 8)
+    same = convert_stage1(config, layer, gram, 2, 8, profile=at_zero)
+    spread = convert_stage1(config, layer, gram, 2, 8, profile=distance_profile(hidden, layer, config))
+    for name, value in plain.weights.items():
+        np.testing.assert_allclose(same.weights[name], value, atol=1e-12)
+        if name != "self_attn.q_proj.weight":  # only the position-free query rows move
+            np.testing.assert_array_equal(spread.weights[name], value)
+    assert np.abs(spread.weights["self_attn.q_proj.weight"] - plain.weights["self_attn.q_proj.weight"]).max() > 1e-3
+
+
+def test_gram_cache_keeps_profiles_next_to_grams(tmp_path):
+    cache = GramCache(tmp_path / "grams")
+    cache[0] = np.eye(3)
+    assert cache.profile(0) is None
+    cache.set_profile(0, np.full((2, 5), 0.2))
+    np.testing.assert_array_equal(GramCache(tmp_path / "grams").profile(0), np.full((2, 5), 0.2))
+    assert 0 in cache and 1 not in cache
+
+
+def test_cli_reports_the_choice_and_none_keeps_the_partial_rope_layer(tmp_path):
+    model = tiny_convertible(tmp_path, "llama")
+    calib = write_text(tmp_path / "calib.txt", 3000, seed=0)
+    reports = {}
+    for choice in ("mean", "none"):
+        args = ["convert", "--model", str(model), "--out", str(tmp_path / choice), "--calib", str(calib),
+                "--calib-tokens", "1024", "--calib-seq-len", "64", "--rope-dim", "8", "--freqfold", "2",
+                "--stage", "1", "--json"] + (["--nope-rotation", "none"] if choice == "none" else [])
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        reports[choice] = json.loads(result.stdout)
+    assert reports["mean"]["nope_rotation"] == "mean" and reports["none"]["nope_rotation"] == "none"
+    mean, none = SafetensorsStore(tmp_path / "mean"), SafetensorsStore(tmp_path / "none")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert np.abs(mean.get(name) - none.get(name)).max() > 1e-3
+    kv = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    np.testing.assert_array_equal(mean.get(kv), none.get(kv))
+    bad = CliRunner().invoke(main, ["convert", "--model", str(model), "--out", str(tmp_path / "bad"), "--calib",
+                                    str(calib), "--nope-rotation", "median"])
+    assert bad.exit_code == 2 and "--nope-rotation" in bad.output
+    assert not (tmp_path / "bad").exists()
