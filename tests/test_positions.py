@@ -59,12 +59,13 @@ def test_expected_rotation_is_the_attention_weighted_relative_rotation(scaling):
         assert abs(q @ k - expected) > 1e-3  # TransMLA's Δ = 0 differs: the check above is not vacuous
 
 
-def test_distance_profile_equals_transformers_attention(tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: q/k biases
+def test_distance_profile_equals_transformers_attention(kind, tmp_path):
     """Per head, the mean over queries of the attention mass at each distance, from HF's own probabilities."""
     import torch
     import transformers
 
-    model_dir = build_hf_model("llama", tmp_path / "llama")
+    model_dir = build_hf_model(kind, tmp_path / kind)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32,
                                                               attn_implementation="eager").eval()
     ids = np.random.default_rng(1).integers(4, 124, size=(3, 24))
