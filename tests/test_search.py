@@ -63,7 +63,8 @@ def test_cached_prefix_evaluation_equals_full_forward_of_the_hybrid(setup):
     cached = evaluator.score(1, [factory(1, 4)])  # layer 0 original (cached), layer 1 converted
     weights = dict(read_global_weights(store, config))
     weights.update({f"model.layers.0.{k}": v for k, v in read_layer_weights(store, config, 0).items()})
-    stage1 = convert_stage1(config, read_layer_weights(store, config, 1), np.asarray(setup["grams"][1]), 4, 8)
+    stage1 = convert_stage1(config, read_layer_weights(store, config, 1), np.asarray(setup["grams"][1]), 4, 8,
+                            profile=setup["grams"].profile(1))  # the factory's default --nope-rotation mean
     weights.update({f"model.layers.1.{k}": v for k, v in stage1.weights.items()})
     hybrid = hybrid_config(config, [None, 4], [None, full_rank(config, 8)], 8, stage=1)
     full = perplexity(ModelRunner.from_weights(hybrid, weights), setup["windows"], batch_size=4).ppl
