@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -182,7 +182,7 @@ class GramCache:
 
     def __init__(self, directory: Optional[Path] = None):
         self.directory = Path(directory) if directory else None
-        self._memory: dict[int, np.ndarray] = {}
+        self._memory: dict[Union[int, str], np.ndarray] = {}  # layer → Gram, "profile_<layer>" → profile
 
     def __setitem__(self, layer, gram: np.ndarray) -> None:
         if self.directory is None:

@@ -173,10 +173,14 @@ def convert_streaming(model_dir: Path, out_dir: Path, plan: ConversionPlan, cali
             else:
                 gram_a = grams_a[index] if grams_a is not None else layer_gram(hidden_a, original, eps)[0]
             profile = None
-            if plan.nope_rotation == "mean" and not plan.rope_all:
-                profile = grams_a.profile(index) if grams_a is not None else None
-                if profile is None:
+            if plan.nope_rotation == "mean" and not plan.rope_all:  # from the stream stage 1's Gram came from
+                if sequential or grams_a is None:
                     profile = distance_profile(hidden_b if sequential else hidden_a, original, config)
+                else:
+                    profile = grams_a.profile(index)
+                    if profile is None:
+                        raise ValueError(f"layer {index}: --nope-rotation mean needs the calibration profiles "
+                                         "(compute_original_grams(..., profiles=True))")
             stage1 = convert_stage1(config, original, np.asarray(gram_a), fold, plan.rope_dim, plan.rope_all, plan.rorope,
                                     profile)
             layer_for_b = (stage1_config, stage1.weights)
