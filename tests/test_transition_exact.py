@@ -54,6 +54,22 @@ def test_stage2_at_full_rank_reproduces_stage1(models, kind, fold, lowrank, tmp_
     np.testing.assert_allclose(stage2, stage1, atol=1e-4, rtol=0)
 
 
+def test_sequential_statistics_full_rank_reproduces_its_stage1(models, tmp_path):
+    """One stream through the converted layers (--statistics sequential): at full rank every layer is
+    its stage-1 layer, so the stream and the statistics — profile included — match the stage-1 run."""
+    dirs, calib = models
+    args = ("--rope-dim", "8", "--freqfold", "2", "--statistics", "sequential")
+    report = convert(dirs["llama"], tmp_path / "s1", calib, *args, "--stage", "1")
+    convert(dirs["llama"], tmp_path / "s2", calib, *args, "--kv-lora-rank", "full")
+    two_stream = convert(dirs["llama"], tmp_path / "ts", calib, "--rope-dim", "8", "--freqfold", "2", "--stage", "1")
+    assert report["statistics"] == "sequential" and report["nope_rotation"] == "mean"
+    stage1 = ModelRunner.from_dir(tmp_path / "s1", with_tokenizer=False).logits(IDS)
+    stage2 = ModelRunner.from_dir(tmp_path / "s2", with_tokenizer=False).logits(IDS)
+    other = ModelRunner.from_dir(tmp_path / "ts", with_tokenizer=False).logits(IDS)
+    assert two_stream["statistics"] == "two-stream" and np.abs(other - stage1).max() > 1e-4  # the streams differ
+    np.testing.assert_allclose(stage2, stage1, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("latent_norm", [False, True])
 def test_absorbed_decode_equals_expanded_forward_and_cache_size(models, latent_norm, tmp_path):
     """(c) token-by-token absorbed decode = expanded forward; (e) cache = kv_lora_rank + rope_dim."""
