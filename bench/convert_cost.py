@@ -2,7 +2,8 @@
 
 Runs ``mindyouzhi convert --freqfold F`` in a child process (so its peak RSS is its own) on
 SmolLM2-135M and compares the peak with the model's fp32 size and with the streaming budget:
-one layer's weights + embeddings + the calibration hidden states (two streams) + the Gram
+one layer's weights + embeddings + the calibration hidden states (one stream, two with
+``--statistics two-stream``) + the Gram
 statistics, on top of the runtime's own baseline (MindSpore
 import, measured separately).  Issue-12 targets: f4/r96 with 32k calibration tokens in ≤ 84 s wall
 and ≤ 1.5 GiB peak RSS on the 2-core machine (the public TransMLA converter: 84 s, 4.03 GiB).
@@ -26,7 +27,8 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=32768)
     parser.add_argument("--fold", type=int, default=4)
     parser.add_argument("--rank", type=int, default=96)
-    parser.add_argument("--statistics", default="two-stream", choices=["two-stream", "sequential"])
+    parser.add_argument("--statistics", default="stage1-stream", choices=["stage1-stream", "two-stream", "sequential"])
+    parser.add_argument("--forward-precision", default="auto", choices=["auto", "bf16", "fp32"])
     args = parser.parse_args()
     from mindyouzhi.models.config import ModelConfig
 
@@ -38,7 +40,7 @@ def main() -> None:
         seconds, peak, stdout = common.child_peak([common.cli(), "convert", "--model", str(model_dir),
                                             "--out", f"{work}/out", "--calib", str(calib), "--calib-tokens", str(args.calib_tokens),
                                             "--rope-dim", "32", "--kv-lora-rank", str(args.rank), "--freqfold", str(args.fold),
-                                            "--statistics", args.statistics,
+                                            "--statistics", args.statistics, "--forward-precision", args.forward_precision,
                                             "--json"])
     report = json.loads(stdout)
     from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
@@ -48,15 +50,16 @@ def main() -> None:
     model_bytes = sum(sizes.values())
     layer_bytes = sum(size for name, size in sizes.items() if name.startswith("model.layers.0."))
     d = config.hidden_size
+    streams = 2 if args.statistics == "two-stream" else 1
     streaming_budget = {
         "one_layer_weights_source_and_converted": 2 * layer_bytes,
         "embeddings": sizes["model.embed_tokens.weight"],
-        "calibration_hidden_states_two_streams_plus_layer_output": 3 * 4 * args.calib_tokens * d,
+        "calibration_hidden_states_streams_plus_layer_output": (streams + 1) * 4 * args.calib_tokens * d,
         "normed_inputs_and_gram_statistics": 4 * args.calib_tokens * d + 2 * 8 * (d + 1) ** 2,
     }
     result = {
         "model": "SmolLM2-135M-Instruct", "fold": args.fold, "rank": args.rank, "calib_tokens": args.calib_tokens,
-        "statistics": args.statistics,
+        "statistics": args.statistics, "forward_precision": report["forward_precision"],
         "wall_seconds": seconds, "peak_rss_bytes": peak, "runtime_baseline_rss_bytes": baseline,
         "model_fp32_bytes": model_bytes, "peak_over_model": peak / model_bytes,
         "peak_above_baseline_over_model": (peak - baseline) / model_bytes,

@@ -76,6 +76,10 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_j
 @click.option("--calib-sampling", type=click.Choice(["rows", "slots"]), default=None,
               help="calibration windows: rows = each starts at a line/record, following rows joined by a blank line "
                    "(default for files); slots = random offsets of the token stream (default for generate:)")
+@click.option("--forward-precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="matrix products of the conversion's forward passes (calibration streams, search evaluations): "
+                   "bf16 (bfloat16 inputs, fp32 accumulation; CPU kernel over MindSpore's oneDNN), fp32, or auto = "
+                   "bf16 on CPUs with native bf16 dot products; statistics and weights stay fp32/fp64")
 @click.option("--rope-dim", type=int, default=None, help="shared RoPE key width (default head_dim/2)")
 @click.option("--kv-lora-rank", type=KV_LORA_RANK, default=None,
               help="latent width K, or 'full' (no truncation); default min(4·head_dim, full)")
@@ -94,9 +98,11 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_j
                    "care = covariance-aware SVD of the per-head keys and values")
 @click.option("--key-weight", default=1.0, show_default=True, type=float,
               help="--lowrank output: weight of key (score) errors against value errors")
-@click.option("--statistics", default="two-stream", show_default=True, type=click.Choice(["two-stream", "sequential"]),
-              help="calibration streams: two-stream = original model for stage 1, stage-1 model for stage 2; "
-                   "sequential = one stream through the converted layers (half the cost, less accurate)")
+@click.option("--statistics", default="stage1-stream", show_default=True,
+              type=click.Choice(["stage1-stream", "two-stream", "sequential"]),
+              help="calibration streams: stage1-stream = the stage-1 model's hidden states for both stages; "
+                   "two-stream = the original model's for stage 1 (TransMLA, twice the cost); sequential = one "
+                   "stream through the converted layers")
 @click.option("--folds", default=None, help="candidate folds for the search, e.g. 1,2,4,8 (default: all legal)")
 @click.option("--criterion", default="final", show_default=True, type=click.Choice(["stage1", "final", "kl"]),
               help="search criterion: final = ppl of the deployed model (stage 2 at --kv-lora-rank), "
@@ -125,7 +131,7 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_j
 @overwrite_option
 @progress_option
 @json_option
-def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, calib_sampling, rope_dim, kv_lora_rank, freqfold, plan_file, lowrank,
+def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, calib_sampling, forward_precision, rope_dim, kv_lora_rank, freqfold, plan_file, lowrank,
                 key_weight, statistics, rorope, nope_rotation, folds, criterion, shortlist, search_data, search_tokens, search_seq_len, layers, stage, latent_norm, eval_data, text_field, eval_seq_len,
                 eval_max_windows, seed, batch_size, work_dir, restart, no_uniform_guard, no_trajectories, rope_all,
                 overwrite, as_json):
@@ -135,7 +141,7 @@ def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, calib_sampli
     options = ConvertOptions(
         model=model_dir, out=out, calib=Path(calib), rope_dim=rope_dim, kv_lora_rank=kv_lora_rank, freqfold=freqfold,
         search_data=search_data, search_tokens=search_tokens, search_seq_len=search_seq_len, calib_tokens=calib_tokens,
-        calib_seq_len=calib_seq_len, calib_sampling=calib_sampling, layers=layers, latent_norm=latent_norm, stage=stage,
+        calib_seq_len=calib_seq_len, calib_sampling=calib_sampling, forward_precision=forward_precision, layers=layers, latent_norm=latent_norm, stage=stage,
         criterion=criterion, folds=_int_list(folds, "--folds"), eval_data=eval_data, text_field=text_field, eval_seq_len=eval_seq_len,
         eval_max_windows=eval_max_windows, seed=seed, overwrite=overwrite, work_dir=work_dir, restart=restart,
         batch_size=batch_size, uniform_guard=not no_uniform_guard, trajectories=not no_trajectories, rope_all=rope_all,

@@ -1,10 +1,7 @@
 """Paged decode attention as MindSpore AOT custom ops with a CPU kernel (``paged_attention.cc``).
 
-The C++ source ships as package data and is compiled with g++ on first use into a per-user cache
-(``$MINDYOUZHI_CACHE_DIR``, else ``$XDG_CACHE_HOME/mindyouzhi``, else ``~/.cache/mindyouzhi``),
-under a name keyed by the source, the flags, the compiler and the CPU's feature flags: a changed
-kernel or a different machine never picks up a stale library, and concurrent first uses are safe
-(each builds into a temporary file that is renamed into place).
+The C++ source ships as package data and is compiled with g++ on first use (``build.py``: a
+per-user cache keyed by source, flags, compiler and CPU).
 
 ``paged_mla_decode`` and ``paged_gqa_decode`` have exactly the contracts of
 ``reference.paged_mla_decode_reference`` / ``paged_gqa_decode_reference``.  Inside ``ms.jit`` use
@@ -14,81 +11,25 @@ tensor of shape [1].
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from mindspore import Tensor, ops
 
-from mindyouzhi.errors import UserError
+from mindyouzhi.ops.build import KernelBuildError, shared_library  # noqa: F401  (KernelBuildError: part of this API)
 
 SOURCE = Path(__file__).with_name("paged_attention.cc")
 CXX_FLAGS = ("-std=c++17", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
-class KernelBuildError(UserError):
-    """The CPU kernel could not be built (no compiler, or the compiler failed)."""
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("MINDYOUZHI_CACHE_DIR")
-    if root:
-        return Path(root) / "ops"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mindyouzhi" / "ops"
-
-
-def _compiler() -> str:
-    compiler = os.environ.get("CXX") or shutil.which("g++")
-    if not compiler or not shutil.which(compiler):
-        raise KernelBuildError(
-            "g++ not found: the CPU paged-attention kernel is compiled on first use. Install a C++ compiler "
-            "(e.g. apt-get install g++), set CXX, or choose the plain-op path (--attention gather)")
-    return compiler
-
-
-def _cpu_flags() -> str:
-    """-march=native code depends on the CPU: its feature flags are part of the cache key."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return line.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 @functools.lru_cache(maxsize=None)
 def kernel_library() -> Path:
     """Path of the compiled kernel library, building it on first use."""
-    compiler = _compiler()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(CXX_FLAGS).encode(), version.encode(), _cpu_flags().encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"paged_attention-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".paged_attention-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        result = subprocess.run([compiler, *CXX_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                                check=False)
-        if result.returncode != 0:
-            raise KernelBuildError(f"building {SOURCE.name} with {compiler} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return shared_library(SOURCE, "paged_attention", CXX_FLAGS,
+                          "the CPU paged-attention kernel is compiled on first use. Install a C++ compiler "
+                          "(e.g. apt-get install g++), set CXX, or choose the plain-op path (--attention gather)")
 
 
 class DecodeOps(NamedTuple):

@@ -58,10 +58,13 @@ def test_sequential_statistics_full_rank_reproduces_its_stage1(models, tmp_path)
     """One stream through the converted layers (--statistics sequential): at full rank every layer is
     its stage-1 layer, so the stream and the statistics — profile included — match the stage-1 run."""
     dirs, calib = models
-    args = ("--rope-dim", "8", "--freqfold", "2", "--statistics", "sequential")
+    # fp32 forward passes: the stream runs through the final layers, equal to stage 1 only in exact
+    # arithmetic (bf16 would round their different matrices differently)
+    args = ("--rope-dim", "8", "--freqfold", "2", "--statistics", "sequential", "--forward-precision", "fp32")
     report = convert(dirs["llama"], tmp_path / "s1", calib, *args, "--stage", "1")
     convert(dirs["llama"], tmp_path / "s2", calib, *args, "--kv-lora-rank", "full")
-    two_stream = convert(dirs["llama"], tmp_path / "ts", calib, "--rope-dim", "8", "--freqfold", "2", "--stage", "1")
+    two_stream = convert(dirs["llama"], tmp_path / "ts", calib, "--rope-dim", "8", "--freqfold", "2", "--stage", "1",
+                         "--forward-precision", "fp32", "--statistics", "two-stream")
     assert report["statistics"] == "sequential" and report["nope_rotation"] == "mean"
     stage1 = ModelRunner.from_dir(tmp_path / "s1", with_tokenizer=False).logits(IDS)
     stage2 = ModelRunner.from_dir(tmp_path / "s2", with_tokenizer=False).logits(IDS)
@@ -131,3 +134,21 @@ def test_exactness_ladder_on_stories260k(shared_dir, tmp_path):
     stage1 = ModelRunner.from_dir(tmp_path / "s1", with_tokenizer=False).logits(ids)
     np.testing.assert_allclose(ModelRunner.from_dir(tmp_path / "s2", with_tokenizer=False).logits(ids), stage1,
                                atol=1e-4, rtol=0)
+
+
+def test_stage1_stream_statistics_full_rank_reproduces_its_stage1(models, tmp_path):
+    """One stream through the stage-1 layers (--statistics stage1-stream): stage 1 and the stage-2
+    statistics of layer l both come from it, so at full rank stage 2 is a change of basis of the
+    stage-1 model built from that same stream, and the stream differs from two-stream's."""
+    dirs, calib = models
+    args = ("--rope-dim", "8", "--freqfold", "2", "--statistics", "stage1-stream")
+    report = convert(dirs["qwen2"], tmp_path / "s1", calib, *args, "--stage", "1")
+    convert(dirs["qwen2"], tmp_path / "s2", calib, *args, "--kv-lora-rank", "full")
+    convert(dirs["qwen2"], tmp_path / "ts", calib, "--rope-dim", "8", "--freqfold", "2", "--stage", "1",
+            "--statistics", "two-stream")
+    assert report["statistics"] == "stage1-stream"
+    stage1 = ModelRunner.from_dir(tmp_path / "s1", with_tokenizer=False).logits(IDS)
+    stage2 = ModelRunner.from_dir(tmp_path / "s2", with_tokenizer=False).logits(IDS)
+    other = ModelRunner.from_dir(tmp_path / "ts", with_tokenizer=False).logits(IDS)
+    assert np.abs(other - stage1).max() > 1e-4  # layer 1's stage 1 saw layer 0's stage-1 errors
+    np.testing.assert_allclose(stage2, stage1, atol=1e-4, rtol=0)

@@ -5,6 +5,7 @@ shapes the config implies, so a wrong checkpoint fails with the tensor's name an
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping, Optional
 
 import numpy as np
@@ -163,30 +164,56 @@ class RopeTables:
         return tuple(t[offset: offset + length] for t in self._cache[key])
 
 
-def layer_function(config: ModelConfig, layer: int, weights: Mapping[str, np.ndarray]):
+# The precisions of ``layer_function``: fp32 (plain ops), or bf16 — the projections and the two
+# products of the attention core with bf16 inputs and fp32 accumulation (the CPU kernels of
+# ``mindyouzhi.ops.bf16``: forward only, causal windows from position 0, no gradient).
+LAYER_PRECISIONS = ("fp32", "bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def layer_graphs(precision: str):
+    """(gqa_layer, mla_layer) jitted with the projections of ``precision``."""
+    from . import functional as F
+
+    if precision == "fp32":
+        return F.gqa_layer, F.mla_layer
+    if precision == "bf16":
+        from mindyouzhi.ops.bf16 import graph_attend, graph_dense
+
+        return F.layer_graphs(graph_dense(), graph_attend())
+    raise ValueError(f"layer precision {precision!r}: expected one of {LAYER_PRECISIONS}")
+
+
+def layer_function(config: ModelConfig, layer: int, weights: Mapping[str, np.ndarray], precision: str = "fp32"):
     """A callable (hidden, cos, sin, mla_cos, mla_sin, mask) → hidden for one layer, sharing one
     compiled graph with every other layer of the same shape (weights are graph arguments)."""
     from mindspore import Tensor
 
     from . import functional as F
 
+    gqa_layer, mla_layer = layer_graphs(precision)
+
     eps = float(config.rms_norm_eps)
 
-    def tensor(value):
+    def tensor(value, name: str):
         if value is None or isinstance(value, Tensor):
             return value  # Parameters of a built model are passed as they are: no copy
+        if precision == "bf16" and name.endswith(("_proj.weight", "_mqa.weight")):
+            from mindyouzhi.ops.bf16 import bf16_bits
+
+            return Tensor(bf16_bits(value))  # projection matrices rounded once, not at every call
         return Tensor(np.ascontiguousarray(value, np.float32))
 
     if config.is_mla(layer):
-        args = tuple(tensor(weights.get(k)) for k in F.MLA_LAYER_WEIGHTS)
+        args = tuple(tensor(weights.get(k), k) for k in F.MLA_LAYER_WEIGHTS)
         dims = mla_dims(config, layer)
 
         def run(x, cos, sin, mla_cos, mla_sin, mask):
-            return F.mla_layer(x, mla_cos, mla_sin, mask, *dims, eps, *args)
+            return mla_layer(x, mla_cos, mla_sin, mask, *dims, eps, *args)
     else:
-        args = tuple(tensor(weights.get(k)) for k in F.GQA_LAYER_WEIGHTS)
+        args = tuple(tensor(weights.get(k), k) for k in F.GQA_LAYER_WEIGHTS)
         dims = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
 
         def run(x, cos, sin, mla_cos, mla_sin, mask):
-            return F.gqa_layer(x, cos, sin, mask, *dims, eps, *args)
+            return gqa_layer(x, cos, sin, mask, *dims, eps, *args)
     return run

@@ -105,9 +105,11 @@ def calibration_windows(tokenizer, path, total_tokens: int, seq_len: int, seed: 
 
 
 def rms_normed(hidden: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    h = hidden.reshape(-1, hidden.shape[-1])
-    variance = np.mean(h.astype(np.float32) ** 2, axis=-1, keepdims=True)
-    return (h / np.sqrt(variance + eps) * weight).astype(np.float32)
+    h = np.asarray(hidden, np.float32).reshape(-1, hidden.shape[-1])
+    variance = np.einsum("td,td->t", h, h) / np.float32(h.shape[1])  # one pass, no [N, D] temporaries
+    out = h * (1.0 / np.sqrt(variance + np.float32(eps)))[:, None]
+    out *= np.asarray(weight, np.float32)
+    return out
 
 
 def augmented_gram(normed: np.ndarray, chunk: int = 8192) -> np.ndarray:
@@ -134,27 +136,62 @@ def layer_gram(hidden: np.ndarray, layer_weights: dict, eps: float, keep_normed:
     return (gram, normed) if keep_normed else (gram, None)
 
 
-# Tokens per layer call.  A compiled layer graph keeps its intermediates (attention scores of
-# every head included) for the life of the process; measured on a SmolLM2 layer: 8 × 512 tokens
-# per call +867 MB, 2 × 512 +168 MB, at the same speed (0.37 s vs 0.33 s per 8 windows).
-LAYER_CALL_TOKENS = 1024
+# Tokens per layer call, by precision.  A compiled layer graph keeps its intermediates for the
+# life of the process.  fp32 (plain-op attention, scores of every head included), measured on a
+# SmolLM2 layer: 8 × 512 tokens per call +867 MB, 2 × 512 +168 MB, at the same speed.  bf16 (the
+# fused attention kernel keeps no scores): 2,048 tokens cut the per-call overhead, f4/r96 SmolLM2
+# conversion 97 s → 91 s at +0.05 GB peak (docs/BENCHMARKS.md).
+LAYER_CALL_TOKENS = {"fp32": 1024, "bf16": 2048}
+
+
+# The precision of the projections in the conversion's own forward passes — the calibration
+# streams and the search's evaluations (docs/conversion.md §4).  "bf16": inputs rounded to
+# bfloat16, float32 accumulation (the custom op ops/bf16 — the arithmetic of the peer's bf16
+# run, 2–2.5× the fp32 GEMM speed on a CPU with AVX512-BF16); "fp32"; "auto": bf16 where the CPU
+# has native bf16 dot products and the kernel builds, else fp32 with a notice.  Only the hidden
+# states those passes carry change; Grams, PCAs and the written weights stay float64/float32.
+FORWARD_PRECISIONS = ("auto", "bf16", "fp32")
+DEFAULT_FORWARD_PRECISION = "auto"
+
+
+def resolve_forward_precision(choice: str) -> tuple[str, Optional[str]]:
+    """(the precision the streams use, why ``auto`` fell back to fp32 — or None)."""
+    if choice not in FORWARD_PRECISIONS:
+        raise UserError(f"--forward-precision {choice}: expected one of {', '.join(FORWARD_PRECISIONS)}")
+    if choice == "fp32":
+        return "fp32", None
+    from mindyouzhi.ops import bf16, dispatch
+
+    if dispatch.device_target() != "CPU":
+        reason = f"the bf16 dense kernel is a CPU kernel (device target {dispatch.device_target()})"
+    else:
+        reason = bf16.unavailable()
+        if reason is None and choice == "auto" and not bf16.native_bf16():
+            reason = "this CPU has no native bf16 dot products (avx512_bf16 / amx_bf16)"
+    if reason is None:
+        return "bf16", None
+    if choice == "bf16":
+        raise UserError(f"--forward-precision bf16: {reason}")
+    return "fp32", reason
 
 
 class LayerRunner:
     """Advance hidden states [n, T, D] through one decoder layer built from numpy weights (jitted).
 
-    Windows go ``batch_size`` at a time, capped at ``LAYER_CALL_TOKENS`` tokens per call, and the
+    Windows go ``batch_size`` at a time, capped at ``LAYER_CALL_TOKENS[precision]`` tokens per call, and the
     last call is zero-padded to the same shape: one compiled graph per layer kind, of bounded size.
+    ``precision`` is that of the projections ("fp32" or "bf16", see ``FORWARD_PRECISIONS``).
     """
 
-    def __init__(self, seq_len: int, batch_size: int = 8):
+    def __init__(self, seq_len: int, batch_size: int = 8, precision: str = "fp32"):
         self.seq_len = seq_len
-        self.batch_size = max(1, min(batch_size, LAYER_CALL_TOKENS // seq_len))
+        self.precision = precision
+        self.batch_size = max(1, min(batch_size, LAYER_CALL_TOKENS[precision] // seq_len))
         self._mask = to_tensor(causal_mask(seq_len))
         self.layer_forwards = 0  # tokens·layers processed, for cost accounting
 
     def cell(self, config: ModelConfig, index: int, weights: dict):
-        fn = layer_function(config, index, weights)
+        fn = layer_function(config, index, weights, self.precision)
         cos, sin, mcos, msin = (to_tensor(t) for t in RopeTables(config)(self.seq_len))
         mask = self._mask
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +24,8 @@ from mindyouzhi.models.config import ModelConfig
 from mindyouzhi.models.decoder import read_global_weights
 from mindyouzhi.textdata import DEFAULT_TEXT_FIELD
 
-from .calibration import CALIB_SAMPLING, GramCache, calibration_windows, text_windows
+from .calibration import (CALIB_SAMPLING, DEFAULT_FORWARD_PRECISION, GramCache, calibration_windows, resolve_forward_precision,
+                          text_windows)
 from .folds import check_fold, collapse, legal_folds, paper_label
 from .layers import full_rank
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK, LOWRANK_METHODS
@@ -48,6 +50,7 @@ class ConvertOptions:
     calib_tokens: int = 128 * 256
     calib_seq_len: int = 256
     calib_sampling: Optional[str] = None  # "rows" | "slots"; None: rows for files, slots for generate: text
+    forward_precision: str = DEFAULT_FORWARD_PRECISION  # "auto" | "bf16" | "fp32": projections of calibration/search passes
     layers: Optional[str] = None
     latent_norm: bool = False
     stage: int = 2
@@ -229,6 +232,9 @@ def convert(options: ConvertOptions) -> dict:
     config, rope_dim, rank, candidates, layers, fixed_plan = _resolve(options)
     if options.calib_sampling not in (None, *CALIB_SAMPLING):
         raise UserError(f"--calib-sampling {options.calib_sampling}: expected one of {', '.join(CALIB_SAMPLING)}")
+    precision, fallback = resolve_forward_precision(options.forward_precision)
+    if fallback:
+        print(f"note: the conversion's forward passes run in fp32 ({fallback})", file=sys.stderr)
     # Generated text is independent rows of one sampling run: any window is as good as a row start.
     sampling = options.calib_sampling or ("slots" if parse_spec(options.calib, "--calib") else None)
     options, origins = _with_generated_text(options)
@@ -257,17 +263,17 @@ def convert(options: ConvertOptions) -> dict:
             t0 = time.perf_counter()
             grams = GramCache(work / "grams")
             compute_original_grams(config, store, calib, grams, options.batch_size, str(options.model),
-                                   profiles=options.nope_rotation == "mean")
+                                   profiles=options.nope_rotation == "mean", precision=precision)
             timings["calibration"] = time.perf_counter() - t0
             search_path = data_files["search"]
             search_windows = text_windows(tokenizer, search_path, options.search_tokens, options.search_seq_len,
                                           options.seed + 1, "--search-data", options.text_field)
             t0 = time.perf_counter()
             evaluator = HybridEvaluator(config, store, search_windows, options.criterion, options.batch_size,
-                                        spill_dir=work / "hidden", where=str(options.model))
+                                        spill_dir=work / "hidden", where=str(options.model), precision=precision)
             timings["search_prefix"] = time.perf_counter() - t0
             factory = CandidateFactory(evaluator, grams, rope_dim, rank, options.lowrank, options.key_weight,
-                                       options.rorope, options.nope_rotation)
+                                       options.rorope, options.nope_rotation, spill_dir=work / "candidates")
             t0 = time.perf_counter()
             if options.freqfold == "uniform":
                 best, scores = best_uniform(evaluator, factory, candidates, layers)
@@ -280,6 +286,7 @@ def convert(options: ConvertOptions) -> dict:
                                "calib": hashes["calib"]["sha256"], "criterion": options.criterion, "rope_dim": rope_dim,
                                "rank": rank, "seed": options.seed, "search_tokens": options.search_tokens,
                                "search_seq_len": options.search_seq_len, "calib_tokens": options.calib_tokens,
+                               "forward_precision": precision,
                                "layers": sorted(layers), "lowrank": options.lowrank, "key_weight": options.key_weight,
                                "rorope": options.rorope, "nope_rotation": options.nope_rotation,
                                "shortlist": options.shortlist}
@@ -303,7 +310,7 @@ def convert(options: ConvertOptions) -> dict:
             search_info["search_windows"] = list(search_windows.shape)
         plan = ConversionPlan(rope_dim, plan_folds, rank, options.stage, options.latent_norm, options.rope_all,
                               options.lowrank, options.key_weight, options.statistics, options.rorope,
-                              options.nope_rotation)
+                              options.nope_rotation, precision)
         with atomic_output_dir(options.out, options.overwrite) as tmp:
             t0 = time.perf_counter()
             result = convert_streaming(options.model, tmp, plan, calib, grams, keep_stage1=options.eval_data is not None,
@@ -317,7 +324,7 @@ def convert(options: ConvertOptions) -> dict:
                 ppl = _evaluate_stages(options, config, result, tokenizer, store, tmp)
                 timings["evaluation"] = time.perf_counter() - t0
             report = _report(options, config, result, plan, rank, candidates, search_info, ppl, hashes, timings, started,
-                             sampling)
+                             sampling, fallback)
             if search_info.get("trajectory"):
                 plot_trajectory(search_info["trajectory"], search_info["original"], tmp / "search_trajectory.png",
                                 ylabel=f"search criterion ({options.criterion})")
@@ -368,7 +375,7 @@ def _evaluate_stages(options, config, result, tokenizer, store, out_tmp: Path) -
 
 
 def _report(options, config, result, plan, rank, candidates, search_info, ppl, hashes, timings, started,
-            sampling: str) -> dict:
+            sampling: str, precision_fallback: Optional[str]) -> dict:
     kv_before = [config.kv_values_per_token(i) for i in range(config.num_hidden_layers)]
     kv_after = [result.config.kv_values_per_token(i) for i in range(config.num_hidden_layers)]
     return {
@@ -396,6 +403,8 @@ def _report(options, config, result, plan, rank, candidates, search_info, ppl, h
         "data": hashes,
         "calibration": {"tokens": options.calib_tokens, "seq_len": options.calib_seq_len, "seed": options.seed,
                         "sampling": sampling},
+        "forward_precision": {"used": plan.forward_precision, "requested": options.forward_precision,
+                              "fallback_reason": precision_fallback},
         "timings_seconds": {k: round(v, 3) for k, v in {**timings, "total": time.perf_counter() - started}.items()},
         "peak_rss_bytes": peak_rss_bytes(),
     }

@@ -84,10 +84,12 @@ def output_metric(attn: dict, latent_rows: np.ndarray, gram: np.ndarray, geometr
     mean_x = gram[-1] / max(count, 1.0)  # augmented input mean (last entry 1)
     centred = gram / max(count, 1.0) - np.outer(mean_x, mean_x)
     scale = 1.0 / (geometry.qk_nope_dim + geometry.qk_rope_dim)
+    latent_cov = latent_rows @ centred @ latent_rows.T  # the latent's covariance, shared by every head
     for q_nope, b_k, b_v, w_o in _head_blocks(attn, geometry):
-        value_map = w_o @ b_v @ latent_rows  # x ↦ this head's value as seen by the residual stream
-        spread = float(np.sum((value_map @ centred) * value_map))  # tr(V C Vᵀ) through BLAS
-        metric += b_v.T @ (w_o.T @ w_o) @ b_v
+        value_metric = b_v.T @ (w_o.T @ w_o) @ b_v
+        # tr(V C Vᵀ) for V = W_o B_v L (x ↦ this head's value as seen by the residual stream)
+        spread = float(np.sum(latent_cov * value_metric))
+        metric += value_metric
         if len(q_nope):
             query_moment = q_nope @ gram @ q_nope.T / max(count, 1.0)
             metric += key_weight * spread * scale * (b_k.T @ query_moment @ b_k)

@@ -1,9 +1,9 @@
 """The streaming conversion: original model in, converted model dir out, one layer at a time.
 
 Statistics stream one layer at a time over the calibration windows (docs/conversion.md §4):
-``two-stream`` (default, TransMLA's) runs ``A`` through the original layers (stage-1 statistics) and
-``B`` through the stage-1 layers (stage-2 statistics); ``sequential`` runs one stream through the
-layers as converted (half the cost).  A layer is read, converted, written and dropped before the
+``stage1-stream`` (default) runs one stream ``B`` through the stage-1 layers and takes both stages'
+statistics from it; ``two-stream`` (TransMLA's) adds ``A`` through the original layers for stage 1;
+``sequential`` runs one stream through the layers as converted.  A layer is read, converted, written and dropped before the
 next one is read.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore, ShardedW
 from mindyouzhi.errors import UserError
 from mindyouzhi.io_utils import peak_rss_bytes
 from mindyouzhi.models.config import ModelConfig
-from mindyouzhi.models.decoder import layer_prefix, read_global_weights, read_layer_weights
+from mindyouzhi.models.decoder import LAYER_PRECISIONS, layer_prefix, read_global_weights, read_layer_weights
 from mindyouzhi.progress import progress_bar
 
 from .calibration import GramCache, LayerRunner, layer_gram
@@ -34,12 +34,16 @@ from .rorope import DEFAULT_RORO
 WEIGHT_FILES = ("config.json", "report.json", "model.safetensors.index.json")
 
 # Where each layer's statistics come from.  "two-stream" (TransMLA): stage 1 from the original
-# model's hidden states (stream A), stage 2 from the stage-1 model's (stream B).  "sequential":
-# one stream through the layers already converted (both stages of layer l see the inputs the
-# deployed model gives it, rank truncation of earlier layers included) — half the forward cost,
-# but measured worse on validation text (SmolLM2 f=4 r=96: 67.57 vs 65.05, docs/BENCHMARKS.md).
-STATISTICS = ("two-stream", "sequential")
-DEFAULT_STATISTICS = "two-stream"
+# model's hidden states (stream A), stage 2 from the stage-1 model's (stream B).
+# "stage1-stream" (default): stream B alone — both stages of layer l from the stage-1 model's
+# hidden states (TransMLA's stage-2 statistics; stage 1 also sees the errors of the stage-1 layers
+# before it).  "sequential": one stream through the layers as converted (the rank truncation of
+# earlier layers included).  The one-stream options cost half the forward passes.  Chosen on
+# validation text (SmolLM2 f=4, bf16 passes, docs/BENCHMARKS.md): r96 two-stream 57.20,
+# stage1-stream 56.95, sequential 58.45.
+STATISTICS = ("two-stream", "sequential", "stage1-stream")
+ONE_STREAM = ("sequential", "stage1-stream")
+DEFAULT_STATISTICS = "stage1-stream"
 
 
 @dataclass
@@ -55,6 +59,7 @@ class ConversionPlan:
     statistics: str = DEFAULT_STATISTICS
     rorope: str = DEFAULT_RORO
     nope_rotation: str = DEFAULT_NOPE_ROTATION
+    forward_precision: str = "fp32"  # of the statistics streams' projections: "fp32" | "bf16" (LAYER_PRECISIONS)
 
     def layer_rank(self, config: ModelConfig, layer: int) -> Optional[int]:
         if self.fold_plan[layer] is None:
@@ -88,6 +93,8 @@ def validate_plan(config: ModelConfig, plan: ConversionPlan, where: str) -> None
         raise UserError("--latent-norm applies to the low-rank stage; it cannot be combined with --stage 1")
     if plan.statistics not in STATISTICS:
         raise UserError(f"--statistics {plan.statistics}: expected one of {', '.join(STATISTICS)}")
+    if plan.forward_precision not in LAYER_PRECISIONS:
+        raise UserError(f"forward precision {plan.forward_precision}: expected one of {', '.join(LAYER_PRECISIONS)}")
 
 
 @dataclass
@@ -110,10 +117,12 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
 
 
 def compute_original_grams(config: ModelConfig, store: SafetensorsStore, calib: np.ndarray, grams: GramCache,
-                           batch_size: int = 8, where: str = "checkpoint", profiles: bool = True) -> None:
+                           batch_size: int = 8, where: str = "checkpoint", profiles: bool = True,
+                           precision: str = "fp32") -> None:
     """Stage-1 statistics of every layer (Gram, and the attention-distance profile unless
-    ``profiles`` is False) from one streamed pass of the original model."""
-    runner = LayerRunner(calib.shape[1], batch_size)
+    ``profiles`` is False) from one streamed pass of the original model, its projections in
+    ``precision``."""
+    runner = LayerRunner(calib.shape[1], batch_size, precision)
     hidden = store.get("model.embed_tokens.weight")[calib]
     bar = progress_bar(config.num_hidden_layers, "calibrating", "layer")
     for index in range(config.num_hidden_layers):
@@ -138,7 +147,7 @@ def convert_streaming(model_dir: Path, out_dir: Path, plan: ConversionPlan, cali
     validate_plan(config, plan, str(model_dir))
     store = SafetensorsStore(model_dir)
     where = str(model_dir)
-    runner = LayerRunner(calib.shape[1], batch_size)
+    runner = LayerRunner(calib.shape[1], batch_size, plan.forward_precision)
     ranks = [plan.layer_rank(config, i) for i in range(config.num_hidden_layers)]
     final_config = hybrid_config(config, plan.fold_plan, ranks, plan.rope_dim, plan.latent_norm, plan.rope_all, plan.stage)
     writer = ShardedWriter(out_dir, checkpoint_shapes(final_config), max_shard_bytes,
@@ -150,7 +159,8 @@ def convert_streaming(model_dir: Path, out_dir: Path, plan: ConversionPlan, cali
                                                           if f is not None else None for f in plan.fold_plan],
                                   plan.rope_dim, rope_all=plan.rope_all, stage=1)
     sequential = plan.statistics == "sequential"
-    need_stream_a = grams_a is None and not sequential
+    one_stream = plan.statistics in ONE_STREAM  # both stages of layer l from stream B
+    need_stream_a = grams_a is None and not one_stream
     hidden_a = globals_["model.embed_tokens.weight"][calib] if need_stream_a else None
     hidden_b = globals_["model.embed_tokens.weight"][calib]
     del globals_
@@ -168,14 +178,14 @@ def convert_streaming(model_dir: Path, out_dir: Path, plan: ConversionPlan, cali
             layer_for_b = (config, original)
         else:
             gram_b, normed_b = layer_gram(hidden_b, original, eps, keep_normed=plan.latent_norm)
-            if sequential:
+            if one_stream:
                 gram_a = gram_b
             else:
                 gram_a = grams_a[index] if grams_a is not None else layer_gram(hidden_a, original, eps)[0]
             profile = None
             if plan.nope_rotation == "mean" and not plan.rope_all:  # from the stream stage 1's Gram came from
-                if sequential or grams_a is None:
-                    profile = distance_profile(hidden_b if sequential else hidden_a, original, config)
+                if one_stream or grams_a is None:
+                    profile = distance_profile(hidden_b if one_stream else hidden_a, original, config)
                 else:
                     profile = grams_a.profile(index)
                     if profile is None:
@@ -200,7 +210,7 @@ def convert_streaming(model_dir: Path, out_dir: Path, plan: ConversionPlan, cali
         if index < last:  # the last layer's outputs feed no statistics
             if need_stream_a:
                 hidden_a = runner.run(config, index, original, hidden_a)
-            if plan.stage == 2 or keep_stage1 or sequential:
+            if plan.stage == 2 or keep_stage1 or one_stream:
                 hidden_b = runner.run(layer_for_b[0], index, layer_for_b[1], hidden_b)
         result.layers.append(info)
         bar.update(1)

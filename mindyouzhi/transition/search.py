@@ -29,7 +29,7 @@ from mindyouzhi.models.runner import head_kl, head_nll, head_rows
 from mindyouzhi.progress import progress_bar
 
 from .calibration import GramCache, LayerRunner
-from .layers import convert_stage1, convert_stage2, full_rank, hybrid_config
+from .layers import convert_stage1, convert_stage2, full_rank, hybrid_config, split_attention
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK
 from .positions import DEFAULT_NOPE_ROTATION
 from .rorope import DEFAULT_RORO
@@ -42,13 +42,14 @@ class HybridEvaluator:
     """Scores hybrid models on fixed search windows, reusing the unchanged original prefix."""
 
     def __init__(self, config: ModelConfig, store: SafetensorsStore, windows: np.ndarray, criterion: str = "stage1",
-                 batch_size: int = 8, spill_dir: Optional[Path] = None, where: str = "checkpoint"):
+                 batch_size: int = 8, spill_dir: Optional[Path] = None, where: str = "checkpoint",
+                 precision: str = "fp32"):
         if criterion not in CRITERIA:
             raise UserError(f"--criterion {criterion}: expected one of {', '.join(CRITERIA)}")
         self.config, self.store, self.criterion, self.where = config, store, criterion, where
         self.inputs, self.targets = windows[:, :-1], windows[:, 1:]
         self.batch_size = batch_size
-        self.runner = LayerRunner(self.inputs.shape[1], batch_size)
+        self.runner = LayerRunner(self.inputs.shape[1], batch_size, precision)  # the head stays fp32
         globals_ = read_global_weights(store, config, where)
         self._norm = to_tensor(globals_["model.norm.weight"])
         self._head = to_tensor(globals_.get("lm_head.weight", globals_["model.embed_tokens.weight"]))
@@ -74,15 +75,19 @@ class HybridEvaluator:
         return self.runner.layer_forwards / (self.inputs.shape[0] * self.config.num_hidden_layers)
 
     def window_scores(self, start: int, layers: Sequence[Callable[[np.ndarray], np.ndarray]]) -> np.ndarray:
-        """Per search window, the mean criterion (NLL or KL per token) with layers ``start…L−1`` replaced."""
+        """Per search window, the mean criterion (NLL or KL per token) with layers ``start…L−1`` replaced.
+
+        Layer by layer over all windows (one layer's weights in memory at a time: the layers are
+        ``SearchLayer``s that load theirs when called)."""
         assert len(layers) == self.config.num_hidden_layers - start
         self.evaluations += 1
+        hidden_all = np.asarray(self.boundaries[start][0:self.inputs.shape[0]])
+        for layer in layers:
+            hidden_all = layer(hidden_all)
         out = np.empty(self.inputs.shape[0])
         for begin in range(0, self.inputs.shape[0], self.batch_size):
             end = begin + self.batch_size
-            hidden = np.asarray(self.boundaries[start][begin:end])
-            for layer in layers:
-                hidden = layer(hidden)
+            hidden = hidden_all[begin:end]
             if self.criterion == "kl":
                 values = head_rows(head_kl, to_tensor(hidden), to_tensor(np.asarray(self.boundaries[-1][begin:end])),
                                    self._norm, self._head, self._eps)
@@ -109,11 +114,12 @@ class HybridEvaluator:
         to the loss the same way for every candidate of the round.
         """
         error, energy = 0.0, 0.0
-        for begin in range(0, self.inputs.shape[0], self.batch_size):
+        count = self.inputs.shape[0]
+        output = run(np.asarray(self.boundaries[layer][0:count]))
+        for begin in range(0, count, self.batch_size):
             end = begin + self.batch_size
             reference = np.asarray(self.boundaries[layer + 1][begin:end], np.float64)
-            delta = run(np.asarray(self.boundaries[layer][begin:end])) - reference
-            error += float(np.sum(delta ** 2))
+            error += float(np.sum((output[begin:end] - reference) ** 2))
             energy += float(np.sum((reference - np.asarray(self.boundaries[layer][begin:end], np.float64)) ** 2))
         return error / max(energy, 1e-30)
 
@@ -151,13 +157,30 @@ class _Spilled:
             return np.fromfile(handle, np.float32, count=row * (end - begin)).reshape((end - begin,) + self.shape[1:])
 
 
+class SearchLayer:
+    """One layer of a hybrid under evaluation: ``layer(hidden)`` → hidden, for [n, T, D] arrays.
+
+    Holds no tensors between calls: ``load()`` returns the layer's weights when it runs (from the
+    checkpoint, a spilled candidate file or a small in-memory dict), so an evaluation keeps one
+    layer's weights alive at a time whatever the number of decided and candidate layers."""
+
+    def __init__(self, runner: LayerRunner, config: ModelConfig, index: int, load: Callable[[], dict]):
+        self.runner, self.config, self.index, self.load = runner, config, index, load
+
+    def __call__(self, hidden: np.ndarray) -> np.ndarray:
+        return self.runner.cell(self.config, self.index, self.load())(hidden)
+
+
 @dataclass
 class CandidateFactory:
-    """Builds the converted layer l with fold f as a runnable closure (for the chosen criterion).
+    """Builds the converted layer l with fold f as a ``SearchLayer`` (for the chosen criterion).
 
     With ``final``/``kl`` the candidate is what would be deployed: stage 1 with fold f, then the
     stage-2 compression to ``rank`` with ``lowrank`` (in the hybrid, layer l's input is the
-    original model's, so its Gram G_A is the stage-2 statistic too).
+    original model's, so its Gram G_A is the stage-2 statistic too).  A candidate is converted
+    once: its attention weights are kept (in ``spill_dir`` if given, else in memory when
+    ``keep``); the MLP and norms, which the conversion does not touch, are read from the
+    checkpoint when the layer runs.
     """
 
     evaluator: HybridEvaluator
@@ -168,9 +191,10 @@ class CandidateFactory:
     key_weight: float = DEFAULT_KEY_WEIGHT
     rorope: str = DEFAULT_RORO
     nope_rotation: str = DEFAULT_NOPE_ROTATION
-    _cache: dict = field(default_factory=dict)
+    spill_dir: Optional[Path] = None
+    _cache: dict = field(default_factory=dict)  # (layer, fold) → SearchLayer
 
-    def __call__(self, layer: int, fold: int, keep: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    def __call__(self, layer: int, fold: int, keep: bool = False) -> SearchLayer:
         key = (layer, fold)
         if key in self._cache:
             return self._cache[key]
@@ -188,13 +212,34 @@ class CandidateFactory:
         ranks = [None] * config.num_hidden_layers
         plan[layer], ranks[layer] = fold, rank
         layer_config = hybrid_config(config, plan, ranks, self.rope_dim)
-        run = ev.runner.cell(layer_config, layer, weights)
-        if keep:
+        converted = {f"self_attn.{k}": np.asarray(v, np.float32) for k, v in split_attention(weights)[0].items()}
+        del original, weights
+        if self.spill_dir is not None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            path = self.spill_dir / f"layer{layer:04d}_fold{fold}.npz"
+            np.savez(path, **converted)
+            converted = None
+        else:
+            path = None
+
+        def load() -> dict:
+            own = dict(np.load(path)) if path is not None else converted
+            return {**_unconverted_weights(ev, layer), **own}
+
+        run = SearchLayer(ev.runner, layer_config, layer, load)
+        if keep or path is not None:
             self._cache[key] = run
         return run
 
     def forget(self, layer: int, fold: int) -> None:
         self._cache.pop((layer, fold), None)
+        if self.spill_dir is not None:
+            (self.spill_dir / f"layer{layer:04d}_fold{fold}.npz").unlink(missing_ok=True)
+
+
+def _unconverted_weights(evaluator: HybridEvaluator, layer: int) -> dict:
+    """The weights of layer ``layer`` that the conversion leaves as they are (MLP, norms)."""
+    return split_attention(read_layer_weights(evaluator.store, evaluator.config, layer, evaluator.where))[1]
 
 
 def _int_keyed(table: dict, value=float) -> dict:
@@ -374,6 +419,9 @@ def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, c
     bar = progress_bar(num_layers, "adaptive search", "layer", initial=len(state.decided))
 
     def on_round(layer: int) -> None:
+        for fold in candidates:  # the round's losers are not needed again
+            if fold != state.decided[layer]:
+                factory.forget(layer, fold)
         state.seconds = prior_seconds + time.perf_counter() - started
         state.save(state_path)
         bar.update(1)
@@ -446,9 +494,6 @@ def layer_sensitivity(evaluator: HybridEvaluator, factory: CandidateFactory, can
     return {"original": original, "delta": table}
 
 
-def _original_layer(evaluator: HybridEvaluator, index: int) -> Callable[[np.ndarray], np.ndarray]:
-    cache = evaluator.__dict__.setdefault("_original_cells", {})
-    if index not in cache:
-        weights = read_layer_weights(evaluator.store, evaluator.config, index, evaluator.where)
-        cache[index] = evaluator.runner.cell(evaluator.config, index, weights)
-    return cache[index]
+def _original_layer(evaluator: HybridEvaluator, index: int) -> SearchLayer:
+    return SearchLayer(evaluator.runner, evaluator.config, index,
+                       lambda: read_layer_weights(evaluator.store, evaluator.config, index, evaluator.where))
