@@ -72,6 +72,21 @@ def test_cached_prefix_evaluation_equals_full_forward_of_the_hybrid(setup):
     assert cached != pytest.approx(evaluator.original_score(), rel=1e-3)
 
 
+def test_spilled_candidates_score_like_in_memory_ones_and_hold_only_their_attention(setup, tmp_path):
+    evaluator = HybridEvaluator(setup["config"], setup["store"], setup["windows"], "final", batch_size=4)
+    in_memory = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=24)
+    spilled = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=24, spill_dir=tmp_path / "candidates")
+    layers = [spilled(0, 2, keep=True), spilled(1, 4)]
+    assert evaluator.score(0, layers) == evaluator.score(0, [in_memory(0, 2), in_memory(1, 4)])
+    files = sorted(p.name for p in (tmp_path / "candidates").iterdir())
+    assert files == ["layer0000_fold2.npz", "layer0001_fold4.npz"]
+    with np.load(tmp_path / "candidates" / files[0]) as kept:  # the MLP is read from the checkpoint at run time
+        assert kept.files and all(name.startswith("self_attn.") for name in kept.files)
+    assert spilled(1, 4) is layers[1]  # converted once
+    spilled.forget(1, 4)
+    assert not (tmp_path / "candidates" / "layer0001_fold4.npz").exists() and spilled(1, 4) is not layers[1]
+
+
 def _search(setup, state_path=None, **kwargs):
     evaluator = HybridEvaluator(setup["config"], setup["store"], setup["windows"], "stage1", batch_size=4)
     factory = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=None)

@@ -232,6 +232,7 @@ class CandidateFactory:
         return run
 
     def forget(self, layer: int, fold: int) -> None:
+        """Drop the candidate (and its spilled file): a later call converts it again."""
         self._cache.pop((layer, fold), None)
         if self.spill_dir is not None:
             (self.spill_dir / f"layer{layer:04d}_fold{fold}.npz").unlink(missing_ok=True)
@@ -450,7 +451,8 @@ def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, c
                 trajectory[f"uniform f={fold}"] = [
                     (rank + 1, uniform_scores[fold] if layer == first else evaluator.score(layer, layers[layer:]))
                     for rank, layer in enumerate(order)]
-                for i in range(num_layers):
+            for i in selected:  # the adaptive plan's own layers stay (the plan may still be re-scored)
+                if plan_by_layer[i] != fold:
                     factory.forget(i, fold)
     fell_back = None
     if uniform_guard and uniform_scores:
