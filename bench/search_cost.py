@@ -5,7 +5,8 @@ shortlist; no uniform trajectories) in a child process and reads its report.  Ta
 ≤ 0.6·L·|S| full-model forward equivalents, the whole convert ≤ 20 min and peak RSS ≤ 1.5 GiB on
 the 2-core machine.
 
-    .venv/bin/python bench/search_cost.py [--search-tokens 8192] [--calib-tokens 32768] [--out DIR]
+    .venv/bin/python bench/search_cost.py [--search-tokens 8192] [--calib-tokens 32768]
+        [--search-context uniform|original] [--out DIR]
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ import common  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--search-tokens", type=int, default=8192)
-    parser.add_argument("--search-seq-len", type=int, default=512)
+    parser.add_argument("--search-seq-len", type=int, default=2048)
     parser.add_argument("--calib-tokens", type=int, default=32768)
+    parser.add_argument("--search-context", choices=["uniform", "original"], default="uniform")
     parser.add_argument("--out", type=Path, default=None,
                         help="keep the converted model here (for a test-set evaluation); default: a temporary dir")
     args = parser.parse_args()
@@ -43,7 +45,7 @@ def main() -> None:
         cmd = [common.cli(), "convert", "--model", str(model_dir), "--out", str(out),
                "--calib", str(calib), "--calib-tokens", str(args.calib_tokens), "--search-tokens", str(args.search_tokens),
                "--search-seq-len", str(args.search_seq_len), "--rope-dim", "32", "--kv-lora-rank", "96",
-               "--freqfold", "adaptive", "--no-trajectories", "--json"]
+               "--freqfold", "adaptive", "--search-context", args.search_context, "--no-trajectories", "--json"]
         wall, peak, stdout = common.child_peak(cmd)
     report = json.loads(stdout)
     search = report["search"]
@@ -63,6 +65,8 @@ def main() -> None:
         "peak_above_baseline_over_model": (peak - baseline) / model_bytes,
         "targets": {"ratio_to_L_times_S": 0.6, "wall_seconds": 20 * 60, "peak_rss_bytes": 1.5 * 2 ** 30},
         "load_average_1m_at_end": __import__("os").getloadavg()[0],
+        "search_context": search.get("context"), "baseline_fold": search.get("baseline"),
+        "uniform_scores": search.get("uniform_scores"), "adaptive_search_score": search.get("adaptive"),
         "bootstrap": [r.get("bootstrap") for r in search["rounds"]],
         "plan": report["fold_plan"], "timings": report["timings_seconds"],
     }

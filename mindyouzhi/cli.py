@@ -109,9 +109,13 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_j
                    "stage1 = the paper's partial-RoPE ppl, kl = KL to the original")
 @click.option("--shortlist", default=2, show_default=True, type=int,
               help="per search round, candidates ranked by the layer's own output error; the best N get the criterion")
+@click.option("--search-context", default="uniform", show_default=True, type=click.Choice(["uniform", "original"]),
+              help="what the layers below the searched one are: uniform = the best uniform fold (the search "
+                   "starts from TransMLA's plan and never ends worse on the search split), original = GQA (the paper)")
 @click.option("--search-data", type=click.Path(path_type=Path), default=None, help="search split (default: --calib)")
 @click.option("--search-tokens", default=8192, show_default=True)
-@click.option("--search-seq-len", default=512, show_default=True)
+@click.option("--search-seq-len", default=2048, show_default=True,
+              help="tokens per search window: the context the model will serve (fold errors grow with distance)")
 @click.option("--layers", default=None, help="layers to convert: all | 0-3,7 | last:N (others stay GQA)")
 @click.option("--stage", default=2, show_default=True, type=int, help="1 = stop after RoRoPE/FreqFold (partial-RoPE model)")
 @click.option("--latent-norm", is_flag=True, help="add a learnable kv_a_layernorm, initialised to the identity on average (lossy until trained; "
@@ -125,14 +129,14 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_j
 @click.option("--batch-size", default=8, show_default=True, help="windows per layer forward")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="search state (default: next to --out)")
 @click.option("--restart", is_flag=True, help="discard a saved search state")
-@click.option("--no-uniform-guard", is_flag=True, help="do not fall back to the best uniform plan if it scores better")
-@click.option("--no-trajectories", is_flag=True, help="skip the uniform trajectories (faster; no Figure-9 plot)")
+@click.option("--no-uniform-guard", is_flag=True, help="--search-context original: do not fall back to the best uniform plan if it scores better")
+@click.option("--no-trajectories", is_flag=True, help="--search-context original: skip the uniform trajectories (faster; no Figure-9 plot)")
 @click.option("--rope-all", is_flag=True, hidden=True, help="exactness mode: RoPE kept on every rotated component")
 @overwrite_option
 @progress_option
 @json_option
 def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, calib_sampling, forward_precision, rope_dim, kv_lora_rank, freqfold, plan_file, lowrank,
-                key_weight, statistics, rorope, nope_rotation, folds, criterion, shortlist, search_data, search_tokens, search_seq_len, layers, stage, latent_norm, eval_data, text_field, eval_seq_len,
+                key_weight, statistics, rorope, nope_rotation, folds, criterion, shortlist, search_context, search_data, search_tokens, search_seq_len, layers, stage, latent_norm, eval_data, text_field, eval_seq_len,
                 eval_max_windows, seed, batch_size, work_dir, restart, no_uniform_guard, no_trajectories, rope_all,
                 overwrite, as_json):
     """Convert a GQA model into an MLA model (RoRoPE + FreqFold, output-aware joint low-rank)."""
@@ -145,7 +149,7 @@ def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, calib_sampli
         criterion=criterion, folds=_int_list(folds, "--folds"), eval_data=eval_data, text_field=text_field, eval_seq_len=eval_seq_len,
         eval_max_windows=eval_max_windows, seed=seed, overwrite=overwrite, work_dir=work_dir, restart=restart,
         batch_size=batch_size, uniform_guard=not no_uniform_guard, trajectories=not no_trajectories, rope_all=rope_all,
-        plan=plan_file, lowrank=lowrank, key_weight=key_weight, shortlist=shortlist, statistics=statistics,
+        plan=plan_file, lowrank=lowrank, key_weight=key_weight, shortlist=shortlist, search_context=search_context, statistics=statistics,
         rorope=rorope, nope_rotation=nope_rotation)
     report = convert(options)
     emit(report, as_json, _convert_summary(report, out))
@@ -207,7 +211,8 @@ def analyze_group():
 @click.option("--folds", default=None, help="folds to try (default: all legal)")
 @click.option("--calib-tokens", default=128 * 256, show_default=True)
 @click.option("--search-tokens", default=8192, show_default=True)
-@click.option("--search-seq-len", default=512, show_default=True)
+@click.option("--search-seq-len", default=2048, show_default=True,
+              help="tokens per search window: the context the model will serve (fold errors grow with distance)")
 @click.option("--seed", default=42, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
 @overwrite_option

@@ -87,10 +87,10 @@ def test_spilled_candidates_score_like_in_memory_ones_and_hold_only_their_attent
     assert not (tmp_path / "candidates" / "layer0001_fold4.npz").exists() and spilled(1, 4) is not layers[1]
 
 
-def _search(setup, state_path=None, **kwargs):
-    evaluator = HybridEvaluator(setup["config"], setup["store"], setup["windows"], "stage1", batch_size=4)
-    factory = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=None)
-    return run_adaptive_search(evaluator, factory, FOLDS, state_path, {"test": 1}, **kwargs), evaluator
+def _search(setup, state_path=None, context="original", criterion="stage1", rank=None, **kwargs):
+    evaluator = HybridEvaluator(setup["config"], setup["store"], setup["windows"], criterion, batch_size=4)
+    factory = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=rank)
+    return run_adaptive_search(evaluator, factory, FOLDS, state_path, {"test": 1}, context=context, **kwargs), evaluator
 
 
 def test_adaptive_plan_is_never_worse_than_the_best_uniform_plan(setup):
@@ -132,6 +132,52 @@ def test_killed_search_resumes_and_ends_with_the_same_plan(setup, tmp_path, monk
     assert evaluator.evaluations == len(FOLDS) + len(FOLDS)
 
 
+def test_uniform_context_starts_from_the_best_uniform_plan_and_only_improves_it(setup):
+    outcome, evaluator = _search(setup, context="uniform", criterion="final", rank=12)
+    uniform = outcome.uniform_scores
+    assert outcome.plan != [outcome.baseline] * 2  # (at rank 12 this tiny model's best plan is not uniform)
+    assert set(uniform) == set(FOLDS) and outcome.baseline == min(FOLDS, key=lambda f: (uniform[f], f))
+    assert [r["layer"] for r in outcome.rounds] == [1, 0]
+    assert all(str(outcome.baseline) in r["scores"] for r in outcome.rounds)  # the current plan is a candidate
+    steps = [score for _, score in outcome.trajectory["adaptive"]]
+    assert steps[0] == uniform[outcome.baseline] and all(b <= a for a, b in zip(steps, steps[1:]))
+    assert outcome.adaptive_score == steps[-1] <= uniform[outcome.baseline]
+    # the bookkeeping (context boundaries, the reused incumbent) against a fresh forward of the final plan
+    fresh = HybridEvaluator(setup["config"], setup["store"], setup["windows"], "final", batch_size=4)
+    factory = CandidateFactory(fresh, setup["grams"], rope_dim=8, rank=12)
+    assert fresh.score(0, [factory(i, f) for i, f in enumerate(outcome.plan)]) == pytest.approx(outcome.adaptive_score,
+                                                                                                 rel=1e-5)
+    # each round scored against the current plan: round 0's baseline entry is round 1's winner
+    assert outcome.rounds[1]["scores"][str(outcome.baseline)] == outcome.rounds[0]["scores"][str(outcome.plan[1])]
+    # cost: original pass, |S| uniform plans, the context pass, then per round only the alternatives
+    alternatives = len(FOLDS) - 1
+    assert outcome.search_forward_equivalents == pytest.approx(1 + len(FOLDS) + 1 + alternatives * (1 + 2) / 2)
+
+
+def test_uniform_context_search_resumes_after_a_kill_with_the_same_plan(setup, tmp_path, monkeypatch):
+    reference, _ = _search(setup, context="uniform", criterion="final", rank=12)
+    state_path = tmp_path / "state.json"
+    calls = {"n": 0}
+    real_score = search_mod.HybridEvaluator.window_scores
+
+    def dying_score(self, start, layers):
+        calls["n"] += 1
+        if calls["n"] == 1 + len(FOLDS) + 2:  # original, the uniform plans, one candidate of round 1
+            raise KeyboardInterrupt
+        return real_score(self, start, layers)
+
+    monkeypatch.setattr(search_mod.HybridEvaluator, "window_scores", dying_score)
+    with pytest.raises(KeyboardInterrupt):
+        _search(setup, state_path, context="uniform", criterion="final", rank=12)
+    saved = json.loads(state_path.read_text())
+    assert len(saved["uniform"]) == len(FOLDS) and saved["decided"] == {}
+    monkeypatch.setattr(search_mod.HybridEvaluator, "window_scores", real_score)
+    resumed, evaluator = _search(setup, state_path, context="uniform", criterion="final", rank=12)
+    assert resumed.plan == reference.plan and resumed.baseline == reference.baseline
+    assert resumed.adaptive_score == pytest.approx(reference.adaptive_score, rel=1e-6)
+    assert evaluator.evaluations == 2 * (len(FOLDS) - 1)  # the uniform plans were not scored again
+
+
 def _cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
@@ -146,10 +192,15 @@ def test_convert_adaptive_writes_plan_hash_criterion_and_plots(setup, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["mla"]["fold_plan"] == report["fold_plan"]
     assert report["search"]["mode"] == "adaptive" and report["criterion"] == "final"
+    baseline = report["search"]["baseline"]  # default context: the search starts from the best uniform plan
+    assert report["search"]["context"] == "uniform"
+    assert baseline == min(map(int, report["search"]["uniform_scores"]),
+                           key=lambda f: (report["search"]["uniform_scores"][str(f)], f))
     for round_ in report["search"]["rounds"]:  # default shortlist: every fold ranked locally, the best 2 scored
-        assert len(round_["proxy"]) == len(report["candidate_folds"]) and len(round_["scores"]) == 2
+        assert len(round_["proxy"]) == len(report["candidate_folds"])
         best_two = sorted(round_["proxy"], key=lambda f: (round_["proxy"][f], int(f)))[:2]
-        assert set(round_["scores"]) == set(best_two) and round_["chosen"] in map(int, best_two)
+        assert set(round_["scores"]) == set(best_two) | {str(baseline)}
+        assert round_["chosen"] in map(int, round_["scores"])
         assert 0 <= round_["bootstrap"]["p_chosen_wins"] <= 1
     assert report["data"]["search"]["sha256"] and report["search"]["adaptive"] <= min(report["search"]["uniform_scores"].values())
     assert (out / "search_trajectory.png").stat().st_size > 1000 and (out / "fold_plan.png").stat().st_size > 1000
@@ -196,7 +247,7 @@ def test_shortlist_scores_only_the_locally_best_candidates_and_counts_their_cost
     evaluator = HybridEvaluator(setup["config"], setup["store"], setup["windows"], "final", batch_size=4)
     factory = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=24)
     outcome = run_adaptive_search(evaluator, factory, FOLDS, None, {"test": 2}, uniform_guard=False,
-                                  trajectories=False, shortlist=1)
+                                  trajectories=False, shortlist=1, context="original")
     for round_ in outcome.rounds:
         assert len(round_["proxy"]) == len(FOLDS) and round_["scores"] == {}
         assert round_["chosen"] == min(FOLDS, key=lambda f: (round_["proxy"][str(f)], f))

@@ -33,7 +33,8 @@ from .positions import DEFAULT_NOPE_ROTATION, check_nope_rotation
 from .rorope import DEFAULT_RORO, RORO_METHODS
 from .pipeline import DEFAULT_STATISTICS, ConversionPlan, check_convertible, compute_original_grams, convert_streaming, copy_side_files
 from .plots import plot_plan, plot_trajectory
-from .search import CRITERIA, DEFAULT_SHORTLIST, CandidateFactory, HybridEvaluator, best_uniform, run_adaptive_search
+from .search import (CRITERIA, DEFAULT_SEARCH_CONTEXT, DEFAULT_SHORTLIST, CandidateFactory, HybridEvaluator,
+                     best_uniform, run_adaptive_search)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class ConvertOptions:
     freqfold: str = "adaptive"  # "adaptive" | "uniform" | an integer
     search_data: Optional[Path] = None
     search_tokens: int = 8192
-    search_seq_len: int = 512
+    search_seq_len: int = 2048  # the served context: a 512-token search misjudged folds (docs/BENCHMARKS.md)
     calib_tokens: int = 128 * 256
     calib_seq_len: int = 256
     calib_sampling: Optional[str] = None  # "rows" | "slots"; None: rows for files, slots for generate: text
@@ -60,6 +61,7 @@ class ConvertOptions:
     lowrank: str = DEFAULT_LOWRANK
     key_weight: float = DEFAULT_KEY_WEIGHT
     shortlist: Optional[int] = DEFAULT_SHORTLIST
+    search_context: str = DEFAULT_SEARCH_CONTEXT  # "uniform" | "original": the layers below a searched one
     statistics: str = DEFAULT_STATISTICS
     rorope: str = DEFAULT_RORO
     nope_rotation: str = DEFAULT_NOPE_ROTATION
@@ -289,12 +291,14 @@ def convert(options: ConvertOptions) -> dict:
                                "forward_precision": precision,
                                "layers": sorted(layers), "lowrank": options.lowrank, "key_weight": options.key_weight,
                                "rorope": options.rorope, "nope_rotation": options.nope_rotation,
-                               "shortlist": options.shortlist}
+                               "shortlist": options.shortlist, "context": options.search_context}
                 outcome = run_adaptive_search(evaluator, factory, candidates, work / "search_state.json", fingerprint,
-                                              options.uniform_guard, options.trajectories, layers, options.shortlist)
+                                              options.uniform_guard, options.trajectories, layers, options.shortlist,
+                                              options.search_context)
                 plan_folds = outcome.plan
                 search_info = {
                     "mode": "adaptive", "criterion": options.criterion, "shortlist": options.shortlist,
+                    "context": outcome.context, "baseline": outcome.baseline,
                     "original": outcome.original,
                     "adaptive": outcome.adaptive_score,
                     "uniform_scores": {str(f): s for f, s in outcome.uniform_scores.items()},
@@ -327,7 +331,9 @@ def convert(options: ConvertOptions) -> dict:
                              sampling, fallback)
             if search_info.get("trajectory"):
                 plot_trajectory(search_info["trajectory"], search_info["original"], tmp / "search_trajectory.png",
-                                ylabel=f"search criterion ({options.criterion})")
+                                ylabel=f"search criterion ({options.criterion})",
+                                xlabel="search rounds (layers decided, last first)" if search_info.get("context") == "uniform"
+                                else None)
             if any(f is not None for f in plan_folds):
                 plot_plan(plan_folds, tmp / "fold_plan.png", {"rope_dim": rope_dim, "kv_lora_rank": rank or "full"})
             write_json_atomic(tmp / "report.json", report)

@@ -15,7 +15,8 @@ def _pyplot():
     return plt
 
 
-def plot_trajectory(trajectory: dict, original: float, path: Path, ylabel: str = "search ppl") -> None:
+def plot_trajectory(trajectory: dict, original: float, path: Path, ylabel: str = "search ppl",
+                    xlabel: str | None = None) -> None:
     """Criterion against the number of converted layers (last to first), adaptive vs uniform (Fig. 9)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -29,7 +30,7 @@ def plot_trajectory(trajectory: dict, original: float, path: Path, ylabel: str =
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("converted layers (from the last layer down)")
+    ax.set_xlabel(xlabel or "converted layers (from the last layer down)")
     ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)

@@ -1,12 +1,22 @@
 """Layer-adaptive FreqFold (YouZhi): greedy per-layer fold choice, last layer first.
 
-Round for layer l (from L−1 down to 0): layers < l are the original GQA layers, layers > l are
-converted with their chosen folds, every candidate fold for layer l is tried, and the one with the
-lowest criterion on the *search* windows is kept.  Layers < l never change during the search, so
-the hidden states entering every layer are computed once (one original forward) and each candidate
-runs only layers l … L−1 and the head: about ``|S|·(L+1)/2`` full-forward equivalents instead of
-``L·|S|``.  The state (decided layers, every evaluated candidate) is written atomically after each
-round; a killed search resumes where it stopped and ends with the same plan.
+Round for layer l (from L−1 down to 0): layers > l are converted with their chosen folds, every
+candidate fold for layer l is tried, and the one with the lowest criterion on the *search* windows
+is kept.  What the layers < l are during round l is the search *context*:
+
+* ``original`` (the YouZhi paper): the original GQA layers.
+* ``uniform`` (default): the best uniform fold, i.e. the search starts from TransMLA's plan (every
+  candidate fold scored uniformly) and each round tries the layer's alternatives with every other
+  layer as it will be deployed.  The current plan is always one of the round's candidates, so the
+  criterion never rises from round to round and the plan is never worse than the best uniform one
+  on the search windows.  Chosen on validation text (docs/BENCHMARKS.md): a fold's cost measured
+  with GQA below it does not carry over to the converted model.
+
+Layers < l never change during the search, so the hidden states entering every layer are computed
+once (one forward of the context model) and each candidate runs only layers l … L−1 and the head:
+about ``|S|·(L+1)/2`` full-forward equivalents instead of ``L·|S|``.  The state (uniform scores,
+decided layers, every evaluated candidate) is written atomically after each round; a killed search
+resumes where it stopped and ends with the same plan.
 """
 from __future__ import annotations
 
@@ -35,6 +45,8 @@ from .positions import DEFAULT_NOPE_ROTATION
 from .rorope import DEFAULT_RORO
 
 CRITERIA = ("stage1", "final", "kl")
+SEARCH_CONTEXTS = ("uniform", "original")
+DEFAULT_SEARCH_CONTEXT = "uniform"
 DEFAULT_SHORTLIST = 2  # candidates per round that get the full criterion after the local-error ranking
 
 
@@ -54,22 +66,33 @@ class HybridEvaluator:
         self._norm = to_tensor(globals_["model.norm.weight"])
         self._head = to_tensor(globals_.get("lm_head.weight", globals_["model.embed_tokens.weight"]))
         self._eps = float(config.rms_norm_eps)
-        self.boundaries = self._original_pass(globals_["model.embed_tokens.weight"], spill_dir)
+        self.spill_dir = spill_dir
+        self.original = self._pass([_original_layer(self, i) for i in range(config.num_hidden_layers)],
+                                   globals_["model.embed_tokens.weight"][self.inputs], spill_dir, "search prefix")
+        self.boundaries = self.original  # hidden states entering each layer in the search context
+        self._reference: Optional[tuple[int, np.ndarray]] = None
         self.layer_forwards_at_start = self.runner.layer_forwards
         self.evaluations = 0
 
-    def _original_pass(self, embed: np.ndarray, spill_dir: Optional[Path]) -> list:
-        """Hidden states entering every layer (and leaving the last) for the original model."""
-        hidden = embed[self.inputs]
+    def _pass(self, layers: Sequence[Callable[[np.ndarray], np.ndarray]], hidden: np.ndarray,
+              spill_dir: Optional[Path], label: str) -> list:
+        """Hidden states entering every layer (and leaving the last) of the model ``layers``."""
         store = [_Spilled.save(spill_dir, 0, hidden)]
-        bar = progress_bar(self.config.num_hidden_layers, "search prefix", "layer")
-        for index in range(self.config.num_hidden_layers):
-            weights = read_layer_weights(self.store, self.config, index, self.where)
-            hidden = self.runner.run(self.config, index, weights, hidden)
+        bar = progress_bar(self.config.num_hidden_layers, label, "layer")
+        for index, layer in enumerate(layers):
+            hidden = layer(hidden)
             store.append(_Spilled.save(spill_dir, index + 1, hidden))
             bar.update(1)
         bar.close()
         return store
+
+    def set_context(self, layers: Sequence[Callable[[np.ndarray], np.ndarray]]) -> None:
+        """Evaluate later candidates on top of the model ``layers`` (one per layer) instead of the
+        original: its hidden states entering every layer are computed once here."""
+        spill = self.spill_dir / "context" if self.spill_dir is not None else None
+        self.boundaries = self._pass(layers, np.asarray(self.original[0][0:self.inputs.shape[0]]), spill,
+                                     "search context")
+        self._reference = None
 
     def full_forward_equivalents(self) -> float:
         return self.runner.layer_forwards / (self.inputs.shape[0] * self.config.num_hidden_layers)
@@ -89,7 +112,7 @@ class HybridEvaluator:
             end = begin + self.batch_size
             hidden = hidden_all[begin:end]
             if self.criterion == "kl":
-                values = head_rows(head_kl, to_tensor(hidden), to_tensor(np.asarray(self.boundaries[-1][begin:end])),
+                values = head_rows(head_kl, to_tensor(hidden), to_tensor(np.asarray(self.original[-1][begin:end])),
                                    self._norm, self._head, self._eps)
             else:
                 values = head_rows(head_nll, to_tensor(hidden), to_tensor(self.targets[begin:end], ms.int32),
@@ -103,28 +126,41 @@ class HybridEvaluator:
         return mean if self.criterion == "kl" else math.exp(mean)
 
     def score(self, start: int, layers: Sequence[Callable[[np.ndarray], np.ndarray]]) -> float:
-        """Criterion with layers ``start…L−1`` replaced by ``layers`` (original prefix reused)."""
+        """Criterion with layers ``start…L−1`` replaced by ``layers`` (the context's prefix reused)."""
         return self.aggregate(self.window_scores(start, layers))
 
     def local_error(self, layer: int, run: Callable[[np.ndarray], np.ndarray]) -> float:
-        """Relative squared error of layer ``layer``'s output on the original inputs (one layer pass).
+        """Relative squared error of layer ``layer``'s output against the original layer's, on the
+        inputs the layer sees in the search context (one layer pass; one more per layer for the
+        reference when the context is not the original model).
 
         The cheap proxy that shortlists candidates before the full criterion: a layer's choice
         changes only its own output on those inputs, and the rest of the network maps that error
         to the loss the same way for every candidate of the round.
         """
-        error, energy = 0.0, 0.0
         count = self.inputs.shape[0]
-        output = run(np.asarray(self.boundaries[layer][0:count]))
+        inputs = np.asarray(self.boundaries[layer][0:count])
+        if self.boundaries is self.original:
+            reference = np.asarray(self.original[layer + 1][0:count])
+        else:
+            if self._reference is None or self._reference[0] != layer:
+                self._reference = (layer, _original_layer(self, layer)(inputs))
+            reference = self._reference[1]
+        output = run(inputs)
+        error, energy = 0.0, 0.0
         for begin in range(0, count, self.batch_size):
-            end = begin + self.batch_size
-            reference = np.asarray(self.boundaries[layer + 1][begin:end], np.float64)
-            error += float(np.sum((output[begin:end] - reference) ** 2))
-            energy += float(np.sum((reference - np.asarray(self.boundaries[layer][begin:end], np.float64)) ** 2))
+            rows = slice(begin, begin + self.batch_size)
+            want = reference[rows].astype(np.float64)
+            error += float(np.sum((output[rows] - want) ** 2))
+            energy += float(np.sum((want - inputs[rows]) ** 2))
         return error / max(energy, 1e-30)
 
     def original_score(self) -> float:
-        return self.score(self.config.num_hidden_layers, [])
+        context, self.boundaries = self.boundaries, self.original
+        try:
+            return self.score(self.config.num_hidden_layers, [])
+        finally:
+            self.boundaries = context
 
 
 class _Spilled:
@@ -261,13 +297,17 @@ class SearchState:
     scores: dict[int, dict[int, float]] = field(default_factory=dict)  # layer → fold → criterion
     windows: dict[int, dict[int, list]] = field(default_factory=dict)  # layer → fold → per-window criterion
     proxy: dict[int, dict[int, float]] = field(default_factory=dict)  # layer → fold → local output error
+    uniform: dict[int, float] = field(default_factory=dict)  # fold → the uniform plan's criterion (context uniform)
+    uniform_windows: dict[int, list] = field(default_factory=dict)  # fold → its per-window criterion
     original: Optional[float] = None
     seconds: float = 0.0
 
     def to_json(self) -> dict:
         return {"fingerprint": self.fingerprint, "candidates": self.candidates, "original": self.original,
                 "seconds": self.seconds, "decided": {str(k): v for k, v in self.decided.items()},
-                "scores": _str_keyed(self.scores), "windows": _str_keyed(self.windows), "proxy": _str_keyed(self.proxy)}
+                "scores": _str_keyed(self.scores), "windows": _str_keyed(self.windows), "proxy": _str_keyed(self.proxy),
+                "uniform": {str(f): v for f, v in self.uniform.items()},
+                "uniform_windows": {str(f): v for f, v in self.uniform_windows.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> "SearchState":
@@ -275,7 +315,9 @@ class SearchState:
                    seconds=float(data.get("seconds", 0.0)),
                    decided={int(k): int(v) for k, v in data["decided"].items()},
                    scores=_int_keyed(data["scores"]), windows=_int_keyed(data.get("windows", {}), list),
-                   proxy=_int_keyed(data.get("proxy", {})))
+                   proxy=_int_keyed(data.get("proxy", {})),
+                   uniform={int(f): float(v) for f, v in data.get("uniform", {}).items()},
+                   uniform_windows={int(f): list(v) for f, v in data.get("uniform_windows", {}).items()})
 
     @classmethod
     def load_or_new(cls, path: Optional[Path], fingerprint: dict, candidates: list[int]) -> "SearchState":
@@ -299,12 +341,13 @@ def greedy_last_to_first(num_layers: int, candidates: Sequence[int],
                          evaluate: Callable[[int, int, dict[int, int]], Evaluation], state: SearchState,
                          on_round: Optional[Callable[[int], None]] = None,
                          proxy: Optional[Callable[[int, int], float]] = None,
-                         shortlist: Optional[int] = None) -> dict[int, int]:
+                         shortlist: Optional[int] = None, incumbent: Optional[int] = None) -> dict[int, int]:
     """The YouZhi greedy search over any criterion ``evaluate(layer, fold, decided_later_layers)``.
 
     ``evaluate`` returns the criterion, or (criterion, per-window values) for the bootstrap.  With
     ``proxy`` and ``shortlist`` = k, only the k candidates with the lowest ``proxy(layer, fold)``
-    are evaluated by the criterion.  Rounds already in ``state.decided`` are skipped (resume);
+    are evaluated by the criterion, plus ``incumbent`` (the fold the layer has in the search
+    context) if it is not among them.  Rounds already in ``state.decided`` are skipped (resume);
     ties keep the smaller fold.
     """
     for layer in range(num_layers - 1, -1, -1):
@@ -318,6 +361,8 @@ def greedy_last_to_first(num_layers: int, candidates: Sequence[int],
                 if fold not in errors:
                     errors[fold] = float(proxy(layer, fold))
             pool = sorted(pool, key=lambda f: (errors[f], f))[:shortlist]
+            if incumbent is not None and incumbent not in pool:
+                pool.append(incumbent)
         scores = state.scores.setdefault(layer, {})
         if len(pool) == 1:  # nothing left to compare: the criterion would only cost time
             state.decided[layer] = pool[0]
@@ -364,6 +409,8 @@ class SearchOutcome:
     search_forward_equivalents: float
     seconds: float
     fell_back_to_uniform: Optional[int] = None
+    context: str = "original"
+    baseline: Optional[int] = None  # context "uniform": the best uniform fold the search started from
 
 
 def _round_report(state: SearchState, layer: int) -> dict:
@@ -383,16 +430,21 @@ def _round_report(state: SearchState, layer: int) -> dict:
 def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int],
                         state_path: Optional[Path], fingerprint: dict, uniform_guard: bool = True,
                         trajectories: bool = True, selected: Optional[set[int]] = None,
-                        shortlist: Optional[int] = None) -> SearchOutcome:
+                        shortlist: Optional[int] = None, context: str = DEFAULT_SEARCH_CONTEXT) -> SearchOutcome:
     """Greedy search over the ``selected`` layers (default all); other layers stay GQA.
 
     ``shortlist`` = k: each round ranks every candidate by its layer-local output error (one layer
-    pass each) and runs the full criterion only for the best k.
+    pass each) and runs the full criterion only for the best k (and the layer's fold in the context).
+    ``context``: see the module docstring.  With ``uniform``, the uniform plans are scored first and
+    ``uniform_guard``/``trajectories`` have nothing left to do (the plan starts from the best one).
     """
+    if context not in SEARCH_CONTEXTS:
+        raise UserError(f"--search-context {context}: expected one of {', '.join(SEARCH_CONTEXTS)}")
     started = time.perf_counter()
     config = evaluator.config
     num_layers = config.num_hidden_layers
     selected = set(range(num_layers)) if selected is None else set(selected)
+    first = min(selected) if selected else num_layers
     state = SearchState.load_or_new(state_path, fingerprint, candidates)
     for layer in range(num_layers):
         if layer not in selected:
@@ -406,11 +458,31 @@ def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, c
     def layer_fn(k: int, fold: int, keep: bool = False) -> Callable:
         return factory(k, fold, keep) if k in selected else _original_layer(evaluator, k)
 
+    def checkpoint() -> None:
+        state.seconds = prior_seconds + time.perf_counter() - started
+        state.save(state_path)
+
+    baseline = None
+    if context == "uniform" and selected:
+        baseline = _score_uniform_plans(evaluator, candidates, selected, state, layer_fn, checkpoint)
+        evaluator.set_context([layer_fn(i, baseline, keep=True) for i in range(num_layers)])
+
     def chosen_suffix(layer: int, later: dict[int, int]) -> list[Callable]:
         return [chosen[k] if k in chosen else chosen.setdefault(k, layer_fn(k, later[k], keep=True))
                 for k in range(layer + 1, num_layers)]
 
+    def incumbent() -> tuple[float, Sequence[float]]:
+        """The current plan's criterion: the last scored round's choice (a round decided without
+        scores kept the baseline, so the model did not change), else the best uniform plan."""
+        scored = [k for k in selected if state.decided.get(k) in state.scores.get(k, {})]
+        if scored:
+            k = min(scored)
+            return state.scores[k][state.decided[k]], state.windows[k][state.decided[k]]
+        return state.uniform[baseline], state.uniform_windows[baseline]
+
     def evaluate(layer: int, fold: int, later: dict[int, int]) -> Evaluation:
+        if fold == baseline:  # the current plan itself: already scored
+            return incumbent()
         per_window = evaluator.window_scores(layer, [factory(layer, fold)] + chosen_suffix(layer, later))
         return evaluator.aggregate(per_window), per_window
 
@@ -423,26 +495,39 @@ def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, c
         for fold in candidates:  # the round's losers are not needed again
             if fold != state.decided[layer]:
                 factory.forget(layer, fold)
-        state.seconds = prior_seconds + time.perf_counter() - started
-        state.save(state_path)
+        checkpoint()
         bar.update(1)
 
-    plan_by_layer = greedy_last_to_first(num_layers, candidates, evaluate, state, on_round, proxy, shortlist)
+    plan_by_layer = greedy_last_to_first(num_layers, candidates, evaluate, state, on_round, proxy, shortlist,
+                                         incumbent=baseline)
     bar.close()
     search_equivalents = evaluator.full_forward_equivalents()
     plan = [plan_by_layer[i] if i in selected else None for i in range(num_layers)]
     order = sorted(selected, reverse=True)
     rounds = [_round_report(state, layer) for layer in order]
+    if baseline is not None:
+        adaptive_score = incumbent()[0] if order else state.original
+        uniform_scores = dict(state.uniform)
+        steps = [(0, state.uniform[baseline])]
+        for done, layer in enumerate(order, start=1):
+            scores = state.scores.get(layer, {})
+            steps.append((done, scores[state.decided[layer]] if state.decided[layer] in scores else steps[-1][1]))
+        flat = [(0, steps[0][1]), (len(order), steps[0][1])]
+        return SearchOutcome(plan=plan, adaptive_score=adaptive_score, uniform_scores=uniform_scores,
+                             original=state.original, rounds=rounds,
+                             trajectory={"adaptive": steps, f"uniform f={baseline}": flat},
+                             evaluations=evaluator.evaluations,
+                             full_forward_equivalents=evaluator.full_forward_equivalents(),
+                             search_forward_equivalents=search_equivalents,
+                             seconds=prior_seconds + time.perf_counter() - started, context=context, baseline=baseline)
     adaptive_traj = [(rank + 1, state.scores[layer][state.decided[layer]]) for rank, layer in enumerate(order)
                      if state.decided[layer] in state.scores.get(layer, {})]
     if order and (not adaptive_traj or adaptive_traj[-1][0] != len(order)):  # last round decided by the proxy alone
-        first_layer = min(selected)
-        final_layers = [layer_fn(i, plan_by_layer[i]) for i in range(first_layer, num_layers)]
-        adaptive_traj.append((len(order), evaluator.score(first_layer, final_layers)))
+        final_layers = [layer_fn(i, plan_by_layer[i]) for i in range(first, num_layers)]
+        adaptive_traj.append((len(order), evaluator.score(first, final_layers)))
     adaptive_score = adaptive_traj[-1][1] if adaptive_traj else state.original
     trajectory = {"adaptive": adaptive_traj}
     uniform_scores: dict[int, float] = {}
-    first = min(selected) if selected else num_layers
     if uniform_guard or trajectories:
         for fold in candidates:
             layers = [layer_fn(i, fold, keep=trajectories) for i in range(num_layers)]
@@ -464,7 +549,23 @@ def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, c
                          rounds=rounds, trajectory=trajectory, evaluations=evaluator.evaluations,
                          full_forward_equivalents=evaluator.full_forward_equivalents(),
                          search_forward_equivalents=search_equivalents,
-                         seconds=prior_seconds + time.perf_counter() - started, fell_back_to_uniform=fell_back)
+                         seconds=prior_seconds + time.perf_counter() - started, fell_back_to_uniform=fell_back,
+                         context=context)
+
+
+def _score_uniform_plans(evaluator: HybridEvaluator, candidates: Sequence[int], selected: set[int], state: SearchState,
+                         layer_fn: Callable, checkpoint: Callable[[], None]) -> int:
+    """Score every uniform plan (kept in ``state``; resumable) and return the best fold.  Spilled
+    candidates stay on disk for the rounds' local errors; each round deletes its losers."""
+    num_layers = evaluator.config.num_hidden_layers
+    first = min(selected)
+    for fold in candidates:
+        if fold not in state.uniform:
+            per_window = evaluator.window_scores(first, [layer_fn(i, fold) for i in range(first, num_layers)])
+            state.uniform[fold] = evaluator.aggregate(per_window)
+            state.uniform_windows[fold] = [float(v) for v in per_window]
+            checkpoint()
+    return min(state.uniform, key=lambda f: (state.uniform[f], f))
 
 
 def best_uniform(evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int],
