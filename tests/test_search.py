@@ -154,6 +154,17 @@ def test_uniform_context_starts_from_the_best_uniform_plan_and_only_improves_it(
     assert outcome.search_forward_equivalents == pytest.approx(1 + len(FOLDS) + 1 + alternatives * (1 + 2) / 2)
 
 
+def test_unknown_search_context_is_refused_before_any_work(setup, tmp_path):
+    evaluator = HybridEvaluator(setup["config"], setup["store"], setup["windows"], "stage1", batch_size=4)
+    factory = CandidateFactory(evaluator, setup["grams"], rope_dim=8, rank=None)
+    with pytest.raises(search_mod.UserError, match="--search-context nearby: expected one of uniform, original"):
+        run_adaptive_search(evaluator, factory, FOLDS, None, {"test": 3}, context="nearby")
+    assert evaluator.evaluations == 0
+    result = _cli("convert", "--model", setup["model"], "--out", tmp_path / "o", "--calib", setup["calib"],
+                  "--search-context", "nearby")
+    assert result.exit_code == 2 and "--search-context" in result.output and not (tmp_path / "o").exists()
+
+
 def test_uniform_context_search_resumes_after_a_kill_with_the_same_plan(setup, tmp_path, monkeypatch):
     reference, _ = _search(setup, context="uniform", criterion="final", rank=12)
     state_path = tmp_path / "state.json"
