@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from mindyouzhi.cli import main
 from mindyouzhi.models.config import ModelConfig
-from mindyouzhi.train.memory import Layout, parse_bytes, plan_memory, stage_parameters
+from mindyouzhi.train.memory import parse_bytes, plan_memory
+from mindyouzhi.train.parallel_layout import Layout, stage_parameters
 from test_train_fixtures import shared_models, write_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -42,16 +43,31 @@ def test_plan_counts_every_parameter_of_the_checkpoint(tmp_path_factory):
     assert stage_parameters(config, Layout(pipeline_stage=2, micro_batch_num=2)) < stage_parameters(config, Layout())
 
 
-def test_optimizer_sharding_and_bf16_change_the_right_rows(tmp_path_factory):
-    config = ModelConfig.from_dir(shared_models(tmp_path_factory)["student"])
+def test_optimizer_sharding_and_bf16_rows_are_the_real_buffers(tmp_path_factory):
+    """Against the objects the trainer builds (not the plan's own formula): AdamW's moment Parameters,
+    the network's Parameters in bf16, and the teacher as the parallel step holds it (bf16, frozen)."""
+    import mindspore as ms
+
+    from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+    from mindyouzhi.models.decoder import CausalLM
+    from mindyouzhi.train.optim import AdamW
+    from mindyouzhi.train.semi_auto import TEACHER_PREFIX, hold_teacher
+
+    models = shared_models(tmp_path_factory)
+    config, teacher_config = (ModelConfig.from_dir(models[k]) for k in ("student", "teacher"))
+    net = CausalLM(config, SafetensorsStore(models["student"]))
+    teacher = CausalLM(teacher_config, SafetensorsStore(models["teacher"]), name_prefix=TEACHER_PREFIX)
+    hold_teacher(teacher, "bfloat16")
+    moments = sum(p.nbytes for p in AdamW(net.trainable_params()).moments())
     common = dict(seq_length=32, micro_batch=2, recompute=True)
     fp32 = plan_memory(config, Layout(data_parallel=4), **common)
-    sharded = plan_memory(config, Layout(data_parallel=4, optimizer_shard=True), compute_dtype="bfloat16", **common)
-    params = stage_parameters(config, Layout())
-    assert fp32.rows["AdamW moments (fp32)"] == 8 * params and "fp32 master weights" not in fp32.rows
-    assert sharded.rows["AdamW moments (fp32)"] == 8 * -(-params // 4)
-    assert sharded.rows["fp32 master weights"] == 4 * -(-params // 4)
-    assert sharded.rows["weights (bfloat16)"] == 2 * params
+    sharded = plan_memory(config, Layout(data_parallel=4, optimizer_shard=True), compute_dtype="bfloat16",
+                          teacher_config=teacher_config, **common)
+    assert fp32.rows["AdamW moments (fp32)"] == moments and "fp32 master weights" not in fp32.rows
+    assert abs(sharded.rows["AdamW moments (fp32)"] - moments / 4) <= 2 * 4 * 4  # ceil per rank
+    assert sharded.rows["weights (bfloat16)"] == sum(p.nbytes for p in net.get_parameters()) // 2
+    assert sharded.rows["teacher weights (bfloat16, held so)"] == sum(p.nbytes for p in teacher.get_parameters())
+    assert all(p.dtype == ms.bfloat16 for p in teacher.get_parameters())
 
 
 def test_recompute_pays_off_with_depth():
@@ -77,7 +93,18 @@ def test_a3_recipes_fit_58gb_per_npu(recipe, monkeypatch):
     plan = json.loads(result.output)
     assert plan["limit"] == 58 << 30 and plan["total"] <= plan["limit"]
     assert plan["layout"]["data_parallel"] * plan["layout"]["model_parallel"] == 32
-    assert ("teacher weights (bfloat16)" in plan["rows"]) == recipe.name.startswith("gkd")
+    gkd = recipe.name.startswith("gkd")
+    assert ("teacher weights (bfloat16, held so)" in plan["rows"]) == gkd
+    # the terms issue 26 found missing: the unrolled accumulation's gradient sum, the softmax over the
+    # full vocabulary (MindSpore does not split the softmax axis), HCCL buffers; host RAM while loading
+    rows = plan["rows"]
+    assert rows["GradAccumulation: running sum of the unrolled micro-batches' gradients (fp32)"] == \
+        rows["gradients (fp32)"]
+    vocab = 153376 if "7b" in recipe.name else 152064
+    assert rows["head: softmax over the full vocabulary (fp32, the axis is not split)"] == \
+        4096 * vocab * 4 * (5 if gkd else 3)
+    assert rows["HCCL buffers (default HCCL_BUFFSIZE, in and out per group)"] > 0
+    assert plan["host"]["per node: 16 ranks loading at once"] == 16 * next(iter(plan["host"].values()))
 
 
 def test_a_recipe_that_does_not_fit_is_refused_before_anything_starts(tmp_path, tmp_path_factory):
@@ -152,3 +179,22 @@ def test_cpu_plan_is_within_20_percent_of_the_measured_peak(row, tmp_path):
     bench = _bench_train_memory()
     result = bench.measure_row(next(r for r in bench.ROWS if r[0] == row), tmp_path)
     assert abs(result["measured_bytes"] / result["plan_bytes"] - 1) <= bench.TOLERANCE, result
+
+
+def test_dry_run_needs_cann(monkeypatch):
+    """No CANN runtime here: one line naming what is missing, exit 2, before any model is read."""
+    monkeypatch.setenv("MINDYOUZHI_MODELS", "/nonexistent/models")
+    monkeypatch.setenv("MINDYOUZHI_DATA", "/nonexistent/data")
+    result = CliRunner().invoke(main, ["train", "--config", str(RECIPES / "gkd_youzhi7b_a3.yaml"), "--dry-run"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "--dry-run: needs the CANN runtime" in result.output and "libge_runner.so" in result.output
+    result = CliRunner().invoke(main, ["train", "--config", str(RECIPES / "gkd_youzhi7b_a3.yaml"), "--dry-run", "32"])
+    assert result.exit_code == 2 and "the recipe has 32 ranks" in result.output
+
+
+def test_merge_refuses_what_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    result = CliRunner().invoke(main, ["train", "merge", "--checkpoint", str(tmp_path / "ckpt"),
+                                       "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "not a training checkpoint" in result.output
+    assert not (tmp_path / "m").exists()

@@ -108,6 +108,32 @@ def test_two_workers_match_a_single_process(tmp_path, tmp_path_factory, recomput
     reference = train(load_recipe(single), show_progress=False)
     assert reference["global_batch"] == summary["global_batch"] == 4
     _assert_same_training(tmp_path)
+    if not recompute:
+        _assert_shards_merge_to(tmp_path / "dp", final_weights(tmp_path / "single"), tmp_path / "merged")
+
+
+def _assert_shards_merge_to(run_dir: Path, expected: dict, merged: Path) -> None:
+    """The last checkpoint of a 2-worker run: each rank wrote its own share (weights and moments,
+    disjoint, neither the whole), and `train merge` makes one model directory equal to ``expected``."""
+    from click.testing import CliRunner
+    from safetensors.numpy import load_file
+
+    from mindyouzhi.cli import main
+
+    checkpoint = ckpt.latest_checkpoint(run_dir)
+    assert ckpt.is_sharded(checkpoint) and not (checkpoint / "model.safetensors").exists()
+    shares = [{name for f in ("model.safetensors", "optimizer.safetensors")
+               for name in load_file(str(checkpoint / f"rank_{rank}" / f))} for rank in (0, 1)]
+    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    assert {n for n in shares[0] | shares[1] if not n.startswith("exp_avg")} == set(expected)
+    assert sum(n.startswith(("exp_avg.", "exp_avg_sq.")) for n in shares[0] | shares[1]) == 2 * len(expected)
+    result = CliRunner().invoke(main, ["train", "merge", "--checkpoint", str(checkpoint), "--out", str(merged)])
+    assert result.exit_code == 0, result.output
+    got = load_file(str(merged / "model.safetensors"))
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-5, rtol=0, err_msg=name)
+    assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
 
 
 @pytest.mark.slow

@@ -1,15 +1,16 @@
 """Attention cells: GQA (the source models) and MLA (the converted layers).
 
 The cells own the Parameters (named like the checkpoints) and delegate the math to
-``functional.py``.  MLA follows DeepSeek-V2/V3 naming and shapes (``q_proj``,
+``functional.py``, handing it each projection's own ``Projection`` (``layers.py``) as ``dense`` so
+that every weight is multiplied by the MatMul primitive of its own cell.  This is the training
+form (whole-graph step, semi-auto parallel step, probe dumps); inference runs ``functional.py`` on
+plain tensors (``runner.py``).  MLA follows DeepSeek-V2/V3 naming and shapes (``q_proj``,
 ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``) with one internal
 difference: its RoPE slice uses rotate-half pairing and an arbitrary frequency table (the
 exporter permutes rows to DeepSeek's interleaved pairing).
 
-Two forms of MLA:
-* expanded (prefill / training): per-head k = [W_UK c ; k_pe], v = W_UV c;
-* absorbed (decode): only c and the RoPE'd k_pe are cached; the query is absorbed through W_UK and
-  the output through W_UV, so the cache holds ``kv_lora_rank + rope_dim`` values per token.
+MLA here is the expanded form (prefill / training): per-head k = [W_UK c ; k_pe], v = W_UV c
+(the absorbed decode form is ``functional.mla_attend_absorbed``, used by the runner).
 """
 from __future__ import annotations
 
@@ -41,19 +42,16 @@ class GQAAttention(nn.Cell):
     def _norm_weights(self):
         return (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
 
-    def project_q(self, x, cos, sin):
-        return F.gqa_project_q(x, cos, sin, self.num_heads, self.head_dim, self.eps, self.q_proj.weight,
-                               self.q_proj.bias, self._norm_weights()[0])
-
-    def project_kv(self, x, cos, sin):
-        return F.gqa_project_kv(x, cos, sin, self.num_kv_heads, self.head_dim, self.eps, self.k_proj.weight,
-                                self.k_proj.bias, self.v_proj.weight, self.v_proj.bias, self._norm_weights()[1])
-
-    def attend(self, q, k, v, mask):
-        return self.o_proj(F.gqa_attend(q, k, v, mask, self.num_heads, self.num_kv_heads))
-
     def construct(self, x, cos, sin, mla_cos, mla_sin, mask):
-        return self.attend(self.project_q(x, cos, sin), *self.project_kv(x, cos, sin), mask)
+        # every projection through its own cell's MatMul (``Linear.dense``): the primitives a shard strategy sets
+        q_norm, k_norm = self._norm_weights()
+        q = F.gqa_project_q(x, cos, sin, self.num_heads, self.head_dim, self.eps, self.q_proj.weight,
+                            self.q_proj.bias, q_norm, self.q_proj.dense)
+        k = F.gqa_project_q(x, cos, sin, self.num_kv_heads, self.head_dim, self.eps, self.k_proj.weight,
+                            self.k_proj.bias, k_norm, self.k_proj.dense)  # the key: the same reshape, norm, RoPE
+        b, t, _ = x.shape
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        return self.o_proj(F.gqa_attend(q, k, v, mask, self.num_heads, self.num_kv_heads))
 
 
 class MLAAttention(nn.Cell):
@@ -72,23 +70,14 @@ class MLAAttention(nn.Cell):
         if latent_norm:
             self.kv_a_layernorm = RMSNorm(weights["kv_a_layernorm.weight"], eps)
 
-    def project_q(self, x, cos, sin):
-        return F.mla_project_q(x, cos, sin, self.num_heads, self.nope_dim, self.rope_dim, self.q_proj.weight,
-                               self.q_proj.bias)
-
-    def project_latent(self, x, cos, sin):
-        norm = self.kv_a_layernorm.weight if self.latent_norm else None
-        return F.mla_project_latent(x, cos, sin, self.kv_lora_rank, self.eps, self.kv_a_proj_with_mqa.weight,
-                                    self.kv_a_proj_with_mqa.bias, norm)
-
-    def attend_absorbed(self, q_nope, q_pe, latent_cache, k_pe_cache, mask):
-        out = F.mla_attend_absorbed(q_nope, q_pe, latent_cache, k_pe_cache, mask, self.num_heads, self.nope_dim,
-                                    self.rope_dim, self.v_dim, self.kv_lora_rank, self.kv_b_proj.weight)
-        return self.o_proj(out)
-
     def construct(self, x, cos, sin, mla_cos, mla_sin, mask):
-        q_nope, q_pe = self.project_q(x, mla_cos, mla_sin)
-        latent, k_pe = self.project_latent(x, mla_cos, mla_sin)
+        # every projection through its own cell's MatMul (``Linear.dense``): the primitives a shard strategy sets
+        norm = self.kv_a_layernorm.weight if self.latent_norm else None
+        q_nope, q_pe = F.mla_project_q(x, mla_cos, mla_sin, self.num_heads, self.nope_dim, self.rope_dim,
+                                       self.q_proj.weight, self.q_proj.bias, self.q_proj.dense)
+        latent, k_pe = F.mla_project_latent(x, mla_cos, mla_sin, self.kv_lora_rank, self.eps,
+                                            self.kv_a_proj_with_mqa.weight, self.kv_a_proj_with_mqa.bias, norm,
+                                            self.kv_a_proj_with_mqa.dense)
         out = F.mla_attend_expanded(q_nope, q_pe, latent, k_pe, mask, self.num_heads, self.nope_dim, self.rope_dim,
-                                    self.v_dim, self.kv_b_proj.weight)
+                                    self.v_dim, self.kv_b_proj.weight, self.kv_b_proj.dense)
         return self.o_proj(out)

@@ -9,14 +9,14 @@ import functools
 from typing import Callable, Mapping, Optional
 
 import numpy as np
-from mindspore import nn, ops
+from mindspore import nn
 
 from mindyouzhi.convert_weights import architectures
 from mindyouzhi.errors import UserError
 
 from .attention import GQAAttention, MLAAttention
 from .config import ModelConfig
-from .layers import Embedding, Linear, RMSNorm, SwiGLU
+from .layers import Embedding, Linear, Projection, RMSNorm, SwiGLU
 from .rope import cos_sin, inverse_frequencies
 
 WeightSource = Callable[[str], np.ndarray]
@@ -29,6 +29,14 @@ def expected_layer_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[in
 
 def expected_global_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return architectures.global_shapes(config)
+
+
+def expected_tensor_names(config: ModelConfig) -> set[str]:
+    """Every tensor name of a checkpoint of this config."""
+    names = set(expected_global_shapes(config))
+    for layer in range(config.num_hidden_layers):
+        names.update(layer_prefix(layer) + local for local in expected_layer_shapes(config, layer))
+    return names
 
 
 def mla_dims(config: ModelConfig, layer: int) -> tuple[int, int, int, int, int]:
@@ -104,22 +112,32 @@ class _Body(nn.Cell):
 
 
 class CausalLM(nn.Cell):
-    """Embedding → hybrid decoder layers → final norm → LM head (tied or not)."""
+    """Embedding → hybrid decoder layers → final norm → LM head (tied or not).
 
-    def __init__(self, config: ModelConfig, source, where: str = "checkpoint"):
+    ``name_prefix`` is put before every parameter name (``"teacher."`` → ``teacher.model.layers.0.…``):
+    two models in one graph (the GKD teacher next to the student) then have distinct names by
+    construction, and MindSpore never renames either (it rewrites *all* names to attribute paths
+    when it finds a duplicate, ``nn/cell.py: check_names_and_refresh_name``)."""
+
+    def __init__(self, config: ModelConfig, source, where: str = "checkpoint", name_prefix: str = ""):
         super().__init__()
         self.config = config
         glob = read_global_weights(source, config, where)
         layers = [DecoderLayer(config, i, read_layer_weights(source, config, i, where)) for i in range(config.num_hidden_layers)]
         self.model = _Body(config, glob["model.embed_tokens.weight"], glob["model.norm.weight"], layers)
         self.tied = config.tie_word_embeddings
-        if not self.tied:
+        if self.tied:
+            self.tied_head = Projection()  # the embedding table as the head: its own MatMul
+        else:
             self.lm_head = Linear(glob["lm_head.weight"])
+        self.name_prefix = name_prefix
+        if name_prefix:
+            self.update_parameters_name(name_prefix)
 
     def head(self, hidden):
         hidden = self.model.norm(hidden)
         if self.tied:
-            return ops.matmul(hidden, self.model.embed_tokens.weight.swapaxes(0, 1))
+            return self.tied_head(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
 
     def hidden(self, input_ids, cos, sin, mla_cos, mla_sin, mask):

@@ -2,6 +2,12 @@
 
 Parameter names are the attribute paths, which we keep equal to the HF names
 (``model.layers.3.self_attn.q_proj.weight`` …), so checkpoints load by name.
+
+Every projection runs through its own ``ops.MatMul(transpose_b=True)`` primitive (``Projection``)
+and every embedding lookup through its own ``ops.Gather``: those are the operators MindSpore's
+semi-auto parallel can split (it has MatMulInfo / GatherInfo, but no operator info for the
+``Dense`` primitive behind ``ops.dense``), and a shard strategy set on them
+(``train/semi_auto.py``) is attached to the very primitive the cell's ``construct`` calls.
 """
 from __future__ import annotations
 
@@ -18,26 +24,48 @@ def _param(array: np.ndarray, name: str, requires_grad: bool = True) -> Paramete
     return Parameter(Tensor(np.ascontiguousarray(array, dtype=np.float32)), name=name, requires_grad=requires_grad)
 
 
+class Projection(nn.Cell):
+    """``dense(x, W, b)`` = x Wᵀ + b over the last axis of x, as one ``MatMul(transpose_b=True)`` on the
+    [tokens, in] view plus one ``Add`` for the bias (MindFormers' ``Linear`` does the same).  Holds no
+    Parameter: it is the callable the ``functional.py`` math takes as ``dense``, and the place the
+    shard strategies of its owner's weight go (``matmul``: ((rows, in-split), (out-split, in-split)),
+    ``bias_add``: ((rows, out-split), (out-split,)))."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.bias_add = ops.Add()
+
+    def construct(self, x, weight, bias=None):
+        shape = x.shape
+        out = self.matmul(x.reshape(-1, shape[-1]), weight)
+        if bias is not None:
+            out = self.bias_add(out, bias)
+        return out.reshape(shape[:-1] + (weight.shape[0],))
+
+
 class Linear(nn.Cell):
-    """y = x Wᵀ + b with W stored as (out, in), like the checkpoints."""
+    """y = x Wᵀ + b with W stored as (out, in), like the checkpoints (through ``self.dense``)."""
 
     def __init__(self, weight: np.ndarray, bias: Optional[np.ndarray] = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = _param(weight, "weight")
         self.bias = _param(bias, "bias") if bias is not None else None
+        self.dense = Projection()
 
     def construct(self, x):
-        return ops.dense(x, self.weight, self.bias)
+        return self.dense(x, self.weight, self.bias)
 
 
 class Embedding(nn.Cell):
     def __init__(self, weight: np.ndarray):
         super().__init__()
         self.weight = _param(weight, "weight")
+        self.gather = ops.Gather()
 
     def construct(self, ids):
-        return ops.gather(self.weight, ids, 0)
+        return self.gather(self.weight, ids, 0)
 
 
 class RMSNorm(nn.Cell):

@@ -1,7 +1,8 @@
 """``mindyouzhi train --config recipes/FILE.yaml``: GKD or SFT as the recipe says.
 
 The same command runs under ``msrun`` for data parallel (``recipes/launch.sh``); only rank 0
-prints, logs and writes checkpoints.
+prints and logs; with several workers every rank writes its shard of each checkpoint, and
+``mindyouzhi train merge`` turns a checkpoint into one model directory.
 """
 from __future__ import annotations
 
@@ -9,25 +10,43 @@ from pathlib import Path
 
 import click
 
-from mindyouzhi.cli_support import emit, exit_on_user_error, json_option, progress_option
+from mindyouzhi.cli_support import emit, exit_on_user_error, json_option, overwrite_option, progress_option
 
 
-@click.command("train")
-@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
-              help="recipe YAML (MindFormers layout, see recipes/)")
+@click.group("train", invoke_without_command=True)
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="recipe YAML (MindFormers layout, see recipes/); required unless a subcommand is given")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="continue from the latest checkpoint in output_dir, if there is one")
 @click.option("--plan", "plan_only", is_flag=True,
               help="print the per-rank memory plan and exit (2 if it exceeds context.max_device_memory)")
 @click.option("--device", "plan_device", type=click.Choice(["cpu", "ascend"]), default=None,
               help="with --plan: plan for this device instead of the recipe's context.device_target")
+@click.option("--dry-run", "dry_run_rank", type=int, default=None, is_flag=False, flag_value=0,
+              help="Ascend host: compile the step for this rank [0] with MindSpore's DryRun (MS_SIMULATION_LEVEL=1, "
+                   "the recipe's world size) and print its compiled memory next to the plan; needs the CANN runtime")
 @progress_option
 @json_option
-def train_cmd(config_path, resume, plan_only, plan_device, as_json):
+@click.pass_context
+def train_cmd(ctx, config_path, resume, plan_only, plan_device, dry_run_rank, as_json):
     """Post-training: GKD from the original model, or SFT on instruction data."""
     from .config import load_recipe
     from .trainer import train
 
+    if ctx.invoked_subcommand is not None:
+        return
+    if config_path is None:
+        with exit_on_user_error():
+            from mindyouzhi.errors import UserError
+
+            raise UserError("--config: a recipe is required (or a subcommand: merge)")
+    if dry_run_rank is not None:
+        from .dry_run import dry_run
+
+        with exit_on_user_error():
+            report = dry_run(config_path, dry_run_rank)
+        emit(report, as_json, report["text"])
+        return
     if plan_only:
         _print_plan(config_path, as_json, plan_device)
         return
@@ -72,6 +91,24 @@ def _print_plan(config_path: Path, as_json: bool, device) -> None:
              f"{recipe.runner_config['batch_size']} × {recipe.train_dataset['seq_length']} tokens per micro-batch\n"
              + plan.table())
         refuse_if_too_big(recipe, plan)
+
+
+@train_cmd.command("merge")
+@click.option("--checkpoint", "checkpoint", required=True, type=click.Path(path_type=Path),
+              help="a checkpoint-NNNNNN directory (per-rank shards of a multi-worker run, or a single process's)")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="the model directory to write")
+@overwrite_option
+@json_option
+def merge_cmd(checkpoint, out, overwrite, as_json):
+    """One Hugging Face model directory from a training checkpoint (its shards merged)."""
+    from mindyouzhi.paths import check_outputs
+
+    from .checkpoint import merge_checkpoint
+
+    with exit_on_user_error():
+        check_outputs({"--out": out}, {"--checkpoint": checkpoint}, overwrite, directories={"--out"})
+        merge_checkpoint(checkpoint, out, overwrite)
+    emit({"checkpoint": str(checkpoint), "out": str(out)}, as_json, f"merged {checkpoint} → {out}")
 
 
 def main() -> None:  # ``python -m mindyouzhi.train.cli --config …`` (what msrun can launch directly)

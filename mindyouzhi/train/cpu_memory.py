@@ -241,8 +241,10 @@ def head_elements(config, tokens: int, gkd: bool) -> tuple[int, int]:
 
 
 def step_buffers(config, parameters: int, *, batch: int, seq: int, recompute: bool, gkd: bool,
-                 clip: bool, accumulation: int, teacher_config=None, data_parallel: int = 1) -> dict:
-    """Rows of the CPU plan in bytes (fp32 throughout: CPU has no bf16 MatMul)."""
+                 clip: bool, accumulation: int, teacher_config=None, teacher_parameters: int = 0,
+                 data_parallel: int = 1) -> dict:
+    """Rows of the CPU plan in bytes (fp32 throughout: CPU has no bf16 MatMul); ``parameters`` /
+    ``teacher_parameters``: the models' weight elements (the plan counts them)."""
     tokens = batch * seq
     rows = {"weights (float32)": parameters * FP32,
             "AdamW moments (fp32)": 2 * parameters * FP32,
@@ -267,9 +269,7 @@ def step_buffers(config, parameters: int, *, batch: int, seq: int, recompute: bo
     head_forward, head_backward = head_elements(config, tokens, gkd)
     rows["head and loss over the vocabulary (forward and backward)"] = (head_forward + head_backward) * FP32
     if teacher_config is not None:
-        from .memory import Layout, stage_parameters
-
-        rows["teacher weights (float32)"] = stage_parameters(teacher_config, Layout()) * FP32
+        rows["teacher weights (float32)"] = teacher_parameters * FP32
         # the teacher's inference graphs run before the student's step and free their tensors; only
         # the log-probs they hand over stay alive through the step
         rows["teacher log-probs [tokens, vocab]"] = tokens * teacher_config.vocab_size * FP32

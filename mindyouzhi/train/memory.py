@@ -1,44 +1,30 @@
 """Per-rank memory plan of a training recipe, checked before anything is loaded.
 
-Two plans, chosen by the device (``context.device_target``, or ``train --plan --device``):
+The plan puts the parallel layout (``parallel_layout``: which weight slices a rank holds) together
+with the recipe's dtype, batch and sequence length and hands them to one of two memory models,
+chosen by the device (``context.device_target``, or ``train --plan --device``):
 
-``ascend`` — what a buffer-reusing device must hold at the peak of a step (the plan of the A3
-recipes), from the model's tensor shapes (``models.decoder.expected_*_shapes``, so MLA and GQA
-layers are both exact), the parallel layout and the recipe's dtype, batch and sequence length:
+* ``ascend`` (``ascend_memory``) — what a buffer-reusing device must hold at the peak of a step
+  (the A3 recipes), plus the host RAM of a node while its ranks load the models;
+* ``cpu`` (``cpu_memory``) — what MindSpore's CPU graph really holds (every op output and
+  gradient, counted op by op from the model code, plus the runtime's working set measured on a
+  nano model); checked against measured peaks by ``bench/train_memory.py`` and
+  ``tests/test_train_memory.py``.
 
-* weights in the compute dtype: the slices MindSpore's shard strategies give one rank of the
-  largest pipeline stage (``parallel_layout.build_layout``: heads, MLP width and vocabulary split
-  over ``model_parallel``, replicated norms and latent projection, layers in contiguous stages);
-* fp32 master weights when the compute dtype is not fp32, fp32 gradients, AdamW's two fp32 moments
-  — master weights and moments are divided over the data-parallel ranks with
-  ``parallel_config.optimizer_shard`` (MindSpore's parallel optimizer, ``hsdp`` level 1);
-* the GKD teacher's weights in the compute dtype, sharded like the student;
-* activations of one micro-batch, from the layer's own tensors: without recomputation every
-  layer keeps its projections' outputs, attention scores and probabilities and the MLP's four
-  ``intermediate_size``-wide tensors for the backward; with recomputation only each layer's input
-  stays, plus one layer's full set (recomputed) and its gradients; 1F1B pipelining keeps up to
-  ``pipeline_stage`` micro-batches in flight on the first stage;
-* the head: logits, log-softmax and their gradient in fp32 over the vocabulary slice, plus the
-  teacher's log-probabilities for GKD.
-
-Not counted there: the framework's workspace and fragmentation (the gap between HBM and
-``max_device_memory``).  Not checked on Ascend (none here).
-
-``cpu`` — what MindSpore's CPU graph really holds (``cpu_memory``: every op output and gradient,
-counted op by op from the model code, plus the runtime's working set measured on a nano model);
-checked against measured peaks by ``bench/train_memory.py`` and ``tests/test_train_memory.py``.
+Imports go one way: ``parallel_layout`` → this plan → the memory models (which import neither).
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from mindyouzhi.errors import UserError
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-FP32 = 4
+from .ascend_memory import host_rows, step_rows
+from .cpu_memory import step_buffers
+from .parallel_layout import Layout, build_layout, recipe_layout, refuse_on_cpu, stage_parameters
+
 _UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
 
 
@@ -50,25 +36,13 @@ def parse_bytes(text: str, where: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2) if match.group(2) != "" else ""])
 
 
-@dataclass(frozen=True)
-class Layout:
-    data_parallel: int = 1
-    model_parallel: int = 1
-    pipeline_stage: int = 1
-    optimizer_shard: bool = False
-    micro_batch_num: int = 1
-
-    @property
-    def world(self) -> int:
-        return self.data_parallel * self.model_parallel * self.pipeline_stage
-
-
 @dataclass
 class MemoryPlan:
-    rows: dict  # name → bytes per rank
+    rows: dict  # name → bytes per rank (device)
     limit: Optional[int]
     layout: Layout
     notes: list = field(default_factory=list)
+    host: dict = field(default_factory=dict)  # name → bytes of host RAM (Ascend: while the models load)
 
     @property
     def total(self) -> int:
@@ -80,13 +54,16 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         return {"rows": dict(self.rows), "total": self.total, "limit": self.limit, "fits": self.fits,
-                "layout": vars(self.layout), "notes": list(self.notes)}
+                "layout": vars(self.layout), "notes": list(self.notes), "host": dict(self.host)}
 
     def table(self) -> str:
         width = max(len(name) for name in self.rows)
         lines = [f"  {name:<{width}}  {gib(value):>10}" for name, value in self.rows.items()]
         lines.append(f"  {'total per rank':<{width}}  {gib(self.total):>10}"
                      + (f"  of {gib(self.limit)} max_device_memory" if self.limit else ""))
+        if self.host:
+            lines.append("  host RAM while the models load:")
+            lines += [f"    {name}: {gib(value)}" for name, value in self.host.items()]
         return "\n".join(lines)
 
 
@@ -94,96 +71,45 @@ def gib(value: int) -> str:
     return f"{value / (1 << 30):.2f} GiB"
 
 
-def stage_parameters(config, layout: Layout) -> int:
-    """Weight elements one rank of the largest pipeline stage holds: the slices the shard
-    strategies of ``parallel_layout`` give it (so the plan and the strategies cannot disagree)."""
-    from .parallel_layout import build_layout
-
-    return build_layout(config, layout).largest_stage_elements()
-
-
-def _layer_activation_elements(config, layer: int, tokens: int, seq_length: int, mp: int) -> int:
-    """Elements one layer keeps for its backward: every projection's output (split over mp),
-    scores and probabilities (heads split over mp), the MLP's activation and product, and the
-    hidden-size tensors around the norms and residuals (replicated)."""
-    from mindyouzhi.models.decoder import expected_layer_shapes
-
-    shapes = expected_layer_shapes(config, layer)
-    projected = sum(shape[0] for name, shape in shapes.items()
-                    if len(shape) == 2 and not name.endswith("down_proj.weight") and not name.endswith("o_proj.weight"))
-    heads = config.num_attention_heads
-    sharded = projected // mp + 2 * heads * seq_length // mp + 2 * config.intermediate_size // mp
-    replicated = 6 * config.hidden_size
-    return tokens * (sharded + replicated)
-
-
 def plan_memory(config, layout: Layout, *, seq_length: int, micro_batch: int, compute_dtype: str = "float32",
                 recompute: bool, teacher_config=None, limit: Optional[int] = None, device: str = "ascend",
-                clip: bool = True, accumulation: int = 1) -> MemoryPlan:
+                clip: bool = True, accumulation: int = 1, local_ranks: int = 16) -> MemoryPlan:
     """``device="ascend"``: what a buffer-reusing device must hold (the A3 recipes' plan);
     ``device="cpu"``: what MindSpore's CPU graph really holds (``cpu_memory``), single-process
-    data-parallel fp32 only, as that is all the CPU runs."""
+    data-parallel fp32 only, as that is all the CPU runs.  ``local_ranks``: ranks per node (the
+    host-RAM rows; 16 NPUs per A3 node)."""
     check_layout(config, layout, "parallel_config")
     if teacher_config is not None:
         check_layout(teacher_config, layout, "parallel_config (teacher)")
     if device == "cpu":
         return _plan_cpu(config, layout, seq_length=seq_length, micro_batch=micro_batch, recompute=recompute,
                          teacher_config=teacher_config, limit=limit, clip=clip, accumulation=accumulation)
-    mp, dp, pp = layout.model_parallel, layout.data_parallel, layout.pipeline_stage
-    compute = DTYPE_BYTES[compute_dtype]
-    shard = dp if layout.optimizer_shard else 1
-    params = stage_parameters(config, layout)
-    rows = {"weights (" + compute_dtype + ")": params * compute}
-    if compute_dtype != "float32":
-        rows["fp32 master weights"] = math.ceil(params / shard) * FP32
-    rows["gradients (fp32)"] = params * FP32
-    rows["AdamW moments (fp32)"] = math.ceil(params / shard) * 2 * FP32
-    if teacher_config is not None:
-        rows["teacher weights (" + compute_dtype + ")"] = stage_parameters(teacher_config, layout) * compute
-
-    tokens = micro_batch * seq_length
-    layers_per_stage = math.ceil(config.num_hidden_layers / pp)
-    stage_layers = range(layers_per_stage)  # the first stage: the most micro-batches in flight
-    per_layer = [_layer_activation_elements(config, i, tokens, seq_length, mp) for i in stage_layers]
-    in_flight = min(pp, layout.micro_batch_num) if pp > 1 else 1
-    if recompute:
-        kept = tokens * config.hidden_size * layers_per_stage
-        working = 2 * max(per_layer)  # the recomputed layer and its gradients
-        rows["activations (recompute)"] = (kept * in_flight + working) * compute
-    else:
-        rows["activations (no recompute)"] = sum(per_layer) * in_flight * compute
-    vocab_slice = config.vocab_size // mp
-    head_tensors = 3 + (2 if teacher_config is not None else 0)
-    rows["head: logits, log-softmax, gradient" + (", teacher log-probs" if teacher_config is not None else "")] = (
-        tokens * vocab_slice * head_tensors * FP32)
+    teacher_params = stage_parameters(teacher_config, layout) if teacher_config is not None else 0
+    rows = step_rows(config, layout, stage_parameters(config, layout), seq_length=seq_length,
+                     micro_batch=micro_batch, compute_dtype=compute_dtype, recompute=recompute,
+                     accumulation=accumulation, teacher_config=teacher_config, teacher_params=teacher_params)
+    full = stage_parameters(config, Layout())
+    teacher_full = stage_parameters(teacher_config, Layout()) if teacher_config is not None else 0
     notes = []
     if compute_dtype == "float32":
         notes.append("fp32 compute: the weights are the master weights")
-    return MemoryPlan(rows, limit, layout, notes)
+    return MemoryPlan(rows, limit, layout, notes, host_rows(full, teacher_full, min(layout.world, local_ranks)))
 
 
 def _plan_cpu(config, layout: Layout, *, seq_length: int, micro_batch: int, recompute: bool, teacher_config,
               limit: Optional[int], clip: bool, accumulation: int) -> MemoryPlan:
-    from .cpu_memory import step_buffers
-
+    teacher_params = stage_parameters(teacher_config, Layout()) if teacher_config is not None else 0
     rows = step_buffers(config, stage_parameters(config, Layout()), batch=micro_batch, seq=seq_length,
                         recompute=recompute, gkd=teacher_config is not None, clip=clip, accumulation=accumulation,
-                        teacher_config=teacher_config, data_parallel=layout.data_parallel)
+                        teacher_config=teacher_config, teacher_parameters=teacher_params,
+                        data_parallel=layout.data_parallel)
     return MemoryPlan(rows, limit, layout, ["device CPU: every op output and gradient of the step graphs is counted "
                                             "(MindSpore's CPU graph does not reuse buffers); fp32 compute"])
 
 
 def check_layout(config, layout: Layout, where: str) -> None:
     """What MindSpore's shard strategies and pipeline need (``parallel_layout.build_layout``)."""
-    from .parallel_layout import build_layout
-
     build_layout(config, layout, where)
-
-
-def recipe_layout(recipe) -> Layout:
-    pc = recipe.parallel_config
-    return Layout(pc["data_parallel"], pc["model_parallel"], pc["pipeline_stage"], pc["optimizer_shard"],
-                  pc["micro_batch_num"])
 
 
 def plan_recipe(recipe, device: Optional[str] = None) -> MemoryPlan:
@@ -192,8 +118,6 @@ def plan_recipe(recipe, device: Optional[str] = None) -> MemoryPlan:
     device = device or recipe_device(recipe)
     student, teacher = recipe_model_configs(recipe)
     if device == "cpu":  # a layout the CPU cannot run has no CPU plan (after the layout's own checks)
-        from .parallel_layout import refuse_on_cpu
-
         check_layout(student, recipe_layout(recipe), f"recipe {recipe.path}: parallel_config")
         refuse_on_cpu(recipe, "CPU")
     limit_text = recipe.context["max_device_memory"]

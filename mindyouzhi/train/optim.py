@@ -74,12 +74,16 @@ class AdamW(nn.Cell):
             _FUSED(param, exp_avg, exp_avg_sq, lr, self.beta1, self.beta2, eps, decay if decayed else self.no_decay,
                    grad)
 
+    def moments(self) -> tuple:
+        """Every moment Parameter (``exp_avg.<param>``, ``exp_avg_sq.<param>``)."""
+        return (*self.exp_avg, *self.exp_avg_sq)
+
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Optimizer state by name (each moment keeps its parameter's name after the prefix)."""
-        return {p.name: p.asnumpy() for p in (*self.exp_avg, *self.exp_avg_sq)}
+        return {p.name: p.asnumpy() for p in self.moments()}
 
     def load_state_arrays(self, state, where: str) -> None:
-        for param in (*self.exp_avg, *self.exp_avg_sq):
+        for param in self.moments():
             if param.name not in state:
                 raise UserError(f"{where}: optimizer state {param.name} is missing")
             value = np.asarray(state.get(param.name) if hasattr(state, "get") else state[param.name], np.float32)

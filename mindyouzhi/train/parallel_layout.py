@@ -1,7 +1,5 @@
-"""The recipe's ``parallel_config`` as MindSpore semi-auto parallel: shard strategies, optimizer
-sharding, pipeline stages, bf16 compute.
-
-Two parts, kept apart on purpose:
+"""The recipe's ``parallel_config`` as a layout: how every weight is split, on which pipeline
+stage it lives, and the MindSpore strategies that say so.
 
 * ``build_layout`` (pure Python, any device, tested on CPU): for a model config and a ``Layout``
   it decides how every weight is split and on which pipeline stage it lives —
@@ -18,18 +16,16 @@ Two parts, kept apart on purpose:
     the embedding on the first stage, final norm and head on the last;
 
   and it checks what MindSpore's strategies need (every split dimension divisible, whole heads,
-  at least one layer per stage, ``micro_batch_num`` ≥ stages).  ``memory.stage_parameters`` counts
+  at least one layer per stage, ``micro_batch_num`` ≥ stages).  ``stage_parameters`` counts
   weights from this layout, so the plan's per-rank weights are the strategies' slices.
 
-* ``parallelize`` (Ascend only): puts the layout on the network with MindSpore's own API —
-  ``Cell.shard(in_strategy, parameter_plan=…)`` per projection (sharding propagation derives the
-  remaining operators), ``amp.auto_mixed_precision(…, "auto", bfloat16)`` (MatMuls in bf16,
-  norms/softmax/exp in fp32, Parameters — the master weights — stay fp32),
-  ``mindspore.parallel.nn.Pipeline`` with the layer→stage map, and the train step wrapped in
-  ``AutoParallel(…, "sharding_propagation")`` with ``hsdp(optimizer_level="level1")`` (fp32 weights
-  and AdamW moments split over the data-parallel ranks) and ``pipeline(stages, scheduler="1f1b")``.
-  MindSpore 2.10 compiles none of this for CPU ("Invalid backend: CPU", docs/training.md), so on
-  CPU the trainer stops before it (``refuse_on_cpu``).
+* ``operator_strategies``: the same decisions as MindSpore ``in_strategy`` tuples for the
+  primitives that run them (each projection's ``MatMul(transpose_b=True)`` and bias ``Add``, the
+  embedding's ``Gather``, a tied head's ``MatMul``: ``models/layers.py``), with the batch split over
+  ``data_parallel``; ``dataset_strategy`` the input strategy that makes every rank of a
+  model-parallel group read the same rows.  ``semi_auto.py`` puts them on the network (Ascend).
+
+This file decides; it imports nothing of the memory plan (``memory.py`` imports it).
 """
 from __future__ import annotations
 
@@ -53,6 +49,27 @@ _LAYER_ROLES = {
     "mlp.down_proj.weight": ROW,
 }
 _KV_HEADS = ("self_attn.k_proj.weight", "self_attn.v_proj.weight")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The recipe's ``parallel_config``."""
+
+    data_parallel: int = 1
+    model_parallel: int = 1
+    pipeline_stage: int = 1
+    optimizer_shard: bool = False
+    micro_batch_num: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.data_parallel * self.model_parallel * self.pipeline_stage
+
+
+def recipe_layout(recipe) -> Layout:
+    pc = recipe.parallel_config
+    return Layout(pc["data_parallel"], pc["model_parallel"], pc["pipeline_stage"], pc["optimizer_shard"],
+                  pc["micro_batch_num"])
 
 
 @dataclass(frozen=True)
@@ -86,25 +103,38 @@ class ParallelLayout:
     def largest_stage_elements(self) -> int:
         return max(self.stage_elements(stage) for stage in range(self.pipeline_stage))
 
-    def parameter_plans(self) -> dict:
-        """Cell name → {parameter name: strategy} for ``Cell.shard`` (only split parameters)."""
-        plans: dict = {}
-        for weight in self.weights.values():
-            if weight.role == REPLICATED:
-                continue
-            cell = weight.name.rsplit(".", 1)[0]
-            plans.setdefault(cell, {})[weight.name] = weight.split
-        return plans
-
-    def input_strategy(self, cell_name: str) -> tuple:
-        """``Cell.shard`` in_strategy of a split cell: its activation input, batch over data parallel."""
+    def operator_strategies(self, tied_head: bool = False) -> dict:
+        """Cell name → {primitive attribute path in that cell: MindSpore ``in_strategy``}, for the
+        primitives the cells' ``construct`` calls (``models/layers.py``): a projection's
+        ``dense.matmul`` ([tokens, in] × Wᵀ, W as (out, in)) and, with a bias, ``dense.bias_add``;
+        the embedding's ``gather`` (table, ids); a tied head's ``tied_head.matmul``.  The weight's
+        entry is its split; the activations' rows are split over ``data_parallel``; a row-split
+        weight reads its input split like the column projection before it (partial sums, then one
+        all-reduce inserted by MindSpore)."""
         dp, mp = self.data_parallel, self.model_parallel
-        if cell_name == "model.embed_tokens":  # token ids [B, T]
-            return ((dp, 1),)
-        roles = {w.role for w in self.weights.values() if w.name.rsplit(".", 1)[0] == cell_name}
-        if ROW in roles:  # the input arrives split like the previous column projection's output
-            return ((dp, 1, mp),)
-        return ((dp, 1, 1),)
+        out: dict = {}
+        for weight in self.weights.values():
+            if not weight.name.endswith(".weight") or len(weight.shape) != 2:
+                continue
+            cell = weight.name[:-len(".weight")]
+            if cell == "model.embed_tokens":
+                out[cell] = {"gather": (weight.split, (dp, 1))}
+                continue
+            rows = (dp, weight.split[1])  # the input: rows over dp, columns as the weight's input side
+            strategies = {"dense.matmul": (rows, weight.split)}
+            if cell + ".bias" in self.weights:
+                strategies["dense.bias_add"] = ((dp, weight.split[0]), (weight.split[0],))
+            out[cell] = strategies
+        if tied_head:
+            out["tied_head"] = {"matmul": ((dp, 1), self.weights["model.embed_tokens.weight"].split)}
+        return out
+
+    def dataset_strategy(self, inputs: int) -> tuple:
+        """``AutoParallel.dataset_strategy`` for ``inputs`` [rows, tokens] tensors: rows split over
+        ``data_parallel`` only.  MindSpore's default ("data_parallel") treats each rank's batch as its
+        own slice of a batch split over *all* devices (``parallel/_utils.py: _to_full_shapes``), which
+        with model parallelism would count the rows a model-parallel group shares once per rank."""
+        return ((self.data_parallel, 1),) * inputs
 
     def stage_config(self, prefix: str = "") -> dict:
         """Cell name → pipeline stage, for ``mindspore.parallel.nn.Pipeline`` (``prefix``: the
@@ -115,6 +145,12 @@ class ParallelLayout:
         if "lm_head.weight" in self.weights:
             config["lm_head"] = self.pipeline_stage - 1
         return {prefix + name: stage for name, stage in config.items()}
+
+
+def stage_parameters(config, layout: Layout) -> int:
+    """Weight elements one rank of the largest pipeline stage holds: the slices the strategies give it
+    (so the memory plan and the strategies cannot disagree)."""
+    return build_layout(config, layout).largest_stage_elements()
 
 
 def layer_stages(num_layers: int, stages: int) -> list[int]:
@@ -146,8 +182,8 @@ def check_divisible(config, mp: int, where: str) -> None:
             raise UserError(f"{where}: model_parallel {mp} does not divide the model's {name} {value}")
 
 
-def build_layout(config, layout, where: str = "parallel_config") -> ParallelLayout:
-    """Every weight of ``config`` with its split and stage under ``layout`` (a ``memory.Layout``)."""
+def build_layout(config, layout: Layout, where: str = "parallel_config") -> ParallelLayout:
+    """Every weight of ``config`` with its split and stage under ``layout``."""
     from mindyouzhi.models.decoder import expected_global_shapes, expected_layer_shapes, layer_prefix
 
     mp, pp = layout.model_parallel, layout.pipeline_stage
@@ -214,9 +250,10 @@ def refuse_on_cpu(recipe, device: str) -> None:
 
 
 def data_parallel_rank(rank: int, data_parallel: int, model_parallel: int) -> int:
-    """Which data-parallel slice of the batch a rank reads: MindSpore's device matrix puts the
-    model-parallel ranks of one slice next to each other and pipeline stages outermost, and every
-    rank of a model-parallel group must feed the same rows."""
+    """Which data-parallel slice of the batch a rank reads under ``dataset_strategy``: MindSpore's
+    device matrix puts the repeated (model-parallel) ranks of one slice next to each other and
+    pipeline stages outermost, so every rank of a model-parallel group feeds the same rows and each
+    row is read once per data-parallel group."""
     return (rank % (data_parallel * model_parallel)) // model_parallel
 
 
@@ -236,120 +273,3 @@ def check_semi_auto_recipe(recipe) -> None:
     if recipe.train_dataset["packed_attention"] == "isolated":
         raise UserError(f"{where}: train_dataset.packed_attention: isolated is not wired into the parallel step; "
                         f"use shared")
-
-
-# -- Ascend: MindSpore's semi-auto parallel on the network (not compiled on CPU) ------------------------
-def parallelize(net, loss_cell, step_cell, plan: ParallelLayout, compute_dtype: str, teacher=None):
-    """Apply ``plan`` to ``net`` (and ``teacher``: (net, its plan)), bf16 and the pipeline to
-    ``loss_cell``; wrap ``step_cell(loss_cell)`` in ``AutoParallel``.  Ascend only."""
-    import mindspore as ms
-    from mindspore import amp
-    from mindspore.parallel.auto_parallel import AutoParallel
-
-    for network, layout in ((net, plan),) + ((teacher,) if teacher is not None else ()):
-        cells = dict(network.cells_and_names())
-        for cell_name, parameter_plan in layout.parameter_plans().items():
-            cells[cell_name].shard(in_strategy=layout.input_strategy(cell_name), parameter_plan=parameter_plan)
-    if compute_dtype != "float32":
-        loss_cell = amp.auto_mixed_precision(loss_cell, "auto", dtype=getattr(ms, compute_dtype))
-    if plan.pipeline_stage > 1:
-        from mindspore.parallel.nn import Pipeline
-
-        loss_cell = Pipeline(loss_cell, plan.micro_batch_num, stage_config=plan.stage_config("student."))
-    parallel = AutoParallel(step_cell(loss_cell), parallel_mode="sharding_propagation")
-    if plan.optimizer_shard:
-        parallel.hsdp(optimizer_level="level1")
-    if plan.pipeline_stage > 1:
-        parallel.pipeline(stages=plan.pipeline_stage, scheduler="1f1b")
-    return parallel
-
-
-class SemiAutoStep:
-    """The whole-graph step as one MindSpore semi-auto parallel graph (Ascend): forward (the GKD
-    teacher's log-probs computed inside it, sharded like the student), backward, gradient
-    reduction (inserted by MindSpore), global-norm clipping and the fused AdamW, with the rank's
-    accumulation micro-batches fed at once (``GradAccumulation``, or the pipeline's micro-batches);
-    ``recompute_config.recompute`` = ``Cell.recompute()`` on every decoder layer."""
-
-    def __init__(self, net, config, params, optimizer, recipe, tables, teacher_net=None, teacher_config=None):
-        import mindspore as ms
-        from mindspore import nn, ops
-
-        from .memory import recipe_layout
-        from .steps import _per_token_loss
-
-        layout = recipe_layout(recipe)
-        plan = build_layout(config, layout)
-        teacher = (teacher_net, build_layout(teacher_config, layout, "parallel_config (teacher)")) \
-            if teacher_net is not None else None
-        per_token = _per_token_loss(recipe.run_mode, recipe.gkd)
-        inverse_temperature = 1.0 / float(recipe.gkd["temperature"])
-        clip = recipe.runner_wrapper["max_grad_norm"] if recipe.runner_wrapper["use_clip_grad"] else None
-        accumulation = recipe.runner_config["gradient_accumulation_steps"]
-        constants = [ms.Parameter(t, name=f"rope_table_{i}", requires_grad=False) for i, t in enumerate(tables)]
-        teacher_constants = []
-        if teacher_net is not None:  # the teacher's own RoPE tables (its config, not the student's)
-            from mindyouzhi.models.decoder import RopeTables
-            from mindyouzhi.models.layers import to_tensor
-
-            seq = recipe.train_dataset["seq_length"]
-            teacher_constants = [ms.Parameter(to_tensor(t), name=f"teacher_rope_table_{i}", requires_grad=False)
-                                 for i, t in enumerate(RopeTables(teacher_config)(seq))] + [constants[-1]]
-        if recipe.recompute:  # MindSpore's recomputation (the layer-wise step is single-device code)
-            for layer in net.model.layers:
-                layer.recompute()
-
-        class LossCell(nn.Cell):
-            def __init__(self):
-                super().__init__(auto_prefix=False)  # parameter names stay the checkpoint's (shard plans use them)
-                self.student = net
-                self.teacher = teacher_net
-                self.tables = ms.ParameterTuple(constants)
-                self.teacher_tables = ms.ParameterTuple(teacher_constants)
-
-            def construct(self, ids, targets, weights):
-                logits = self.student(ids, *self.tables)
-                reference = logits  # SFT: the loss does not read it
-                if self.teacher is not None:
-                    reference = ops.log_softmax(self.teacher(ids, *self.teacher_tables) * inverse_temperature, -1)
-                return (per_token(logits, targets, ops.stop_gradient(reference)) * weights).sum()
-
-        def step_cell(loss_cell):
-            if plan.pipeline_stage == 1 and accumulation > 1:
-                from mindspore.parallel.nn import GradAccumulation
-
-                loss_cell = GradAccumulation(loss_cell, accumulation)
-            grad_fn = ms.value_and_grad(loss_cell, None, params)
-            reducer = None
-            if plan.pipeline_stage > 1:
-                from mindspore.parallel.nn import PipelineGradReducer
-
-                reducer = PipelineGradReducer(ms.ParameterTuple(params))
-
-            class TrainStep(nn.Cell):
-                def __init__(self):
-                    super().__init__(auto_prefix=False)
-                    self.loss_cell = loss_cell
-                    self.optimizer = optimizer
-                    self.hyper = ops.HyperMap()
-
-                def construct(self, ids, targets, weights, lr, eps, decay):
-                    loss, grads = grad_fn(ids, targets, weights)
-                    if reducer is not None:
-                        grads = reducer(grads)
-                    norm = ops.sqrt(ops.addn([(g * g).sum() for g in grads]))
-                    if clip:
-                        grads = self.hyper(ops.partial(ops.mul, ops.minimum(clip / (norm + 1e-6), 1.0)), grads)
-                    return ops.depend(loss, self.optimizer(grads, lr, eps, decay)), norm
-
-            return TrainStep()
-
-        self.step = parallelize(net, LossCell(), step_cell, plan, recipe.model["compute_dtype"], teacher)
-
-    def run(self, micro_batches, lr, eps, decay, tables):
-        """All of this rank's micro-batches in one call (ids, targets, weights concatenated)."""
-        import mindspore as ms
-
-        batches = list(micro_batches)
-        ids, targets, weights = (ms.ops.cat([batch[i] for batch in batches], 0) for i in range(3))
-        return self.step(ids, targets, weights, lr, eps, decay)

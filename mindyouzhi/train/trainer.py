@@ -42,6 +42,7 @@ from .steps import as_tensors, build_step
 LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "train_curves.png"
 SUMMARY_FILE = "train_summary.json"
+STRATEGY_DIR = ".strategy"  # each rank's MindSpore strategy file (semi-auto parallel)
 
 
 def setup_device(context: dict) -> str:
@@ -157,7 +158,6 @@ class Trainer:
         pc = recipe.parallel_config
         data = WorldInfo(data_parallel_rank(world.rank, pc["data_parallel"], pc["model_parallel"]),
                          pc["data_parallel"], world.backend) if sharded else world
-        scratch = (recipe.output_dir / f".gather-rank{world.rank}") if sharded else None
         out = recipe.output_dir
         if world.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -199,24 +199,33 @@ class Trainer:
             _truncate_log(log_path, start_step)
 
         config = ModelConfig.from_dir(model_dir)
-        net = CausalLM(config, SafetensorsStore(model_dir), where=str(model_dir))
+        moments = None
+        if resume_from is not None and ckpt.is_sharded(resume_from):  # several workers wrote it: per-rank shards
+            weights, moments = ckpt.read_checkpoint(resume_from, config)
+            net = CausalLM(config, weights, where=str(resume_from))
+        else:
+            net = CausalLM(config, SafetensorsStore(model_dir), where=str(model_dir))
         params = self._trainable(net)
         opt_section = recipe.optimizer
         optimizer = AdamW(params, tuple(opt_section["betas"]), opt_section["eps"], opt_section["weight_decay"])
-        if resume_from is not None:
+        if moments is not None:
+            optimizer.load_state_arrays(moments, str(resume_from))
+        elif resume_from is not None:
             ckpt.load_optimizer_state(resume_from, optimizer)
         tables = tuple(to_tensor(t) for t in RopeTables(config)(seq_length)) + (to_tensor(causal_mask(seq_length)),)
         teacher = None
+        strategy_file = None
         if sharded:  # the teacher runs inside the student's parallel graph, sharded like it
-            from .parallel_layout import SemiAutoStep
+            from .semi_auto import TEACHER_PREFIX, SemiAutoStep
 
             teacher_net = None
             if recipe.run_mode == "gkd":
-                teacher_net = CausalLM(teacher_config, SafetensorsStore(recipe.teacher), where=str(recipe.teacher))
-                for param in teacher_net.trainable_params():
-                    param.requires_grad = False
+                teacher_net = CausalLM(teacher_config, SafetensorsStore(recipe.teacher), where=str(recipe.teacher),
+                                       name_prefix=TEACHER_PREFIX)
+            strategy_file = out / STRATEGY_DIR / f"rank_{world.rank}.ckpt"
+            strategy_file.parent.mkdir(parents=True, exist_ok=True)
             steps = SemiAutoStep(net, config, params, optimizer, recipe, tables, teacher_net,
-                                 teacher_config if recipe.run_mode == "gkd" else None)
+                                 teacher_config if recipe.run_mode == "gkd" else None, strategy_file)
         else:
             teacher = Teacher(recipe.teacher, recipe.gkd["temperature"]) if recipe.run_mode == "gkd" else None
             steps = build_step(net, config, params, optimizer, recipe, world.size)
@@ -270,16 +279,27 @@ class Trainer:
                                     tok_s=f"{record['tokens_per_second']:.0f}")
                     bar.update(1)
             if (save_steps and done % save_steps == 0) or done == plan.total_steps:
-                gathered = _gathered(net, optimizer, scratch)  # a collective when sharded: every rank
+                state = state_for(done, previous_seconds + sum(step_seconds))
+                if world.size == 1:
+                    ckpt.save_checkpoint(out, done, net, config, optimizer, state, recipe.student,
+                                         rc["keep_checkpoints"])
+                else:  # every rank writes its own shard; rank 0 publishes the checkpoint once all have
+                    if sharded:
+                        ckpt.write_sliced_shard(out, done, world.rank, steps.step)
+                    else:
+                        ckpt.write_rank_shard(out, done, world.rank, world.size, net, optimizer)
+                    barrier(world)
+                    if world.is_main:
+                        ckpt.publish_checkpoint(out, done, world.size, config, state, recipe.student,
+                                                rc["keep_checkpoints"], _strategy(out, strategy_file, recipe))
                 if world.is_main:
-                    ckpt.save_checkpoint(out, done, net, config, optimizer,
-                                         state_for(done, previous_seconds + sum(step_seconds)), recipe.student,
-                                         rc["keep_checkpoints"], gathered)
                     _plot(out, recipe)
         if bar is not None:
             bar.close()
 
-        final_weights = _gathered(net, optimizer, scratch)[0] if sharded else None
+        final_weights = None  # a sharded run's rank holds slices: rank 0 reads the final checkpoint's shards
+        if sharded and world.is_main:
+            final_weights = ckpt.read_checkpoint(out / ckpt.checkpoint_name(plan.total_steps), config)[0]
         summary = {"run_mode": recipe.run_mode, "output_dir": str(out), "device": device, "world_size": world.size,
                    "rank": world.rank, "examples": len(dataset), "data": dataset.stats, "seq_length": seq_length,
                    "global_batch": global_batch, "total_steps": plan.total_steps, "start_step": start_step,
@@ -289,7 +309,7 @@ class Trainer:
                    "tokens_per_second": _steady_rate(step_seconds, tokens_per_step),
                    "train_seconds": previous_seconds + sum(step_seconds),
                    "wall_seconds": time.perf_counter() - started,
-                   "weights_sha256": weights_digest(net, final_weights)}
+                   "weights_sha256": weights_digest(net, final_weights) if world.is_main or not sharded else None}
         if not world.is_main:  # lets a user (and the tests) check that every rank ends with the same weights
             from mindyouzhi.io_utils import write_json_atomic
 
@@ -360,13 +380,17 @@ def weights_digest(net, arrays: Optional[dict] = None) -> str:
     return digest.hexdigest()
 
 
-def _gathered(net, optimizer, scratch: Optional[Path]):
-    """(weights, AdamW moments) as full arrays, or None for an unsharded run (read where written)."""
-    if scratch is None:
+def _strategy(out: Path, strategy_file: Optional[Path], recipe: Recipe) -> Optional[Path]:
+    """The strategy file a sharded checkpoint keeps: rank 0's (every stage's merged with pipelining)."""
+    if strategy_file is None:
         return None
-    moments = ckpt.full_arrays(optimizer, scratch.with_name(scratch.name + "-optimizer"))
-    return (ckpt.full_arrays(net, scratch),
-            {name: value for name, value in moments.items() if name.startswith(("exp_avg.", "exp_avg_sq."))})
+    if recipe.parallel_config["pipeline_stage"] == 1:
+        return strategy_file
+    import mindspore as ms
+
+    merged = out / f"{STRATEGY_DIR}-merged.ckpt"
+    ms.parallel.merge_pipeline_strategys(str(out / STRATEGY_DIR), str(merged))
+    return merged
 
 
 def _steady_rate(step_seconds: list[float], tokens_per_step: int) -> Optional[float]:
