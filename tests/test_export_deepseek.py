@@ -193,8 +193,6 @@ def test_cli_json_and_summary(models, tmp_path):
     ("rope_all", ["--rope-all"]),
     ("not_converted", ["not a converted model"]),
     ("ranks_differ", ["kv_lora_rank differs", "--kv-lora-rank"]),
-    ("mindformers_query_bias", ["model.layers.0.self_attn.q_proj.bias", "MindFormers", "--format deepseek-v3"]),
-    ("mindformers_bias", ["kv_a_proj_with_mqa.bias", "MindFormers", "--format deepseek-v3"]),
 ])
 def test_refusals_write_nothing(models, case, words, tmp_path):
     sources, converted, calib = models
@@ -212,10 +210,6 @@ def test_refusals_write_nothing(models, case, words, tmp_path):
         config = json.loads((model / "config.json").read_text())
         config["mla"]["kv_lora_rank"] = [24, 16]
         (model / "config.json").write_text(json.dumps(config))
-    elif case == "mindformers_query_bias":
-        model, fmt = converted["qwen2"], "mindformers"
-    else:
-        model, fmt = converted["qwen2_kv_bias"], "mindformers"
     out = tmp_path / "out"
     with pytest.raises(UserError) as error:
         export_deepseek_v3(model, out, fmt=fmt)
@@ -240,3 +234,42 @@ def test_existing_out_is_refused_and_kept(models, tmp_path):
     assert isinstance(result.exception, UserError) and "--overwrite" in str(result.exception)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_no_norm"])
+def test_serving_a_converted_biased_model(models, kind):
+    """Qwen2's q/k/v biases after conversion (q_proj.bias, kv_a_proj_with_mqa.bias, with and without a
+    latent norm): the paged engine's absorbed decode equals the expanded forward, batched greedy
+    generation equals the single-sequence reference, capacity measures it and generate runs."""
+    from mindyouzhi.models.generation import generate
+    from mindyouzhi.serve import capacity
+    from mindyouzhi.serve.attention import select_attention
+    from mindyouzhi.serve.cli import generate_cmd
+    from mindyouzhi.serve.engine import Engine, EngineOptions
+    from mindyouzhi.serve.kv_pool import KVPool
+    from mindyouzhi.serve.paged_model import PagedModel
+    from mindyouzhi.serve.sampling import SamplingParams
+
+    _, converted, _ = models
+    store = SafetensorsStore(converted[kind])
+    for name in ("q_proj.bias", "kv_a_proj_with_mqa.bias"):  # the biases are there and matter
+        assert np.abs(store.get(f"model.layers.0.self_attn.{name}")).max() > 1e-2
+    runner = ModelRunner.from_dir(converted[kind])
+    tokens = IDS[0, :30].tolist()
+    for attention in ("custom", "gather"):
+        pool = KVPool(runner.config, 16, block_size=4)
+        model = PagedModel(runner, pool, select_attention(attention), prefill_chunk=8)
+        blocks = pool.allocator.allocate(8)
+        paged = [model.prefill(tokens[:13], blocks)]
+        paged += [model.decode([tokens[p]], [p], [blocks])[0] for p in range(13, len(tokens))]
+        np.testing.assert_allclose(np.stack(paged), runner.logits(np.asarray([tokens]))[0, 12:], atol=1e-4, rtol=0)
+    prompts = [IDS[0, :5].tolist(), IDS[1, :11].tolist()]
+    completions = Engine(runner, EngineOptions(num_blocks=32, block_size=4)).generate(
+        prompts, [SamplingParams(max_new_tokens=6)] * 2)
+    assert [c.output_ids for c in completions] == [generate(runner, prompt, 6) for prompt in prompts]
+    measured = capacity.measure(runner, 32 * 1024, prompt_len=6, gen_len=4, block_size=4)
+    assert measured["held"] == measured["predicted"] >= 2 and measured["preemptions"] == 0
+    result = CliRunner().invoke(generate_cmd, ["--model", str(converted[kind]), "--prompt", "w1 w2 w3",
+                                               "--max-new-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["completion_tokens"] >= 1

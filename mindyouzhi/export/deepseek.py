@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 from mindyouzhi.convert_weights.hf_tokenizer import derived_tokenizer_files
-from mindyouzhi.convert_weights.mindformers_names import mindformers_shapes, to_mindformers
 from mindyouzhi.convert_weights.safetensors_io import SafetensorsFile, SafetensorsStore, ShardedWriter
 from mindyouzhi.errors import UserError
 from mindyouzhi.io_utils import atomic_output_dir, check_output_dir, write_json_atomic
 
 from .deepseek_config import deepseek_v3_config
 from .deepseek_tensors import deepseek_v3_shapes, deepseek_v3_tensors
+from .mindformers import mindformers_stream
 from .plan import ExportPlan, plan_export
 
 # Shards of 2 GiB: the writer buffers one shard, so this bounds the exporter's extra memory.
@@ -68,7 +68,7 @@ def export_deepseek_v3(model_dir: str | os.PathLike, out: str | os.PathLike, ove
         shapes = deepseek_v3_shapes(plan)
         tensors = deepseek_v3_tensors(plan, store)
         if fmt == "mindformers":
-            shapes, tensors = mindformers_shapes(shapes), to_mindformers(tensors)
+            shapes, tensors = mindformers_stream(plan, store, shapes, tensors)
         writer = ShardedWriter(tmp, shapes, max_shard_bytes, {"format": "pt"})
         count = params = 0
         for name, array in tensors:

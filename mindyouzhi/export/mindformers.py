@@ -7,8 +7,11 @@ trainers run the same schedule, batch layout, parallel layout and data:
 
 * ``model.model_config`` — the exported ``config.json`` plus what MindFormers' DeepSeek-V3 needs
   to build the dense MLA model the export holds: ``multi_latent_attention``, separate q/kv
-  projections (``mla_qkv_concat: False``), the latent norm (``qk_layernorm: True``), no routed
-  experts (dense MLP in every layer), bf16 compute with fp32 parameters;
+  projections (``mla_qkv_concat: False``) or, for a model with attention biases
+  (``attention_bias``, which MindFormers maps to ``add_qkv_bias``), the concatenated ``linear_qkv``
+  that carries them (``mla_qkv_concat: True``, see ``convert_weights/mindformers_names.py``), the
+  latent norm (``qk_layernorm: True``), no routed experts (dense MLP in every layer), bf16
+  compute with fp32 parameters;
 * ``load_checkpoint`` — the export directory (mcore names, ``param_name_map.json``); MindFormers'
   own Hugging Face renaming (``weight_mapping``) has no rule for a DeepSeek-V3 without
   ``q_lora_rank`` (``self_attn.q_proj``), which is why this export writes mcore names itself;
@@ -22,19 +25,64 @@ trainers run the same schedule, batch layout, parallel layout and data:
 
 GKD has no MindFormers counterpart (MindFormers has no logit distillation): it stays with
 ``mindyouzhi train``; only SFT recipes are accepted here.
+
+``mindformers_stream`` turns the DeepSeek-V3 tensor stream (``deepseek_tensors.py``) into the
+MindFormers checkpoint: renamed as ``mindformers_names.py`` says, with the query bias (which the
+DeepSeek-V3 layout can only carry through a factorised query) read from the source and carried
+directly in ``linear_qkv.bias``.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from mindyouzhi.convert_weights.mindformers_names import SPLIT, Layout, mindformers_shapes, to_mindformers
 from mindyouzhi.errors import UserError
+from mindyouzhi.models.rope import rotate_half_to_interleaved_rows
+
+from .deepseek_tensors import _bias_or_zeros, _interleaved_query
 
 YAML_NAME = "finetune_mindformers.yaml"
 
 # DeepSeek-V3 config.json keys that describe MoE routing; the export is dense in every layer.
 _MOE_KEYS = ("n_routed_experts", "n_group", "topk_group", "num_experts_per_tok", "moe_intermediate_size",
              "n_shared_experts", "routed_scaling_factor", "moe_layer_freq", "norm_topk_prob", "first_k_dense_replace")
+
+
+def mindformers_layout(plan) -> Layout:
+    """Split MLA for a model without attention biases, the concatenated one (which carries them) otherwise."""
+    if not plan.attention_bias:
+        return SPLIT
+    return Layout(qkv_concat=True, num_heads=plan.num_heads, qk_nope_head_dim=plan.head_dim,
+                  v_head_dim=plan.head_dim)
+
+
+def mindformers_stream(plan, store, shapes: dict, tensors):
+    """(shapes, tensors) of the MindFormers export, from the DeepSeek-V3 ones of the same ``plan``."""
+    layout = mindformers_layout(plan)
+    if layout.qkv_concat:
+        shapes, tensors = _with_query_bias(plan, store, shapes, tensors)
+    return mindformers_shapes(shapes, layout), to_mindformers(tensors, layout)
+
+
+def _with_query_bias(plan, store, shapes: dict, tensors):
+    """Insert ``q_proj.bias`` (RoPE rows interleaved like ``q_proj.weight``; zero where the source
+    has none) after each ``q_proj.weight``: ``linear_qkv.bias`` starts with it."""
+    with_bias = {}
+    for name, shape in shapes.items():
+        with_bias[name] = shape
+        if name.endswith("self_attn.q_proj.weight"):
+            with_bias[name[:-len("weight")] + "bias"] = (shape[0],)
+    order = rotate_half_to_interleaved_rows(plan.rope_dim)
+
+    def stream():
+        for name, array in tensors:
+            yield name, array
+            if name.endswith("self_attn.q_proj.weight"):
+                bias_name = name[:-len("weight")] + "bias"
+                yield bias_name, _interleaved_query(plan, _bias_or_zeros(store, bias_name, array.shape[0]), order)
+
+    return with_bias, stream()
 
 
 def check_recipe_for_mindformers(recipe) -> None:
@@ -58,7 +106,9 @@ def mindformers_yaml(recipe, export_dir: Path, exported_config: dict) -> dict:
     rc, pc, seq_length = recipe.runner_config, recipe.parallel_config, recipe.train_dataset["seq_length"]
     workers = recipe.workers
     model_config = {k: v for k, v in exported_config.items() if k not in ("mindyouzhi", "architectures") + _MOE_KEYS}
-    model_config.update(multi_latent_attention=True, mla_qkv_concat=False, qk_layernorm=True,
+    # attention biases need the concatenated MLA (the split one builds every projection without bias)
+    model_config.update(multi_latent_attention=True, mla_qkv_concat=bool(exported_config.get("attention_bias")),
+                        qk_layernorm=True,
                         use_interleaved_weight_layout_mlp=True,  # linear_fc1 rows: gate_0, up_0, gate_1, …
                         n_routed_experts=None, n_group=None, topk_group=None, seq_length=seq_length,
                         compute_dtype=recipe.model["compute_dtype"], params_dtype="float32",

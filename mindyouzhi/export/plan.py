@@ -12,7 +12,8 @@ vLLM ``DeepseekV2MLAAttention``, MindFormers ``MLASelfAttention``), see docs/dep
   key-dependent term ``b_q · k_j`` to the scores that no other weight can absorb.  A non-zero
   ``q_proj.bias`` (Qwen2) is therefore exported through the low-rank query path instead, which
   does carry a bias (``q_a_proj``, under ``attention_bias``): see ``query_factorisation`` below.
-  MindFormers' MLA has no query bias at all, so ``--format mindformers`` refuses such models;
+  MindFormers' concatenated MLA carries q/kv biases directly (``export/mindformers.py``), so
+  ``--format mindformers`` keeps ``q_proj`` (no factorisation) and only records ``q_bias``;
 * the RoPE slice must get the same frequencies from a DeepSeek-V3 engine, which builds its table
   over ``qk_rope_head_dim`` from ``rope_theta``/``rope_scaling``.
 
@@ -118,7 +119,8 @@ class ExportPlan:
     kv_lora_rank: int
     kv_a_bias: bool  # write kv_a_proj_with_mqa.bias (some layer has a non-zero one)
     o_bias: bool  # write o_proj.bias (some layer has a non-zero one)
-    query: Optional[QueryFactorisation]  # set when some q_proj.bias is non-zero (q_a/q_b path)
+    q_bias: bool  # some q_proj.bias is non-zero
+    query: Optional[QueryFactorisation]  # deepseek-v3 with q_bias: the q_a/q_b path
     linear_latent_norm: bool  # converted without --latent-norm: the export adds an exact, linear one
     source_kv_values_per_token: int  # the GQA cache of the source model, all layers
     norm_scale: float  # s = sqrt(DEEPSEEK_NORM_EPS / source eps): residual stream and latent scale (1 = unchanged)
@@ -126,7 +128,7 @@ class ExportPlan:
     @property
     def attention_bias(self) -> bool:
         # DeepSeek-V3's single flag switches the bias on q_a_proj, kv_a_proj_with_mqa and o_proj together.
-        return self.kv_a_bias or self.o_bias or self.query is not None
+        return self.kv_a_bias or self.o_bias or self.q_bias
 
     @property
     def q_lora_rank(self) -> Optional[int]:
@@ -149,6 +151,7 @@ def plan_export(model_dir: str | Path, fmt: str) -> ExportPlan:
     config = ModelConfig.from_dir(model_dir)
     where = model_dir / "config.json"
     mla = _check_mla_section(config, where)
+    _check_side_files(model_dir)
     store = SafetensorsStore(model_dir)
     _check_tensor_set(config, store, model_dir)
     _check_rope(config, where)
@@ -159,11 +162,6 @@ def plan_export(model_dir: str | Path, fmt: str) -> ExportPlan:
         raise UserError(f"{model_dir}: MLP bias {mlp_bias} is non-zero, but DeepSeek-V3's dense MLP has no biases "
                         f"(transformers, vLLM and MindFormers build gate/up/down without them), so no stock engine "
                         f"can reproduce this model; all-zero MLP biases are dropped exactly")
-    if fmt == "mindformers" and (q_bias or kv_a_bias or o_bias):
-        raise UserError(
-            f"{model_dir}: attention bias {q_bias or kv_a_bias or o_bias} is non-zero, but MindFormers' MLA builds "
-            f"its query and linear_kv_down_proj without bias and ties linear_proj's bias to the MLP biases "
-            f"(add_bias_linear); export with --format deepseek-v3 for transformers instead")
     if not config.rms_norm_eps > 0:
         raise UserError(f"{where}: rms_norm_eps {config.rms_norm_eps} must be positive to be re-expressed as "
                         f"DeepSeek-V3's {DEEPSEEK_NORM_EPS}")
@@ -172,8 +170,8 @@ def plan_export(model_dir: str | Path, fmt: str) -> ExportPlan:
     return ExportPlan(
         model_dir=model_dir, config=config, fmt=fmt, num_layers=config.num_hidden_layers,
         num_heads=config.num_attention_heads, head_dim=config.head_dim, rope_dim=int(mla.rope_dim),
-        kv_lora_rank=rank, kv_a_bias=bool(kv_a_bias), o_bias=bool(o_bias),
-        query=QueryFactorisation.for_hidden(config.hidden_size) if q_bias else None,
+        kv_lora_rank=rank, kv_a_bias=bool(kv_a_bias), o_bias=bool(o_bias), q_bias=bool(q_bias),
+        query=QueryFactorisation.for_hidden(config.hidden_size) if q_bias and fmt == "deepseek-v3" else None,
         linear_latent_norm=not mla.latent_norm,
         source_kv_values_per_token=config.num_hidden_layers * 2 * kv_heads * config.head_dim,
         norm_scale=math.sqrt(DEEPSEEK_NORM_EPS / config.rms_norm_eps))
@@ -204,6 +202,22 @@ def _check_mla_section(config: ModelConfig, where: Path):
     if config.head_dim % mla.rope_dim or mla.rope_dim % 2:
         raise UserError(f"{where}: mla.rope_dim {mla.rope_dim} must be even and divide head_dim {config.head_dim}")
     return mla
+
+
+def _check_side_files(model_dir: Path) -> None:
+    """The files that travel with the weights must be readable: a damaged tokenizer or JSON side
+    file is refused instead of being copied into the export as it is."""
+    import json
+
+    from mindyouzhi.tokenizer import HF_TOKENIZER_FILE, LLAMA2C_TOKENIZER_FILE, load_tokenizer
+
+    for path in sorted(model_dir.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: invalid JSON ({exc}); the export copies it, so it must be readable") from None
+    if (model_dir / HF_TOKENIZER_FILE).is_file() or (model_dir / LLAMA2C_TOKENIZER_FILE).is_file():
+        load_tokenizer(model_dir)
 
 
 def _check_tensor_set(config: ModelConfig, store: SafetensorsStore, model_dir: Path) -> None:
