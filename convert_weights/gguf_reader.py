@@ -1,14 +1,20 @@
-"""Import a GGUF checkpoint (llama.cpp's format) as a Hugging Face Llama model directory.
+"""Import a GGUF checkpoint (llama.cpp's format) as a Hugging Face model directory.
 
-What the conversion has to undo or rebuild:
+The family comes from ``general.architecture`` through the architecture spec
+(:func:`architectures.gguf_family`): ``llama`` (Llama 2/3, SmolLM2; ``mistral`` when
+``general.name`` says so, as llama.cpp writes Mistral models with the llama architecture) and
+``qwen2`` (Qwen2 / Qwen2.5, q/k/v biases); ``qwen3`` is refused (per-head QK norms).  What the
+conversion has to undo or rebuild:
 
 * quantization — every tensor is dequantized to fp32 with ``gguf.quants.dequantize`` (all the
   types the installed ``gguf`` package implements, see :func:`supported_tensor_types`);
 * names — :data:`WEIGHT_MAP`, an explicit GGUF → HF table;
-* the RoPE row order — llama.cpp's converter permutes q/k rows of Llama models so that RoPE
-  rotates adjacent pairs (2i, 2i+1); HF Llama rotates halves (i, i + head_dim/2).
-  :func:`hf_layout.interleaved_to_rotate_half` puts the rows back, per head;
-* the config — from the ``{arch}.*`` metadata (:data:`CONFIG_MAP`) and the tensor shapes;
+* the RoPE row order — llama.cpp's converter permutes q/k rows (and biases) of Llama-architecture
+  models so that RoPE rotates adjacent pairs (2i, 2i+1); HF rotates halves (i, i + head_dim/2).
+  :func:`hf_layout.interleaved_to_rotate_half` puts the rows back, per head.  Qwen2 files keep the
+  HF rows (llama.cpp runs Qwen2 with rotate-half RoPE): the family's ``GGUFLayout.permuted_qk``;
+* the config — from the ``{arch}.*`` metadata (:data:`CONFIG_MAP`) and the tensor shapes
+  (tied embeddings when ``output.weight`` is absent);
 * the tokenizer — see :mod:`gguf_tokenizer`.
 
 Tensors are dequantized lazily, one at a time, while the writer streams them to safetensors.
@@ -31,9 +37,6 @@ from mindyouzhi.io_utils import check_output_dir
 from .gguf_tokenizer import build_tokenizer_files
 from . import architectures
 from .hf_layout import LazyTensors, check_tensors, import_summary, interleaved_to_rotate_half, parameter_shapes, write_hf_model_dir
-
-# Architectures whose GGUF tensors are the Llama layout with llama.cpp's q/k permutation.
-SUPPORTED_ARCHITECTURES = ("llama",)
 
 # GGUF tensor name -> HF Llama parameter name; "{}" is the layer index.
 WEIGHT_MAP = {
@@ -58,7 +61,8 @@ WEIGHT_MAP = {
     "blk.{}.ffn_down.bias": "model.layers.{}.mlp.down_proj.bias",
 }
 
-# Rows llama.cpp permuted for interleaved RoPE, and the config key giving the head count.
+# Rows llama.cpp permutes for interleaved RoPE (``GGUFLayout.permuted_qk`` families), and the
+# config key giving the head count.
 PERMUTED_ROWS = {
     "blk.{}.attn_q.weight": "num_attention_heads",
     "blk.{}.attn_q.bias": "num_attention_heads",
@@ -122,7 +126,7 @@ class GGUFModel:
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFModel:
-    """Parse ``path`` into an HF Llama config, lazy fp32 tensors and tokenizer files."""
+    """Parse ``path`` into an HF config, lazy fp32 tensors and tokenizer files."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: GGUF file not found")
@@ -135,10 +139,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
     metadata = {name: field.contents() for name, field in reader.fields.items()}
 
     arch = metadata.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UserError(
-            f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    family = architectures.gguf_family(arch, metadata.get("general.name"), path)
     if metadata.get(f"{arch}.expert_count"):
         raise UserError(f"{path}: mixture-of-experts {arch} models ({arch}.expert_count) are not supported")
 
@@ -151,8 +152,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
                 f"cannot dequantize; supported: {', '.join(sorted(supported))}"
             )
 
-    config = _hf_config(metadata, arch, by_name, path)
-    tensors = _lazy_tensors(by_name, config, path)
+    config = _hf_config(metadata, arch, family, by_name, path)
+    tensors = _lazy_tensors(by_name, config, family.gguf.permuted_qk, path)
     check_tensors(tensors.shapes, config, path)
     tokenizer_files = build_tokenizer_files(metadata, path, model_max_length=config["max_position_embeddings"])
     return GGUFModel(path, arch, config, tensors, tokenizer_files)
@@ -187,7 +188,8 @@ def _float32_value(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _hf_config(metadata: Mapping[str, Any], arch: str, by_name: Mapping[str, Any], path: Path) -> dict:
+def _hf_config(metadata: Mapping[str, Any], arch: str, family: architectures.Family, by_name: Mapping[str, Any],
+               path: Path) -> dict:
     hparams: dict[str, Any] = {}
     for key, (hf_key, default) in CONFIG_MAP.items():
         value = metadata.get(f"{arch}.{key}", default)
@@ -203,15 +205,16 @@ def _hf_config(metadata: Mapping[str, Any], arch: str, by_name: Mapping[str, Any
     value_dim = int(metadata.get(f"{arch}.attention.value_length", head_dim))
     rope_dim = int(metadata.get(f"{arch}.rope.dimension_count", head_dim))
     if value_dim != head_dim:
-        raise UserError(f"{path}: key length {head_dim} differs from value length {value_dim}; Llama needs them equal")
+        raise UserError(f"{path}: key length {head_dim} differs from value length {value_dim}; "
+                        f"{family.model_type} needs them equal")
     if rope_dim != head_dim:
         raise UserError(f"{path}: RoPE over {rope_dim} of {head_dim} head dimensions (partial rotary) is not supported")
     if "token_embd.weight" not in by_name:
         raise UserError(f"{path}: tensor token_embd.weight is missing")
 
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.hf_class],
+        "model_type": family.model_type,
         "vocab_size": _logical_shape(by_name["token_embd.weight"])[0],
         "hidden_size": hidden,
         "intermediate_size": int(hparams["intermediate_size"]),
@@ -223,13 +226,20 @@ def _hf_config(metadata: Mapping[str, Any], arch: str, by_name: Mapping[str, Any
         "max_position_embeddings": int(hparams["max_position_embeddings"]),
         "rms_norm_eps": _float32_value(hparams["rms_norm_eps"]),
         "rope_theta": _float32_value(hparams["rope_theta"]),
-        # HF's bias flags cover all four attention / all three MLP projections at once.
-        "attention_bias": any(name.endswith(("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias")) for name in by_name),
-        "mlp_bias": any(name.endswith(("ffn_gate.bias", "ffn_up.bias", "ffn_down.bias")) for name in by_name),
         # llama.cpp writes output.weight only when it differs from the embedding.
         "tie_word_embeddings": "output.weight" not in by_name,
         "torch_dtype": "float32",
     }
+    # HF's bias flags cover all four attention / all three MLP projections at once.  A family
+    # without the flag (Qwen2: q/k/v biases always, never o/MLP ones) gets none: its spec then
+    # refuses any bias tensor it has no place for.
+    bias_flags = {"attention_bias": ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"),
+                  "mlp_bias": ("ffn_gate.bias", "ffn_up.bias", "ffn_down.bias")}
+    for flag, suffixes in bias_flags.items():
+        if flag in family.flags:
+            config[flag] = any(name.endswith(suffixes) for name in by_name)
+    if family.model_type == "mistral":
+        config["sliding_window"] = None  # llama.cpp runs a llama-architecture file with full causal attention
     for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
         value = metadata.get(f"tokenizer.ggml.{gguf_key}")
         if value is not None:
@@ -301,7 +311,7 @@ def _llama3_rope_scaling(factors: np.ndarray, config: Mapping, original, path: P
     return scaling
 
 
-def _lazy_tensors(by_name: Mapping[str, Any], config: Mapping, path: Path) -> LazyTensors:
+def _lazy_tensors(by_name: Mapping[str, Any], config: Mapping, permuted_qk: bool, path: Path) -> LazyTensors:
     loaders: dict[str, Callable[[], np.ndarray]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     layers = config["num_hidden_layers"]
@@ -311,18 +321,19 @@ def _lazy_tensors(by_name: Mapping[str, Any], config: Mapping, path: Path) -> La
         hf_name = map_tensor_name(name)
         if hf_name is None:
             raise UserError(
-                f"{path}: tensor {name} has no Hugging Face Llama equivalent; supported names: {', '.join(WEIGHT_MAP)}"
+                f"{path}: tensor {name} has no Hugging Face {config['model_type']} equivalent; "
+                f"supported names: {', '.join(WEIGHT_MAP)}"
             )
         match = _LAYER_INDEX.match(name)
         if match is not None and int(match.group(1)) >= layers:
             raise UserError(f"{path}: tensor {name} is beyond the {layers} layers the metadata's block_count declares")
         template = name if match is None else "blk.{}." + name[match.end():]
-        heads_key = PERMUTED_ROWS.get(template)
+        heads_key = PERMUTED_ROWS.get(template) if permuted_qk else None
         loaders[hf_name] = functools.partial(_load, tensor, config[heads_key] if heads_key else None)
         shapes[hf_name] = _logical_shape(tensor)
 
-    # HF has one bias flag per block: a file with only some biases gets zeros for the others,
-    # which computes exactly what llama.cpp computes without them.
+    # HF has one bias flag per block (Qwen2: q/k/v always): a file with only some biases gets zeros
+    # for the others, which computes exactly what llama.cpp computes without them.
     biases = (architectures.QKV_BIAS, architectures.O_BIAS, architectures.MLP_BIAS)
     for name, shape in parameter_shapes(config, path).items():
         if name not in loaders and architectures.part_of(name) in biases:

