@@ -3,8 +3,9 @@ sharded writing.
 
 We parse the header ourselves instead of going through a framework so that (a) a truncated or
 corrupt file is reported as one line naming the file and the tensor, (b) bf16 is widened to fp32
-without an extra dependency, and (c) one tensor at a time is materialised: conversion streams
-layer by layer and never needs the whole checkpoint in memory.
+without an extra dependency, (c) one tensor at a time is materialised: conversion streams
+layer by layer and never needs the whole checkpoint in memory, and (d) a floating tensor holding
+NaN or Inf is refused as it is read (every command loads weights through here), naming the tensor.
 """
 from __future__ import annotations
 
@@ -131,6 +132,13 @@ class SafetensorsFile:
         array = np.frombuffer(raw, dtype=_DTYPES[kind]).reshape(entry["shape"])  # writable: owns ``raw``
         if kind == "BF16":
             array = (array.astype(np.uint32) << 16).view(np.float32)
+        # A float64 sum is finite exactly when every value is (barring absurd magnitudes, which
+        # the exact test below then clears) and needs no array-sized temporary.
+        if (np.issubdtype(array.dtype, np.floating) and not np.isfinite(array.sum(dtype=np.float64))
+                and not np.isfinite(array).all()):
+            bad = np.flatnonzero(~np.isfinite(array.reshape(-1)))
+            raise UserError(f"{self.path}: tensor {name} has {len(bad)} non-finite value(s) (NaN or Inf; first at flat "
+                            f"index {int(bad[0])}): the checkpoint is damaged")
         if dtype is not None and np.issubdtype(array.dtype, np.floating) and array.dtype != dtype:
             return array.astype(dtype)
         return array

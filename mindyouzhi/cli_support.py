@@ -20,7 +20,10 @@ from mindyouzhi.progress import progress_choice
 JSON_HELP = "Print exactly one JSON object on stdout instead of the human summary."
 PROGRESS_HELP = ("Progress bars on stderr [default: on when stderr is a terminal; "
                  "MINDYOUZHI_NO_PROGRESS=1 always turns them off].")
-OVERWRITE_HELP = "Replace an existing --out (it is never replaced without this flag)."
+OVERWRITE_HELP = "Replace an existing --out or --report (never replaced without this flag)."
+# Default window length of search and evaluation (the served context); a model with a shorter
+# context gets its own length instead, with a one-line notice (an explicit longer value is refused).
+DEFAULT_WINDOW = 2048
 
 
 @contextlib.contextmanager

@@ -89,13 +89,37 @@ def generated_texts(model_dir: str | Path, specs: Sequence[GenerateSpec], cache_
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
     model_hash = model_content_hash(model_dir)
     paths = [cache_path(cache, model_hash, spec) for spec in specs]
-    missing = {spec: path for spec, path in zip(specs, paths) if not path.is_file()}
+    missing = {spec: path for spec, path in zip(specs, paths) if not _cached(path, model_hash, spec, say)}
     for spec, path in zip(specs, paths):
         if spec not in missing:
             say(f"using cached generated text {path} ({spec.describe()})")
     if missing:
         _generate(model_dir, missing, model_hash, say)
     return paths
+
+
+def fingerprint(model_hash: str, spec: GenerateSpec) -> dict:
+    """Everything that decides a generated text (recorded in its ``.json`` next to it)."""
+    return {"model_sha256": model_hash, "tokens": spec.tokens, "seed": spec.seed, "temperature": TEMPERATURE,
+            "format_version": FORMAT_VERSION}
+
+
+def _cached(path: Path, model_hash: str, spec: GenerateSpec, say) -> bool:
+    """Whether ``path`` holds the text of ``spec``: present, with a record of the same fingerprint."""
+    from mindyouzhi.fingerprint import matches
+
+    if not path.is_file():
+        return False
+    try:
+        import json
+
+        recorded = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    if matches(recorded, fingerprint(model_hash, spec)):
+        return True
+    say(f"note: cached generated text {path} has no matching record of the model, N and seed; generating it again")
+    return False
 
 
 def _generate(model_dir, targets: dict[GenerateSpec, Path], model_hash: str, say) -> None:
@@ -133,9 +157,8 @@ def _generate(model_dir, targets: dict[GenerateSpec, Path], model_hash: str, say
     for spec, path in targets.items():
         write_text_atomic(path, _join(texts[spec]))
         write_json_atomic(path.with_suffix(".json"), {
-            "model": str(Path(model_dir).resolve()), "model_sha256": model_hash, "tokens": spec.tokens,
-            "seed": spec.seed, "rows": len(texts[spec]), "row_tokens": row_tokens, "temperature": TEMPERATURE,
-            "prompts": list(NEUTRAL_PROMPTS), "format_version": FORMAT_VERSION})
+            "model": str(Path(model_dir).resolve()), **fingerprint(model_hash, spec), "rows": len(texts[spec]),
+            "row_tokens": row_tokens, "prompts": list(NEUTRAL_PROMPTS)})
     seconds = time.perf_counter() - started
     say(f"generated {total} tokens in {seconds:.0f} s ({total / seconds:.0f} tok/s) → {', '.join(map(str, targets.values()))}")
 

@@ -53,6 +53,8 @@ def _jsonl_rows(path: Path, flag: str, text_field: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{flag} {path}: line {number}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise UserError(f"{flag} {path}: line {number}: JSON nested too deeply") from None
         value = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
             raise UserError(f"{flag} {path}: line {number}: expected an object with a string field "
@@ -83,9 +85,12 @@ def _parquet_rows(path: Path, flag: str, text_field: str) -> list[Optional[str]]
 
 def _utf8(path: Path, flag: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{flag} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if "\x00" in text:  # valid UTF-8, but no text corpus holds NUL bytes: a binary or damaged file
+        raise UserError(f"{flag} {path}: binary data (NUL byte at character {text.index(chr(0))}), expected text")
+    return text
 
 
 def _records(path: str | Path, flag: str, text_field: str) -> tuple[Path, Optional[list[Optional[str]]]]:

@@ -20,8 +20,10 @@ command:
 * progress bars on stderr, `--progress/--no-progress`; by default they are drawn only when stderr
   is a terminal, and `MINDYOUZHI_NO_PROGRESS=1` in the environment turns them off whatever the flag;
 * a user mistake prints `error: <one line>` on stderr and exits with code 2;
-* outputs are written under a temporary name and renamed when complete; an existing `--out` is
-  never replaced without `--overwrite`;
+* outputs are written under a temporary name and renamed when complete; an existing `--out` or
+  `--report` is never replaced without `--overwrite`; an output that is an input, holds one or lies
+  inside an input directory (symbolic links resolved), a dangling link or an unwritable place is
+  refused before any work (docs/design.md, "Output safety");
 * one meaning per flag name: `--model` a model directory, `--config` a YAML file that drives the
   run, `--out` where the command's product goes (a model or result directory, or the JSONL of a
   `data` command), `--report` a JSON file with the run's result, `--kv-lora-rank` a positive

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 
 
 from ..errors import UserError
+from ..io_utils import remove_stale_temporaries
 from ..progress import progress_bar
 
 # A validator checks a record and returns whatever the command wants to keep from that check (the
@@ -86,6 +87,8 @@ def parse_line(raw: bytes) -> dict:
         raise ValueError(f"not UTF-8 ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     return data
@@ -116,8 +119,12 @@ class JsonlWriter:
         self._tmp: Optional[str] = None
 
     def __enter__(self) -> "JsonlWriter":
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path)  # a killed run's NAME.tmp-* (nobody holds it)
         fd, self._tmp = tempfile.mkstemp(prefix=f"{self.path.name}.tmp-", dir=self.path.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held while this run writes it
         self._handle = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
         return self
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import click
 
-from mindyouzhi.cli_support import emit, json_option, progress_option, renamed_option
+from mindyouzhi.cli_support import emit, json_option, overwrite_option, progress_option, renamed_option
 from mindyouzhi.io_utils import write_json_atomic, write_text_atomic
+from mindyouzhi.paths import check_outputs
 
 from . import DEFAULT_KL_SEQ_LEN, SCORING_MODES
 from .tasks import TASKS
@@ -43,19 +44,25 @@ _REPORT_HELP = "Also write the full result JSON (per-item rows included) to this
               help="Where few-shot examples come from (default for exam CSVs: the sibling dev/ split).")
 @click.option("--report", type=_REPORT, default=None, help=_REPORT_HELP)
 @renamed_option("--out", "--report", "report", type=_REPORT)
+@click.option("--forward-precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Matrix products of the model's forwards (scoring and generation): bf16 inputs with fp32 "
+                   "accumulation, fp32, or auto = bf16 on CPUs with native bf16 dot products; the report says which ran.")
+@overwrite_option
 @progress_option
 @json_option
 def bench_cmd(model_dir, task, data, shots, limit, batch_size, max_batch_tokens, scoring, max_new_tokens, chat, fewshot_data,
-              report, as_json):
+              report, forward_precision, overwrite, as_json):
     """Accuracy of one model on a multiple-choice, classification or generation benchmark."""
     from . import lm as lm_module
     from .bench import BenchSettings, format_summary, prepare_task, run_prepared, summary
 
+    check_outputs({"--report": report}, {"--model": model_dir, "--data": data, "--fewshot-data": fewshot_data}, overwrite)
     prepared = prepare_task(task, data, shots=shots, limit=limit, fewshot_data=fewshot_data, scoring=scoring)
-    model = lm_module.load_language_model(model_dir)
+    precision = lm_module.resolve_precision(forward_precision)
+    model = lm_module.load_language_model(model_dir, precision=precision["used"])
     settings = BenchSettings(batch_size=batch_size, scoring=scoring, max_new_tokens=max_new_tokens, chat=chat,
                              max_batch_tokens=max_batch_tokens)
-    result = {"model": str(model_dir), **run_prepared(model, prepared, settings)}
+    result = {"model": str(model_dir), **run_prepared(model, prepared, settings), "forward_precision": precision}
     if report is not None:
         write_json_atomic(report, result)
     emit(summary(result), as_json, format_summary(result, str(model_dir)))
@@ -73,18 +80,24 @@ def bench_cmd(model_dir, task, data, shots, limit, batch_size, max_batch_tokens,
 @click.option("--buckets", default=None, help="Position-bucket boundaries, e.g. 16,64,256 (default 16,64,256,1024,... below seq-len).")
 @click.option("--report", type=_REPORT, default=None, help=_REPORT_HELP)
 @renamed_option("--out", "--report", "report", type=_REPORT)
+@overwrite_option
 @progress_option
 @json_option
-def kl_cmd(teacher_dir, student_dir, data, seq_len, max_windows, batch_size, buckets, report, as_json):
+def kl_cmd(teacher_dir, student_dir, data, seq_len, max_windows, batch_size, buckets, report, overwrite, as_json):
     """Mean token KL(teacher‖student) and top-1 agreement, overall and by position in the window."""
     from . import lm as lm_module
     from .kl import format_kl, run_kl
 
     from mindyouzhi.generated_text import DEFAULT_CALIB_SEED, HELD_OUT_SEED_OFFSET, resolve_text_source
+    from mindyouzhi.models.config import check_window
 
+    check_outputs({"--report": report}, {"--teacher": teacher_dir, "--student": student_dir, "--data": data}, overwrite)
     data = resolve_text_source(data, teacher_dir, DEFAULT_CALIB_SEED + HELD_OUT_SEED_OFFSET, "--data")
     teacher = lm_module.load_language_model(teacher_dir)
     student = lm_module.load_language_model(student_dir)
+    for model in (teacher, student):  # windows within both models' context
+        if getattr(model, "config", None) is not None:
+            check_window(seq_len, "--seq-len", model.config)
     result = run_kl(teacher, student, data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, buckets=buckets)
     result = {"teacher": str(teacher_dir), "student": str(student_dir), **result}
     if report is not None:
@@ -115,6 +128,8 @@ def suite_cmd(model_dirs, labels, config_path, preset, data_root, limit, batch_s
     from . import lm as lm_module
     from .suite import PRESETS, load_suite_config, preset_entries, render_markdown, render_paper_table, run_suite, suite_summary
 
+    check_outputs({"--out": out_dir}, {**{"--model" + (f" #{i + 1}" if i else ""): m for i, m in enumerate(model_dirs)}, "--config": config_path,
+                                       "--data-root": data_root}, overwrite=True, directories={"--out"})
     if (config_path is None) == (preset is None):
         raise UserError("give exactly one of --config FILE and --preset general|finance")
     if preset is None and (data_root or limit or batch_size):

@@ -65,6 +65,8 @@ def read_sequences(path: Path, tokenizer: Tokenizer, seq_len: int, max_windows: 
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise data_error(path, f"line {number}", f"invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise data_error(path, f"line {number}", "JSON nested too deeply") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"].strip():
             raise data_error(path, f"line {number}", "expected an object with a non-empty 'text' string")
         sequence = tokenizer.encode(record["text"])[:seq_len]

@@ -25,8 +25,11 @@ from . import FORMATS
 @json_option
 def export_cmd(model_dir, fmt, out, recipe_path, overwrite, as_json):
     """Export a converted MLA model as a stock DeepSeek-V3 model (dense MLP; q_lora_rank null unless the source has query biases)."""
+    from mindyouzhi.paths import check_outputs
+
     from .deepseek import export_deepseek_v3, summary_text
 
+    check_outputs({"--out": out}, {"--model": model_dir, "--recipe": recipe_path}, overwrite, directories={"--out"})
     recipe = _mindformers_recipe(recipe_path, fmt)  # refused before anything is written
     summary = export_deepseek_v3(model_dir, out, overwrite=overwrite, fmt=fmt)
     if recipe is not None:
@@ -49,6 +52,8 @@ def _mindformers_recipe(recipe_path, fmt):
 
     if fmt != "mindformers":
         raise UserError(f"--recipe {recipe_path}: only with --format mindformers (it writes MindFormers' YAML)")
+    if not Path(recipe_path).is_file():
+        raise UserError(f"--recipe {recipe_path}: recipe file not found")
     recipe = load_recipe(recipe_path, check_paths=False)
     check_recipe_for_mindformers(recipe)
     return recipe

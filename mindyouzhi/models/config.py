@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -38,15 +39,30 @@ class MLAConfig:
 
     @classmethod
     def from_dict(cls, data: dict, num_layers: int, where: str) -> "MLAConfig":
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: 'mla' must be a JSON object (rope_dim, kv_lora_rank, fold_plan, …), "
+                            f"got {data!r}")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         try:
             mla = cls(**{k: v for k, v in data.items() if k in known}, extra={k: v for k, v in data.items() if k not in known})
         except TypeError as exc:
             raise UserError(f"{where}: invalid 'mla' section ({exc})") from None
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         for name in ("kv_lora_rank", "fold_plan"):
             value = getattr(mla, name)
             if not isinstance(value, list) or len(value) != num_layers:
                 raise UserError(f"{where}: mla.{name} must be a list with one entry per layer ({num_layers})")
+            if not all(v is None or (is_int(v) and v >= 0) for v in value):
+                raise UserError(f"{where}: mla.{name} entries must be non-negative integers or null, got {value!r}")
+        if not is_int(mla.rope_dim) or mla.rope_dim < 1:
+            raise UserError(f"{where}: mla.rope_dim must be a positive integer, got {mla.rope_dim!r}")
+        if mla.stage not in (1, 2) or not is_int(mla.stage):
+            raise UserError(f"{where}: mla.stage must be 1 or 2, got {mla.stage!r}")
+        for name in ("latent_norm", "rope_all"):
+            if not isinstance(getattr(mla, name), bool):
+                raise UserError(f"{where}: mla.{name} must be true or false, got {getattr(mla, name)!r}")
         return mla
 
 
@@ -116,10 +132,23 @@ class ModelConfig:
             except (TypeError, ValueError):
                 raise UserError(f"{where}: field {key!r} must be {kind.__name__}, got {data[key]!r}") from None
 
-        hidden = need("hidden_size")
-        heads = need("num_attention_heads")
-        kv_heads = int(data.get("num_key_value_heads") or heads)
-        head_dim = int(data.get("head_dim") or hidden // heads)
+        def positive(key, value):
+            if isinstance(value, bool) or value < 1:
+                raise UserError(f"{where}: field {key!r} must be a positive integer, got {data[key]!r}")
+            return value
+
+        def optional(key, default):
+            """An optional positive integer: absent or null → ``default``."""
+            if data.get(key) is None:
+                return default
+            return positive(key, need(key))
+
+        hidden = positive("hidden_size", need("hidden_size"))
+        heads = positive("num_attention_heads", need("num_attention_heads"))
+        kv_heads = optional("num_key_value_heads", heads)
+        head_dim = optional("head_dim", hidden // heads)
+        if head_dim < 1:
+            raise UserError(f"{where}: hidden_size {hidden} is smaller than num_attention_heads {heads}")
         if heads % kv_heads:
             raise UserError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         if head_dim % 2:
@@ -147,17 +176,17 @@ class ModelConfig:
 
         config = cls(
             model_type=family.model_type,
-            vocab_size=need("vocab_size"),
+            vocab_size=positive("vocab_size", need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
-            num_hidden_layers=need("num_hidden_layers"),
+            intermediate_size=positive("intermediate_size", need("intermediate_size")),
+            num_hidden_layers=positive("num_hidden_layers", need("num_hidden_layers")),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(data.get("max_position_embeddings") or 2048),
+            max_position_embeddings=optional("max_position_embeddings", 2048),
             tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
             qkv_bias=architectures.QKV_BIAS in parts,
             o_bias=architectures.O_BIAS in parts,
@@ -187,3 +216,27 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def window_length(value: Optional[int], default: int, flag: str, config: ModelConfig, minimum: int = 2,
+                  notice: bool = True) -> int:
+    """A window length: ``value`` as given (refused when longer than the model's context), or for
+    ``None`` the ``default`` clamped to the context (one line says so when it is, with ``notice``)."""
+    if value is not None:
+        check_window(value, flag, config, minimum)
+        return value
+    if default > config.max_position_embeddings:
+        if notice:
+            print(f"note: {flag} defaults to {default}, longer than the model's context; using "
+                  f"{config.max_position_embeddings} (max_position_embeddings)", file=sys.stderr)
+        return config.max_position_embeddings
+    return default
+
+
+def check_window(value: int, flag: str, config: ModelConfig, minimum: int = 2) -> None:
+    """A window length: at least ``minimum`` tokens and no longer than the model's context."""
+    if value < minimum:
+        raise UserError(f"{flag} {value}: must be at least {minimum} tokens")
+    if value > config.max_position_embeddings:
+        raise UserError(f"{flag} {value}: longer than the model's context (max_position_embeddings "
+                        f"{config.max_position_embeddings}); pass at most {config.max_position_embeddings}")

@@ -28,8 +28,12 @@ def probe():
 def compare(teacher, student, data, out, seq_len, samples, keep_dumps, as_json):
     """Dump both models with msprobe and compare them layer by layer (cosine / error of the attention
     outputs, chained and with every layer fed the teacher's input)."""
+    from mindyouzhi.paths import check_outputs
+
     from .compare import compare_models, format_report, require_msprobe
 
+    check_outputs({"--out": out or Path("probe_compare")}, {"--teacher": teacher, "--student": student, "--data": data},
+                  overwrite=True, directories={"--out"})
     try:
         require_msprobe()
         for flag, path in (("--teacher", teacher), ("--student", student)):

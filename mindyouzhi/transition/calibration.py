@@ -79,9 +79,15 @@ def row_windows(tokenizer, rows: list[str], count: int, seq_len: int, seed: int,
 
 
 def text_windows(tokenizer, path, total_tokens: int, seq_len: int, seed: int, flag: str,
-                 text_field: str = DEFAULT_TEXT_FIELD, sampling: str = "slots") -> np.ndarray:
+                 text_field: str = DEFAULT_TEXT_FIELD, sampling: str = "slots",
+                 tokens_flag: Optional[str] = None) -> np.ndarray:
+    """``total_tokens // seq_len`` windows of ``path`` (the flag ``flag``); ``tokens_flag`` names the
+    token budget in messages (default: ``--calib-tokens`` for ``--calib``, else ``--search-tokens``)."""
+    tokens_flag = tokens_flag or ("--calib-tokens" if flag == "--calib" else "--search-tokens")
+    if seq_len < 1:
+        raise UserError(f"{tokens_flag.replace('-tokens', '-seq-len')} {seq_len}: must be at least 1")
     if total_tokens < seq_len:
-        raise UserError(f"{flag.replace('--calib', '--calib-tokens')} {total_tokens}: must be at least one window of {seq_len}")
+        raise UserError(f"{tokens_flag} {total_tokens}: must be at least one window of {seq_len} tokens")
     if sampling not in CALIB_SAMPLING:
         raise UserError(f"--calib-sampling {sampling}: expected one of {', '.join(CALIB_SAMPLING)}")
     if sampling == "rows":

@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Optional, Union
 
 
+from mindyouzhi.cli_support import DEFAULT_WINDOW
 from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
 from mindyouzhi.errors import UserError
+from mindyouzhi.fingerprint import digest, reuse_or_reset
 from mindyouzhi.generated_text import generated_texts, parse_spec, role_specs
-from mindyouzhi.io_utils import (atomic_output_dir, check_output_dir, locked_work_dir, peak_rss_bytes, read_json,
-                                 sha256_file, write_json_atomic)
-from mindyouzhi.models.config import ModelConfig
+from mindyouzhi.io_utils import (atomic_output_dir, locked_work_dir, peak_rss_bytes, read_json, sha256_file,
+                                 write_json_atomic)
+from mindyouzhi.models.config import ModelConfig, check_window, window_length
 from mindyouzhi.models.decoder import read_global_weights
+from mindyouzhi.paths import check_outputs, check_work_dir
 from mindyouzhi.textdata import DEFAULT_TEXT_FIELD
 
 from .calibration import (CALIB_SAMPLING, DEFAULT_FORWARD_PRECISION, GramCache, calibration_windows, resolve_forward_precision,
@@ -34,7 +37,7 @@ from .rorope import DEFAULT_RORO, RORO_METHODS
 from .pipeline import DEFAULT_STATISTICS, ConversionPlan, check_convertible, compute_original_grams, convert_streaming, copy_side_files
 from .plots import plot_plan, plot_trajectory
 from .search import (CRITERIA, DEFAULT_SEARCH_CONTEXT, DEFAULT_SHORTLIST, CandidateFactory, HybridEvaluator,
-                     best_uniform, run_adaptive_search)
+                     UniformStatistics, best_uniform, run_adaptive_search)
 
 
 @dataclass
@@ -47,7 +50,8 @@ class ConvertOptions:
     freqfold: str = "adaptive"  # "adaptive" | "uniform" | an integer
     search_data: Optional[Path] = None
     search_tokens: int = 8192
-    search_seq_len: int = 2048  # the served context: a 512-token search misjudged folds (docs/BENCHMARKS.md)
+    search_seq_len: Optional[int] = None  # None: DEFAULT_WINDOW (the served context: a 512-token search misjudged
+    # folds, docs/BENCHMARKS.md), or the model's context if shorter
     calib_tokens: int = 128 * 256
     calib_seq_len: int = 256
     calib_sampling: Optional[str] = None  # "rows" | "slots"; None: rows for files, slots for generate: text
@@ -67,7 +71,7 @@ class ConvertOptions:
     nope_rotation: str = DEFAULT_NOPE_ROTATION
     eval_data: Optional[Path] = None
     text_field: str = DEFAULT_TEXT_FIELD  # the text field/column of .jsonl/.parquet data
-    eval_seq_len: int = 2048
+    eval_seq_len: Optional[int] = None  # None: DEFAULT_WINDOW, or the model's context if shorter
     eval_max_windows: Optional[int] = None
     seed: int = 42
     overwrite: bool = False
@@ -115,7 +119,9 @@ def _resolve(options: ConvertOptions):
     """All validation that needs no heavy work; returns (config, rope_dim, rank, candidates, layers)."""
     config = ModelConfig.from_dir(options.model)
     check_convertible(config, str(options.model))
-    check_output_dir(options.out, options.overwrite)
+    inputs = {"--model": options.model, **_text_sources(options), "--plan": options.plan}
+    check_outputs({"--out": options.out}, inputs, options.overwrite, directories={"--out"})
+    check_work_dir(options.work_dir, options.out, inputs)
     rope_dim = options.rope_dim if options.rope_dim is not None else config.head_dim // 2
     if options.rope_all:
         rope_dim = config.head_dim
@@ -175,7 +181,35 @@ def _resolve(options: ConvertOptions):
                                 "search must never see the evaluation split")
     if options.latent_norm and options.stage == 1:
         raise UserError("--latent-norm applies to the low-rank stage; it cannot be combined with --stage 1")
+    if options.latent_norm and fixed_plan is None:
+        raise UserError(f"--latent-norm with --freqfold {options.freqfold}: the fold search scores layers without a "
+                        "latent norm, so it would not write the model it scored; search without it, then convert "
+                        "again with --plan <out>/report.json --latent-norm")
     return config, rope_dim, rank, candidates, layers, fixed_plan
+
+
+def _with_windows(options: ConvertOptions) -> ConvertOptions:
+    """Window lengths, token budgets and batch sizes: positive, within the model's context (the
+    search and evaluation windows, when not given, are the default clamped to it)."""
+    config = ModelConfig.from_dir(options.model)
+    check_window(options.calib_seq_len, "--calib-seq-len", config)
+    searching = options.plan is None and options.freqfold in ("adaptive", "uniform")
+    options = replace(options, search_seq_len=window_length(options.search_seq_len, DEFAULT_WINDOW, "--search-seq-len",
+                                                            config, notice=searching),
+                      eval_seq_len=window_length(options.eval_seq_len, DEFAULT_WINDOW, "--eval-seq-len", config,
+                                                 notice=options.eval_data is not None))
+    budgets = [("--calib-tokens", options.calib_tokens, options.calib_seq_len)]
+    if searching:
+        budgets.append(("--search-tokens", options.search_tokens, options.search_seq_len))
+    for flag, tokens, seq_len in budgets:
+        if tokens < seq_len:
+            seq_flag = flag.replace("-tokens", "-seq-len")
+            raise UserError(f"{flag} {tokens}: must be at least one window of {seq_flag} {seq_len}")
+    if options.batch_size < 1:
+        raise UserError(f"--batch-size {options.batch_size}: must be at least 1")
+    if options.eval_max_windows is not None and options.eval_max_windows < 1:
+        raise UserError(f"--eval-max-windows {options.eval_max_windows}: must be at least 1")
+    return options
 
 
 def _text_sources(options: ConvertOptions) -> dict:
@@ -231,6 +265,7 @@ def _fixed_plan(options: ConvertOptions, config: ModelConfig, rope_dim: int) -> 
 
 def convert(options: ConvertOptions) -> dict:
     started = time.perf_counter()
+    options = _with_windows(options)
     config, rope_dim, rank, candidates, layers, fixed_plan = _resolve(options)
     if options.calib_sampling not in (None, *CALIB_SAMPLING):
         raise UserError(f"--calib-sampling {options.calib_sampling}: expected one of {', '.join(CALIB_SAMPLING)}")
@@ -253,49 +288,74 @@ def convert(options: ConvertOptions) -> dict:
     t0 = time.perf_counter()
     calib, sampling = calibration_windows(tokenizer, options.calib, options.calib_tokens, options.calib_seq_len,
                                           options.seed, sampling, options.text_field)
+    search_windows = None
+    if fixed_plan is None:  # tokenized before the work dir exists: a data error leaves nothing behind
+        search_windows = text_windows(tokenizer, data_files["search"], options.search_tokens, options.search_seq_len,
+                                      options.seed + 1, "--search-data" if options.search_data else "--calib",
+                                      options.text_field, tokens_flag="--search-tokens")
+    eval_windows = _eval_windows(options, tokenizer) if options.eval_data is not None else None
     timings["calibration_tokenize"] = time.perf_counter() - t0
     store = SafetensorsStore(options.model)
+    model_identity = _model_fingerprint(options.model)
+    grams_fingerprint = {"model": model_identity, "calib": hashes["calib"]["path"],
+                         "calib_sha256": hashes["calib"]["sha256"], "calib_tokens": options.calib_tokens,
+                         "calib_seq_len": options.calib_seq_len, "calib_sampling": sampling,
+                         "text_field": options.text_field, "seed": options.seed, "forward_precision": precision,
+                         "windows_sha256": _array_hash(calib)}
     work = options.work_dir or options.out.parent / f".{options.out.name}.work"
-    with locked_work_dir(work, options.out, options.restart):
+    named = options.work_dir is not None or work.is_symlink()  # a link the user made is theirs: one subdir of it
+    with locked_work_dir(work, options.out, options.restart, named=named, remove_on_success=True,
+                         scratch=("hidden", "candidates")) as work:  # spilled by the search, rebuilt by every run
         search_info: dict = {}
-        grams = None
+        statistics = None  # a search's: the statistics of the layers it scored
         if fixed_plan is not None:
             plan_folds = [f if i in layers else None for i, f in enumerate(fixed_plan)]
         else:
-            t0 = time.perf_counter()
-            grams = GramCache(work / "grams")
-            compute_original_grams(config, store, calib, grams, options.batch_size, str(options.model),
-                                   profiles=options.nope_rotation == "mean", precision=precision)
-            timings["calibration"] = time.perf_counter() - t0
-            search_path = data_files["search"]
-            search_windows = text_windows(tokenizer, search_path, options.search_tokens, options.search_seq_len,
-                                          options.seed + 1, "--search-data", options.text_field)
+            # The search scores layers converted from per-layer statistics and hands them over, so
+            # the layers written below are the ones it scored (docs/conversion.md §5).
+            fingerprint = {"model": model_identity, "search": hashes["search"]["sha256"],
+                           "calib": hashes["calib"]["sha256"], "criterion": options.criterion, "rope_dim": rope_dim,
+                           "rank": rank, "seed": options.seed, "search_tokens": options.search_tokens,
+                           "search_seq_len": options.search_seq_len, "calib_tokens": options.calib_tokens,
+                           "forward_precision": precision,
+                           "layers": sorted(layers), "lowrank": options.lowrank, "key_weight": options.key_weight,
+                           "rorope": options.rorope, "nope_rotation": options.nope_rotation,
+                           "shortlist": options.shortlist, "context": options.search_context,
+                           "grams": digest(grams_fingerprint), "search_windows_sha256": _array_hash(search_windows),
+                           "text_field": options.text_field, "statistics": options.statistics,
+                           "freqfold": options.freqfold, "stage": options.stage, "rope_all": options.rope_all}
+            grams = GramCache()  # context "uniform": replaced by the best uniform plan's statistics
+            if options.freqfold == "adaptive" and options.search_context == "original":
+                t0 = time.perf_counter()  # the paper's context: candidates from the original model's statistics
+                reuse_or_reset(work / "grams", grams_fingerprint, "calibration statistics")
+                grams = GramCache(work / "grams")
+                compute_original_grams(config, store, calib, grams, options.batch_size, str(options.model),
+                                       profiles=options.nope_rotation == "mean", precision=precision)
+                timings["calibration"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             evaluator = HybridEvaluator(config, store, search_windows, options.criterion, options.batch_size,
                                         spill_dir=work / "hidden", where=str(options.model), precision=precision)
             timings["search_prefix"] = time.perf_counter() - t0
-            factory = CandidateFactory(evaluator, grams, rope_dim, rank, options.lowrank, options.key_weight,
-                                       options.rorope, options.nope_rotation, spill_dir=work / "candidates")
+            # the candidates are the layers written: stage-1 layers when --stage 1 is written
+            factory = CandidateFactory(evaluator, grams, rope_dim, rank if options.stage == 2 else None, options.lowrank,
+                                       options.key_weight, options.rorope, options.nope_rotation,
+                                       spill_dir=work / "candidates", rope_all=options.rope_all)
+            reuse_or_reset(work / "statistics", {**fingerprint, "candidates": candidates}, "the uniform plans' statistics")
+            uniform = UniformStatistics(calib, options.statistics, precision, options.batch_size, work / "statistics")
             t0 = time.perf_counter()
             if options.freqfold == "uniform":
-                best, scores = best_uniform(evaluator, factory, candidates, layers)
+                best, scores, statistics = best_uniform(evaluator, factory, candidates, layers, uniform)
                 plan_folds = [best if i in layers else None for i in range(config.num_hidden_layers)]
                 search_info = {"mode": "uniform", "uniform_scores": {str(f): s for f, s in scores.items()}, "chosen": best,
                                "evaluations": evaluator.evaluations,
-                               "full_forward_equivalents": evaluator.full_forward_equivalents()}
+                               "full_forward_equivalents": evaluator.full_forward_equivalents(),
+                               "calibration_streams": uniform.streams}
             else:
-                fingerprint = {"model": _model_fingerprint(options.model), "search": hashes["search"]["sha256"],
-                               "calib": hashes["calib"]["sha256"], "criterion": options.criterion, "rope_dim": rope_dim,
-                               "rank": rank, "seed": options.seed, "search_tokens": options.search_tokens,
-                               "search_seq_len": options.search_seq_len, "calib_tokens": options.calib_tokens,
-                               "forward_precision": precision,
-                               "layers": sorted(layers), "lowrank": options.lowrank, "key_weight": options.key_weight,
-                               "rorope": options.rorope, "nope_rotation": options.nope_rotation,
-                               "shortlist": options.shortlist, "context": options.search_context}
+                reuse_or_reset(work / "search_state.json", {**fingerprint, "candidates": candidates}, "the search state")
                 outcome = run_adaptive_search(evaluator, factory, candidates, work / "search_state.json", fingerprint,
                                               options.uniform_guard, options.trajectories, layers, options.shortlist,
-                                              options.search_context)
-                plan_folds = outcome.plan
+                                              options.search_context, uniform)
+                plan_folds, statistics = outcome.plan, outcome.statistics
                 search_info = {
                     "mode": "adaptive", "criterion": options.criterion, "shortlist": options.shortlist,
                     "context": outcome.context, "baseline": outcome.baseline,
@@ -308,6 +368,7 @@ def convert(options: ConvertOptions) -> dict:
                     "full_forward_equivalents": outcome.full_forward_equivalents,
                     "search_forward_equivalents": outcome.search_forward_equivalents,
                     "budget_forward_equivalents": len(layers) * len(candidates),
+                    "calibration_streams": outcome.calibration_streams,
                     "search_seconds": outcome.seconds,
                 }
             timings["search"] = time.perf_counter() - t0
@@ -317,15 +378,15 @@ def convert(options: ConvertOptions) -> dict:
                               options.nope_rotation, precision)
         with atomic_output_dir(options.out, options.overwrite) as tmp:
             t0 = time.perf_counter()
-            result = convert_streaming(options.model, tmp, plan, calib, grams, keep_stage1=options.eval_data is not None,
-                                       batch_size=options.batch_size)
+            result = convert_streaming(options.model, tmp, plan, calib, keep_stage1=options.eval_data is not None,
+                                       batch_size=options.batch_size, statistics=statistics)
             timings["convert"] = time.perf_counter() - t0
             (tmp / "config.json").write_text(_json(result.config.to_hf_dict()))
             copy_side_files(options.model, tmp)
             ppl = {}
             if options.eval_data is not None:
                 t0 = time.perf_counter()
-                ppl = _evaluate_stages(options, config, result, tokenizer, store, tmp)
+                ppl = _evaluate_stages(options, config, result, eval_windows, store, tmp)
                 timings["evaluation"] = time.perf_counter() - t0
             report = _report(options, config, result, plan, rank, candidates, search_info, ppl, hashes, timings, started,
                              sampling, fallback)
@@ -337,7 +398,6 @@ def convert(options: ConvertOptions) -> dict:
             if any(f is not None for f in plan_folds):
                 plot_plan(plan_folds, tmp / "fold_plan.png", {"rope_dim": rope_dim, "kv_lora_rank": rank or "full"})
             write_json_atomic(tmp / "report.json", report)
-        shutil.rmtree(work, ignore_errors=True)
     return report
 
 
@@ -348,22 +408,39 @@ def _json(obj) -> str:
 
 
 def _model_fingerprint(model_dir: Path) -> str:
-    """Cheap identity of a model dir: config + weight file sizes and mtimes."""
+    """Cheap identity of a model dir (hashing its weights would cost a full read): config and
+    tokenizer bytes, weight file names, sizes and modification times (ns)."""
     import hashlib
 
-    digest = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        stat = path.stat()
-        digest.update(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
-    return digest.hexdigest()
+    sha = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.suffix == ".safetensors" or path.name.startswith("tokenizer"):
+            stat = path.stat()
+            sha.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return sha.hexdigest()
 
 
-def _evaluate_stages(options, config, result, tokenizer, store, out_tmp: Path) -> dict:
-    from mindyouzhi.eval.ppl import perplexity, token_stream, windows
+def _array_hash(array) -> str:
+    import hashlib
+
+    import numpy as np
+
+    array = np.ascontiguousarray(array)
+    return hashlib.sha256(f"{array.dtype}{array.shape}".encode() + array.tobytes()).hexdigest()
+
+
+def _eval_windows(options, tokenizer):
+    """The --eval-data windows, cut before any work so a short file fails at once."""
+    from mindyouzhi.eval.ppl import token_stream, windows
+
+    return windows(token_stream(tokenizer, options.eval_data, "--eval-data", options.text_field), options.eval_seq_len,
+                   options.eval_max_windows, options.eval_data, "--eval-data")
+
+
+def _evaluate_stages(options, config, result, data, store, out_tmp: Path) -> dict:
+    from mindyouzhi.eval.ppl import perplexity
     from mindyouzhi.models.runner import ModelRunner
 
-    data = windows(token_stream(tokenizer, options.eval_data, "--eval-data", options.text_field), options.eval_seq_len,
-                   options.eval_max_windows, options.eval_data, "--eval-data")
     out = {"windows": int(data.shape[0]), "seq_len": int(data.shape[1])}
     out["original"] = perplexity(ModelRunner.from_dir(options.model, with_tokenizer=False), data).ppl
     if result.stage1_weights is not None and result.config.mla is not None:
