@@ -3,7 +3,9 @@
 Runs the default ``mindyouzhi convert --freqfold adaptive`` (criterion ``final`` with the local-error
 shortlist; no uniform trajectories) in a child process and reads its report.  Targets (issue 12):
 ≤ 0.6·L·|S| full-model forward equivalents, the whole convert ≤ 20 min and peak RSS ≤ 1.5 GiB on
-the 2-core machine.
+the 2-core machine.  Besides the search windows' forwards, the search streams the calibration
+windows once per uniform plan (``calibration_streams``: each plan is converted from its own
+statistics, so the search scores what it writes; docs/conversion.md §5).
 
     .venv/bin/python bench/search_cost.py [--search-tokens 8192] [--calib-tokens 32768]
         [--search-context uniform|original] [--out DIR]
@@ -59,6 +61,7 @@ def main() -> None:
         "search_forward_equivalents": search["search_forward_equivalents"],
         "ratio_to_L_times_S": search["search_forward_equivalents"] / (layers * folds),
         "with_uniform_guard_forward_equivalents": search["full_forward_equivalents"],
+        "calibration_streams": search.get("calibration_streams"),
         "search_seconds": search["search_seconds"], "whole_convert_wall_seconds": wall,
         "peak_rss_bytes": peak, "runtime_baseline_rss_bytes": baseline, "model_fp32_bytes": model_bytes,
         "calibration_buffers_bytes": calibration, "search_hidden_cache_bytes_on_disk": hidden_cache,

@@ -30,6 +30,10 @@ import numpy as np
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+# TransMLA's own choices, expressed with our options (its converter: key PCA, BKV, the original
+# model's stream for stage 1, position-free components scored at distance 0).
+TRANSMLA_CHOICES = {"rorope": "key", "lowrank": "bkv", "statistics": "two-stream", "nope_rotation": "none"}
+
 SETTINGS = {  # model → (loader, rope_dim, ranks, eval seq len)
     "smollm2": (common.smollm2, 32, [96, 160], 2048),
     "stories260k": (common.stories260k, 4, [16, 32], 512),
@@ -83,6 +87,16 @@ def final_model(stage1_config, weights, grams_b, rank):
     mla = config.mla.__class__(rope_dim=rope, kv_lora_rank=[rank if f is not None else None for f in config.mla.fold_plan],
                                fold_plan=config.mla.fold_plan, stage=2)
     return config.replace(mla=mla), out
+
+
+def hf_rows_test_windows(tokenizer, count, seq_len=2048):
+    """The first ``count`` windows of WikiText-2 test built as the HF rows joined with blank lines
+    (issue 12's protocol, the peer's evaluator)."""
+    from mindyouzhi.eval.ppl import windows
+
+    _, test_path = common.wikitext()
+    text = common.wikitext_hf_rows(test_path.read_text(encoding="utf-8"))
+    return windows(np.asarray(tokenizer.encode(text), np.int32), seq_len, count, test_path)
 
 
 def run_model(name, args, calib_path, test_path):
@@ -164,7 +178,7 @@ def hf_rows_protocol(args) -> dict:
     import tempfile
     from pathlib import Path
 
-    from mindyouzhi.eval.ppl import perplexity, windows
+    from mindyouzhi.eval.ppl import perplexity
     from mindyouzhi.models.runner import ModelRunner
     from mindyouzhi.tokenizer import load_tokenizer
     from mindyouzhi.transition.convert import ConvertOptions, convert
@@ -172,8 +186,7 @@ def hf_rows_protocol(args) -> dict:
     model_dir = common.smollm2()
     calib_path, test_path = common.wikitext()
     tokenizer = load_tokenizer(model_dir)
-    text = common.wikitext_hf_rows(test_path.read_text(encoding="utf-8"))
-    test = windows(np.asarray(tokenizer.encode(text), np.int32), 2048, args.eval_windows, test_path)
+    test = hf_rows_test_windows(tokenizer, args.eval_windows)
     ranks = [int(r) for r in args.ranks.split(",")]
     results: dict = {"protocol": "hf-rows", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
                      "calibration": {"file": str(calib_path), "tokens": args.calib_tokens, "seq_len": 256},
@@ -201,7 +214,7 @@ def hf_rows_protocol(args) -> dict:
     name = "transition_hf_rows" if args.only == "all" else f"transition_hf_rows_{args.only}"
     results["rows"]["original"] = {"test_ppl": ppl(model_dir)}
     print(f"  original: {results['rows']['original']['test_ppl']:.4f}", flush=True)
-    peer = {"rorope": "key", "lowrank": "bkv", "statistics": "two-stream", "nope_rotation": "none"}  # TransMLA's choices
+    peer = TRANSMLA_CHOICES
     first, *other_ranks = ranks
     # most telling rows first: results are saved after every row
     uniform_rows = args.only in ("all", "uniform")

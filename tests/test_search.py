@@ -18,8 +18,8 @@ from mindyouzhi.transition import search as search_mod
 from mindyouzhi.transition.calibration import GramCache, text_windows
 from mindyouzhi.transition.layers import convert_stage1, full_rank, hybrid_config
 from mindyouzhi.transition.pipeline import compute_original_grams
-from mindyouzhi.transition.search import (CandidateFactory, HybridEvaluator, SearchState, greedy_last_to_first,
-                                          run_adaptive_search)
+from mindyouzhi.transition.search import (CandidateFactory, HybridEvaluator, SearchState, UniformStatistics,
+                                          greedy_last_to_first, run_adaptive_search)
 
 FOLDS = [1, 2, 4]
 
@@ -50,10 +50,11 @@ def setup(tmp_path_factory):
     store = SafetensorsStore(model)
     tokenizer = load_tokenizer(model)
     grams = GramCache()
-    compute_original_grams(config, store, text_windows(tokenizer, calib, 1024, 64, 42, "--calib"), grams)
+    calib_windows = text_windows(tokenizer, calib, 1024, 64, 42, "--calib")
+    compute_original_grams(config, store, calib_windows, grams)
     windows = text_windows(tokenizer, search, 512, 64, 43, "--search-data")
     return dict(root=root, model=model, calib=calib, search=search, config=config, store=store, grams=grams,
-                windows=windows)
+                windows=windows, calib_windows=calib_windows)
 
 
 def test_cached_prefix_evaluation_equals_full_forward_of_the_hybrid(setup):
@@ -105,24 +106,30 @@ def test_adaptive_plan_is_never_worse_than_the_best_uniform_plan(setup):
     assert outcome.search_forward_equivalents == pytest.approx(1 + len(FOLDS) * 3 / 2)
 
 
-def test_killed_search_resumes_and_ends_with_the_same_plan(setup, tmp_path, monkeypatch):
-    reference, _ = _search(setup, trajectories=False)
-    state_path = tmp_path / "state.json"
+def _killed_at(monkeypatch, call: int, run) -> None:
+    """``run()`` killed (KeyboardInterrupt) at the search's ``call``-th evaluation."""
     calls = {"n": 0}
     real_score = search_mod.HybridEvaluator.window_scores
 
     def dying_score(self, start, layers):
         calls["n"] += 1
-        if calls["n"] == 1 + len(FOLDS) + 1:  # original, the whole first round, then die in round 2
+        if calls["n"] == call:
             raise KeyboardInterrupt
         return real_score(self, start, layers)
 
     monkeypatch.setattr(search_mod.HybridEvaluator, "window_scores", dying_score)
     with pytest.raises(KeyboardInterrupt):
-        _search(setup, state_path, trajectories=False)
+        run()
+    monkeypatch.setattr(search_mod.HybridEvaluator, "window_scores", real_score)
+
+
+def test_killed_search_resumes_and_ends_with_the_same_plan(setup, tmp_path, monkeypatch):
+    reference, _ = _search(setup, trajectories=False)
+    state_path = tmp_path / "state.json"
+    # original, the whole first round, then die in round 2
+    _killed_at(monkeypatch, 1 + len(FOLDS) + 1, lambda: _search(setup, state_path, trajectories=False))
     saved = json.loads(state_path.read_text())
     assert saved["decided"] == {"1": reference.plan[1]} and len(saved["scores"]["1"]) == len(FOLDS)
-    monkeypatch.setattr(search_mod.HybridEvaluator, "window_scores", real_score)
     resumed, evaluator = _search(setup, state_path, trajectories=False)
     assert resumed.plan == reference.plan
     for got, want in zip(resumed.rounds, reference.rounds):  # CPU float sums may differ in the last bits
@@ -168,21 +175,11 @@ def test_unknown_search_context_is_refused_before_any_work(setup, tmp_path):
 def test_uniform_context_search_resumes_after_a_kill_with_the_same_plan(setup, tmp_path, monkeypatch):
     reference, _ = _search(setup, context="uniform", criterion="final", rank=12)
     state_path = tmp_path / "state.json"
-    calls = {"n": 0}
-    real_score = search_mod.HybridEvaluator.window_scores
-
-    def dying_score(self, start, layers):
-        calls["n"] += 1
-        if calls["n"] == 1 + len(FOLDS) + 2:  # original, the uniform plans, one candidate of round 1
-            raise KeyboardInterrupt
-        return real_score(self, start, layers)
-
-    monkeypatch.setattr(search_mod.HybridEvaluator, "window_scores", dying_score)
-    with pytest.raises(KeyboardInterrupt):
-        _search(setup, state_path, context="uniform", criterion="final", rank=12)
+    # original, the uniform plans, one candidate of round 1
+    _killed_at(monkeypatch, 1 + len(FOLDS) + 2,
+               lambda: _search(setup, state_path, context="uniform", criterion="final", rank=12))
     saved = json.loads(state_path.read_text())
     assert len(saved["uniform"]) == len(FOLDS) and saved["decided"] == {}
-    monkeypatch.setattr(search_mod.HybridEvaluator, "window_scores", real_score)
     resumed, evaluator = _search(setup, state_path, context="uniform", criterion="final", rank=12)
     assert resumed.plan == reference.plan and resumed.baseline == reference.baseline
     assert resumed.adaptive_score == pytest.approx(reference.adaptive_score, rel=1e-6)
@@ -311,3 +308,66 @@ def test_spilled_boundaries_read_back_exactly_by_slices(tmp_path):
     np.testing.assert_array_equal(spilled[5:99], array[5:])
     np.testing.assert_array_equal(np.load(tmp_path / "hidden_0003.npy"), array)  # a valid .npy file
     assert search_mod._Spilled.save(None, 0, array) is not None
+
+
+def test_default_adaptive_convert_reports_the_scores_of_the_models_it_writes(setup, tmp_path):
+    """The search's final score is the written directory's perplexity on the search windows (a
+    fresh forward through the eval path), and its uniform baseline is what ``--freqfold F``
+    writes — both converted with the default statistics."""
+    common = ["--model", setup["model"], "--calib", setup["calib"], "--calib-tokens", 1024, "--calib-seq-len", 64,
+              "--search-data", setup["search"], "--search-tokens", 512, "--search-seq-len", 64, "--rope-dim", 8,
+              "--kv-lora-rank", 12, "--json"]
+    result = _cli("convert", "--out", tmp_path / "adaptive", *common)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    search = report["search"]
+    assert search["context"] == "uniform" and report["statistics"] == "stage1-stream"
+    windows = text_windows(load_tokenizer(setup["model"]), setup["search"], 512, 64, 43, "--search-data")
+    assert list(windows.shape) == search["search_windows"]
+
+    def fresh(directory):  # what `eval ppl` runs: the written directory, fp32
+        return perplexity(ModelRunner.from_dir(directory, with_tokenizer=False), windows, batch_size=4).ppl
+
+    # The search's own forward passes run in bf16 where the CPU has it (--forward-precision auto):
+    # then the figures agree to bf16 rounding (measured 7e-4; the search before this change was
+    # 5e-3 off), in fp32 exactly.
+    tolerance = 2e-3 if report["forward_precision"]["used"] == "bf16" else 1e-6
+    assert search["adaptive"] == pytest.approx(fresh(tmp_path / "adaptive"), rel=tolerance)
+    baseline = search["baseline"]
+    uniform = _cli("convert", "--out", tmp_path / "uniform", "--freqfold", baseline, *common)
+    assert uniform.exit_code == 0, uniform.output
+    assert search["uniform_scores"][str(baseline)] == pytest.approx(fresh(tmp_path / "uniform"), rel=tolerance)
+
+
+def test_uniform_plans_from_their_own_streams_resume_and_keep_only_the_best_plans_statistics(setup, tmp_path,
+                                                                                               monkeypatch):
+    """Each uniform plan converted from its own calibration stream: the uniform scores are those of
+    the fixed-fold conversions, the rounds' candidates come from the best plan's statistics (kept
+    in the work dir, the others deleted), and a killed search resumes without streaming again."""
+    def search(state_path):
+        uniform = UniformStatistics(setup["calib_windows"], batch_size=4, directory=tmp_path / "statistics")
+        outcome, evaluator = _search(setup, state_path, context="uniform", criterion="final", rank=12, uniform=uniform)
+        return outcome, evaluator, uniform
+
+    reference, _, uniform = search(None)
+    assert uniform.streams == len(FOLDS) and reference.calibration_streams == len(FOLDS)
+    assert sorted(p.name for p in (tmp_path / "statistics").iterdir()) == [f"fold{reference.baseline}"]
+    assert reference.statistics.directory == tmp_path / "statistics" / f"fold{reference.baseline}"
+    # the uniform scores are the fixed-fold conversions' (stage1-stream statistics), not the original model's
+    with_original_statistics, _ = _search(setup, context="uniform", criterion="final", rank=12)
+    assert reference.uniform_scores != pytest.approx(with_original_statistics.uniform_scores, rel=1e-4)
+
+    state_path = tmp_path / "state.json"
+    _killed_at(monkeypatch, 1 + len(FOLDS) + 2, lambda: search(state_path))  # in round 1, as above
+    resumed, evaluator, uniform = search(state_path)
+    assert uniform.streams == 0  # the best plan's statistics were kept
+    assert resumed.plan == reference.plan and resumed.baseline == reference.baseline
+    assert resumed.adaptive_score == pytest.approx(reference.adaptive_score, rel=1e-6)
+    assert evaluator.evaluations == 2 * (len(FOLDS) - 1)
+
+
+def test_latent_norm_is_refused_with_a_search(setup, tmp_path):
+    result = _cli("convert", "--model", setup["model"], "--out", tmp_path / "o", "--calib", setup["calib"],
+                  "--latent-norm")
+    assert result.exit_code == 2 and "--latent-norm" in result.output and "--plan" in result.output
+    assert not (tmp_path / "o").exists()

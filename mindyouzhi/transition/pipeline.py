@@ -1,18 +1,19 @@
 """The streaming conversion: original model in, converted model dir out, one layer at a time.
 
-Statistics stream one layer at a time over the calibration windows (docs/conversion.md §4):
-``stage1-stream`` (default) runs one stream ``B`` through the stage-1 layers and takes both stages'
-statistics from it; ``two-stream`` (TransMLA's) adds ``A`` through the original layers for stage 1;
-``sequential`` runs one stream through the layers as converted.  A layer is read, converted, written and dropped before the
-next one is read.
+Every converted layer is a function of the original layer, its fold and its ``LayerStatistics``
+(``convert_layer``).  Where the statistics come from is ``--statistics`` (docs/conversion.md §4):
+``StatisticsStream`` carries the calibration hidden states from layer to layer and takes each
+layer's statistics from them.  A search instead hands over the statistics its candidates were
+built from (a ``GramCache`` written by ``save_statistics``), so the written layers are the ones it
+scored.  A layer is read, converted, written and dropped before the next one is read.
 """
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -33,16 +34,14 @@ from .rorope import DEFAULT_RORO
 
 WEIGHT_FILES = ("config.json", "report.json", "model.safetensors.index.json")
 
-# Where each layer's statistics come from.  "two-stream" (TransMLA): stage 1 from the original
-# model's hidden states (stream A), stage 2 from the stage-1 model's (stream B).
-# "stage1-stream" (default): stream B alone — both stages of layer l from the stage-1 model's
-# hidden states (TransMLA's stage-2 statistics; stage 1 also sees the errors of the stage-1 layers
-# before it).  "sequential": one stream through the layers as converted (the rank truncation of
-# earlier layers included).  The one-stream options cost half the forward passes.  Chosen on
-# validation text (SmolLM2 f=4, bf16 passes, docs/BENCHMARKS.md): r96 two-stream 57.20,
+# Where each layer's statistics come from (the hidden states its Grams are taken over):
+# "stage1-stream" (default): one stream through the stage-1 layers; both stages of layer l from
+# it (TransMLA's stage-2 statistics; stage 1 also sees the errors of the stage-1 layers before it).
+# "two-stream" (TransMLA): stage 1 from a second stream through the original layers.
+# "sequential": one stream through the layers as converted (the rank truncation included).
+# Chosen on validation text (SmolLM2 f=4, bf16 passes, docs/BENCHMARKS.md): r96 two-stream 57.20,
 # stage1-stream 56.95, sequential 58.45.
-STATISTICS = ("two-stream", "sequential", "stage1-stream")
-ONE_STREAM = ("sequential", "stage1-stream")
+STATISTICS = ("stage1-stream", "two-stream", "sequential")
 DEFAULT_STATISTICS = "stage1-stream"
 
 
@@ -67,6 +66,18 @@ class ConversionPlan:
         if self.stage == 1 or self.kv_lora_rank is None:
             return full_rank(config, self.rope_dim, self.rope_all)
         return self.kv_lora_rank
+
+    def with_folds(self, fold_plan: list[Optional[int]]) -> "ConversionPlan":
+        return replace(self, fold_plan=list(fold_plan))
+
+    def stage1_config(self, config: ModelConfig) -> ModelConfig:
+        """The model whose layers are the stage-1 layers of this plan (full latent)."""
+        ranks = [full_rank(config, self.rope_dim, self.rope_all) if f is not None else None for f in self.fold_plan]
+        return hybrid_config(config, self.fold_plan, ranks, self.rope_dim, rope_all=self.rope_all, stage=1)
+
+    def final_config(self, config: ModelConfig) -> ModelConfig:
+        ranks = [self.layer_rank(config, i) for i in range(config.num_hidden_layers)]
+        return hybrid_config(config, self.fold_plan, ranks, self.rope_dim, self.latent_norm, self.rope_all, self.stage)
 
 
 def check_convertible(config: ModelConfig, where: str) -> None:
@@ -97,6 +108,124 @@ def validate_plan(config: ModelConfig, plan: ConversionPlan, where: str) -> None
         raise UserError(f"forward precision {plan.forward_precision}: expected one of {', '.join(LAYER_PRECISIONS)}")
 
 
+# --- one layer -----------------------------------------------------------------------------
+
+@dataclass
+class LayerStatistics:
+    """What converting one layer takes from the calibration data (docs/conversion.md §4)."""
+
+    stage1_gram: np.ndarray  # RoRoPE/FreqFold
+    stage2_gram: np.ndarray  # the low rank
+    profile: Optional[np.ndarray] = None  # attention-distance profile (--nope-rotation mean), stage 1's stream
+    normed: Optional[np.ndarray] = None  # stage 2's normed inputs, only for --latent-norm (never stored)
+
+
+@dataclass
+class ConvertedLayer:
+    stage1: dict  # the stage-1 layer (local names); the original layer when kept GQA
+    final: dict  # the layer as written
+    info: dict
+
+
+def convert_layer(config: ModelConfig, index: int, original: dict, fold: Optional[int], stats: Optional[LayerStatistics],
+                  plan: ConversionPlan) -> ConvertedLayer:
+    """Layer ``index`` converted with ``fold`` (None: kept GQA) from ``stats`` alone."""
+    info: dict = {"layer": index, "fold": fold}
+    if fold is None:
+        return ConvertedLayer(original, original, info)
+    stage1 = convert_stage1(config, original, np.asarray(stats.stage1_gram), fold, plan.rope_dim, plan.rope_all,
+                            plan.rorope, stats.profile)
+    if plan.stage == 1:
+        return ConvertedLayer(stage1.weights, stage1.weights, info)
+    converted = convert_stage2(stage1, np.asarray(stats.stage2_gram), plan.kv_lora_rank, plan.lowrank, plan.key_weight,
+                               stats.normed, config.rms_norm_eps)
+    info.update(converted.info)
+    return ConvertedLayer(stage1.weights, converted.weights, info)
+
+
+def save_statistics(cache: GramCache, index: int, stats: LayerStatistics) -> None:
+    """Keys: ``index`` the stage-2 Gram (and stage 1's when one stream gave both), ``stage1_<index>``
+    a separate stage-1 Gram, ``profile_<index>`` the profile — ``compute_original_grams`` writes the
+    same layout."""
+    if stats.stage1_gram is not stats.stage2_gram:
+        cache[f"stage1_{index}"] = stats.stage1_gram
+    if stats.profile is not None:
+        cache.set_profile(index, stats.profile)
+    cache[index] = stats.stage2_gram
+
+
+def load_statistics(cache: GramCache, index: int) -> LayerStatistics:
+    gram = cache[index]
+    stage1 = cache[f"stage1_{index}"] if f"stage1_{index}" in cache else gram
+    return LayerStatistics(stage1, gram, cache.profile(index))
+
+
+# --- the statistics streams ----------------------------------------------------------------
+
+class StatisticsStream:
+    """The calibration hidden states layer l's statistics are taken from, advanced layer by layer.
+
+    ``b`` enters each layer as the plan's stage-1 model gives it (``sequential``: as the converted
+    model gives it); with ``two-stream`` a second stream ``a`` goes through the original layers
+    and gives stage 1's statistics."""
+
+    def __init__(self, config: ModelConfig, plan: ConversionPlan, embeddings: np.ndarray, calib: np.ndarray,
+                 batch_size: int = 8):
+        self.config, self.plan = config, plan
+        self.runner = LayerRunner(calib.shape[1], batch_size, plan.forward_precision)
+        self.b = embeddings[calib]
+        self.a = embeddings[calib] if plan.statistics == "two-stream" else None
+        self.through = plan.final_config(config) if plan.statistics == "sequential" else plan.stage1_config(config)
+
+    def statistics(self, index: int, original: dict) -> LayerStatistics:
+        eps = self.config.rms_norm_eps
+        gram, normed = layer_gram(self.b, original, eps, keep_normed=self.plan.latent_norm)
+        stage1_hidden = self.b if self.a is None else self.a
+        stage1_gram = gram if self.a is None else layer_gram(self.a, original, eps)[0]
+        profile = None
+        if self.plan.nope_rotation == "mean" and not self.plan.rope_all:
+            profile = distance_profile(stage1_hidden, original, self.config)
+        return LayerStatistics(stage1_gram, gram, profile, normed)
+
+    def advance(self, index: int, original: dict, layer: ConvertedLayer) -> None:
+        if self.a is not None:
+            self.a = self.runner.run(self.config, index, original, self.a)
+        weights = layer.final if self.plan.statistics == "sequential" else layer.stage1
+        self.b = self.runner.run(self.through, index, weights, self.b)
+
+
+def stream_conversion(config: ModelConfig, store: SafetensorsStore, plan: ConversionPlan, calib: np.ndarray,
+                      batch_size: int = 8, where: str = "checkpoint", label: str = "converting"
+                      ) -> Iterator[tuple[int, LayerStatistics, ConvertedLayer]]:
+    """Convert layer by layer following ``plan``, each layer's statistics from ``plan.statistics``."""
+    stream = StatisticsStream(config, plan, store.get("model.embed_tokens.weight"), calib, batch_size)
+    bar = progress_bar(config.num_hidden_layers, label, "layer")
+    for index in range(config.num_hidden_layers):
+        original = read_layer_weights(store, config, index, where)
+        fold = plan.fold_plan[index]
+        stats = stream.statistics(index, original) if fold is not None else None
+        layer = convert_layer(config, index, original, fold, stats, plan)
+        yield index, stats, layer
+        if index + 1 < config.num_hidden_layers:  # the last layer's outputs feed no statistics
+            stream.advance(index, original, layer)
+        bar.update(1)
+    bar.close()
+
+
+def stored_conversion(config: ModelConfig, store: SafetensorsStore, plan: ConversionPlan, statistics: GramCache,
+                      where: str = "checkpoint") -> Iterator[tuple[int, LayerStatistics, ConvertedLayer]]:
+    """Convert layer by layer following ``plan`` from statistics kept by a search (no stream)."""
+    bar = progress_bar(config.num_hidden_layers, "converting", "layer")
+    for index in range(config.num_hidden_layers):
+        fold = plan.fold_plan[index]
+        stats = load_statistics(statistics, index) if fold is not None else None
+        yield index, stats, convert_layer(config, index, read_layer_weights(store, config, index, where), fold, stats, plan)
+        bar.update(1)
+    bar.close()
+
+
+# --- the whole model -----------------------------------------------------------------------
+
 @dataclass
 class ConversionResult:
     config: ModelConfig
@@ -119,9 +248,9 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
 def compute_original_grams(config: ModelConfig, store: SafetensorsStore, calib: np.ndarray, grams: GramCache,
                            batch_size: int = 8, where: str = "checkpoint", profiles: bool = True,
                            precision: str = "fp32") -> None:
-    """Stage-1 statistics of every layer (Gram, and the attention-distance profile unless
-    ``profiles`` is False) from one streamed pass of the original model, its projections in
-    ``precision``."""
+    """Statistics of every layer (Gram, and the attention-distance profile unless ``profiles`` is
+    False) from one streamed pass of the original model, its projections in ``precision``; the
+    layout ``load_statistics`` reads."""
     runner = LayerRunner(calib.shape[1], batch_size, precision)
     hidden = store.get("model.embed_tokens.weight")[calib]
     bar = progress_bar(config.num_hidden_layers, "calibrating", "layer")
@@ -137,90 +266,36 @@ def compute_original_grams(config: ModelConfig, store: SafetensorsStore, calib: 
     bar.close()
 
 
-def convert_streaming(model_dir: Path, out_dir: Path, plan: ConversionPlan, calib: np.ndarray,
-                      grams_a: Optional[GramCache] = None, keep_stage1: bool = False, batch_size: int = 8,
-                      max_shard_bytes: int = 2 << 30) -> ConversionResult:
-    """Convert ``model_dir`` into ``out_dir`` (which must exist and be empty) following ``plan``."""
+def convert_streaming(model_dir: Path, out_dir: Path, plan: ConversionPlan, calib: Optional[np.ndarray],
+                      keep_stage1: bool = False, batch_size: int = 8, max_shard_bytes: int = 2 << 30,
+                      statistics: Optional[GramCache] = None) -> ConversionResult:
+    """Convert ``model_dir`` into ``out_dir`` (which must exist and be empty) following ``plan``.
+
+    The layers' statistics come from ``plan.statistics`` streams over ``calib``, or, when a search
+    gives them, from ``statistics`` (the layers it scored; ``calib`` is then not used)."""
     started = time.perf_counter()
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     validate_plan(config, plan, str(model_dir))
     store = SafetensorsStore(model_dir)
     where = str(model_dir)
-    runner = LayerRunner(calib.shape[1], batch_size, plan.forward_precision)
-    ranks = [plan.layer_rank(config, i) for i in range(config.num_hidden_layers)]
-    final_config = hybrid_config(config, plan.fold_plan, ranks, plan.rope_dim, plan.latent_norm, plan.rope_all, plan.stage)
+    final_config = plan.final_config(config)
     writer = ShardedWriter(out_dir, checkpoint_shapes(final_config), max_shard_bytes,
                            metadata={"format": "ms", "producer": "mindyouzhi"})
-    globals_ = read_global_weights(store, config, where)
-    writer.add_all(globals_.items())
-
-    stage1_config = hybrid_config(config, plan.fold_plan, [full_rank(config, plan.rope_dim, plan.rope_all)
-                                                          if f is not None else None for f in plan.fold_plan],
-                                  plan.rope_dim, rope_all=plan.rope_all, stage=1)
-    sequential = plan.statistics == "sequential"
-    one_stream = plan.statistics in ONE_STREAM  # both stages of layer l from stream B
-    need_stream_a = grams_a is None and not one_stream
-    hidden_a = globals_["model.embed_tokens.weight"][calib] if need_stream_a else None
-    hidden_b = globals_["model.embed_tokens.weight"][calib]
-    del globals_
-    eps = config.rms_norm_eps
-    result = ConversionResult(config=config)
-    stage1_weights = {} if keep_stage1 else None
-    bar = progress_bar(config.num_hidden_layers, "converting", "layer")
-    last = config.num_hidden_layers - 1
-    for index in range(config.num_hidden_layers):
-        original = read_layer_weights(store, config, index, where)
-        fold = plan.fold_plan[index]
-        info: dict = {"layer": index, "fold": fold}
-        if fold is None:
-            final = original
-            layer_for_b = (config, original)
-        else:
-            gram_b, normed_b = layer_gram(hidden_b, original, eps, keep_normed=plan.latent_norm)
-            if one_stream:
-                gram_a = gram_b
-            else:
-                gram_a = grams_a[index] if grams_a is not None else layer_gram(hidden_a, original, eps)[0]
-            profile = None
-            if plan.nope_rotation == "mean" and not plan.rope_all:  # from the stream stage 1's Gram came from
-                if one_stream or grams_a is None:
-                    profile = distance_profile(hidden_b if one_stream else hidden_a, original, config)
-                else:
-                    profile = grams_a.profile(index)
-                    if profile is None:
-                        raise ValueError(f"layer {index}: --nope-rotation mean needs the calibration profiles "
-                                         "(compute_original_grams(..., profiles=True))")
-            stage1 = convert_stage1(config, original, np.asarray(gram_a), fold, plan.rope_dim, plan.rope_all, plan.rorope,
-                                    profile)
-            layer_for_b = (stage1_config, stage1.weights)
-            if plan.stage == 1:
-                final = stage1.weights
-            else:
-                converted = convert_stage2(stage1, gram_b, plan.kv_lora_rank, plan.lowrank, plan.key_weight, normed_b, eps)
-                final = converted.weights
-                info.update(converted.info)
-                if sequential:
-                    layer_for_b = (final_config, final)
-            if stage1_weights is not None:
-                stage1_weights.update({layer_prefix(index) + k: v for k, v in stage1.weights.items()})
-        if stage1_weights is not None and fold is None:
-            stage1_weights.update({layer_prefix(index) + k: v for k, v in original.items()})
-        writer.add_all((layer_prefix(index) + k, np.asarray(v, np.float32)) for k, v in final.items())
-        if index < last:  # the last layer's outputs feed no statistics
-            if need_stream_a:
-                hidden_a = runner.run(config, index, original, hidden_a)
-            if plan.stage == 2 or keep_stage1 or one_stream:
-                hidden_b = runner.run(layer_for_b[0], index, layer_for_b[1], hidden_b)
-        result.layers.append(info)
-        bar.update(1)
-    bar.close()
+    writer.add_all(read_global_weights(store, config, where).items())
+    if statistics is not None:
+        layers = stored_conversion(config, store, plan, statistics, where)
+    else:
+        layers = stream_conversion(config, store, plan, calib, batch_size, where)
+    result = ConversionResult(config=final_config, stage1_weights={} if keep_stage1 else None)
+    for index, _, layer in layers:
+        writer.add_all((layer_prefix(index) + k, np.asarray(v, np.float32)) for k, v in layer.final.items())
+        if result.stage1_weights is not None:
+            result.stage1_weights.update({layer_prefix(index) + k: v for k, v in layer.stage1.items()})
+        layer.info["kv_values_per_token"] = {"before": config.kv_values_per_token(index),
+                                             "after": final_config.kv_values_per_token(index)}
+        result.layers.append(layer.info)
     writer.close()
-    result.config = final_config
-    for info in result.layers:
-        info["kv_values_per_token"] = {"before": config.kv_values_per_token(info["layer"]),
-                                       "after": result.config.kv_values_per_token(info["layer"])}
-    result.stage1_weights = stage1_weights
     result.seconds = time.perf_counter() - started
     result.peak_rss = peak_rss_bytes()
     return result

@@ -12,17 +12,30 @@ is kept.  What the layers < l are during round l is the search *context*:
   on the search windows.  Chosen on validation text (docs/BENCHMARKS.md): a fold's cost measured
   with GQA below it does not carry over to the converted model.
 
+The search scores what is written.  Every candidate is converted by ``pipeline.convert_layer``
+from per-layer statistics, and the outcome names those statistics, so the written model is the
+one scored.  In the ``uniform`` context each uniform plan is converted from its own calibration
+stream (``UniformStatistics``: the model ``--freqfold F`` writes, with the default
+``--statistics``), and the rounds convert their candidates from the best plan's statistics — the
+inputs the layer sees in the context it is judged in.  In the ``original`` context the
+statistics are the original model's.
+
 Layers < l never change during the search, so the hidden states entering every layer are computed
 once (one forward of the context model) and each candidate runs only layers l … L−1 and the head:
 about ``|S|·(L+1)/2`` full-forward equivalents instead of ``L·|S|``.  The state (uniform scores,
 decided layers, every evaluated candidate) is written atomically after each round; a killed search
 resumes where it stopped and ends with the same plan.
+
+``run_adaptive_search`` reads top to bottom: load the state, score the original model, (context
+``uniform``) score every uniform plan and start from the best, run the greedy rounds, (context
+``original``) compare with the uniform plans, report.
 """
 from __future__ import annotations
 
 import math
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -35,12 +48,13 @@ from mindyouzhi.io_utils import read_json, write_json_atomic
 from mindyouzhi.models.config import ModelConfig
 from mindyouzhi.models.decoder import read_global_weights, read_layer_weights
 from mindyouzhi.models.layers import to_tensor
-from mindyouzhi.models.runner import head_kl, head_nll, head_rows
+from mindyouzhi.models.runner import head_functions, head_rows
 from mindyouzhi.progress import progress_bar
 
 from .calibration import GramCache, LayerRunner
-from .layers import convert_stage1, convert_stage2, full_rank, hybrid_config, split_attention
+from .layers import split_attention
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK
+from .pipeline import DEFAULT_STATISTICS, ConversionPlan, convert_layer, load_statistics, save_statistics, stream_conversion
 from .positions import DEFAULT_NOPE_ROTATION
 from .rorope import DEFAULT_RORO
 
@@ -66,6 +80,7 @@ class HybridEvaluator:
         self._norm = to_tensor(globals_["model.norm.weight"])
         self._head = to_tensor(globals_.get("lm_head.weight", globals_["model.embed_tokens.weight"]))
         self._eps = float(config.rms_norm_eps)
+        self._heads = head_functions("fp32")
         self.spill_dir = spill_dir
         self.original = self._pass([_original_layer(self, i) for i in range(config.num_hidden_layers)],
                                    globals_["model.embed_tokens.weight"][self.inputs], spill_dir, "search prefix")
@@ -112,11 +127,10 @@ class HybridEvaluator:
             end = begin + self.batch_size
             hidden = hidden_all[begin:end]
             if self.criterion == "kl":
-                values = head_rows(head_kl, to_tensor(hidden), to_tensor(np.asarray(self.original[-1][begin:end])),
-                                   self._norm, self._head, self._eps)
+                other, fn = to_tensor(np.asarray(self.original[-1][begin:end])), self._heads.kl
             else:
-                values = head_rows(head_nll, to_tensor(hidden), to_tensor(self.targets[begin:end], ms.int32),
-                                   self._norm, self._head, self._eps)
+                other, fn = to_tensor(self.targets[begin:end], ms.int32), self._heads.nll
+            values = head_rows(fn, to_tensor(hidden), other, self._norm, self._head, self._eps)
             out[begin:end] = values.astype(np.float64).mean(axis=1)
         return out
 
@@ -209,14 +223,16 @@ class SearchLayer:
 
 @dataclass
 class CandidateFactory:
-    """Builds the converted layer l with fold f as a ``SearchLayer`` (for the chosen criterion).
+    """Builds the converted layer l with fold f as a ``SearchLayer``, from the statistics in ``grams``.
 
-    With ``final``/``kl`` the candidate is what would be deployed: stage 1 with fold f, then the
-    stage-2 compression to ``rank`` with ``lowrank`` (in the hybrid, layer l's input is the
-    original model's, so its Gram G_A is the stage-2 statistic too).  A candidate is converted
-    once: its attention weights are kept (in ``spill_dir`` if given, else in memory when
-    ``keep``); the MLP and norms, which the conversion does not touch, are read from the
-    checkpoint when the layer runs.
+    ``grams`` holds per-layer statistics in ``pipeline.save_statistics``'s layout (the original
+    model's from ``compute_original_grams``, or a uniform plan's stream from ``UniformStatistics``);
+    a layer is converted by ``pipeline.convert_layer``, the function that writes the model, so a
+    plan written from the same ``grams`` is the plan scored.  With ``final``/``kl`` the candidate is
+    the deployed layer (stage 1 with fold f, then the low rank to ``rank``); with ``stage1`` (or
+    ``rank`` None) the stage-1 layer.  A candidate is converted once: its attention weights are
+    kept (in ``spill_dir`` if given, else in memory when ``keep``); the MLP and norms, which the
+    conversion does not touch, are read from the checkpoint when the layer runs.
     """
 
     evaluator: HybridEvaluator
@@ -228,50 +244,105 @@ class CandidateFactory:
     rorope: str = DEFAULT_RORO
     nope_rotation: str = DEFAULT_NOPE_ROTATION
     spill_dir: Optional[Path] = None
+    rope_all: bool = False
     _cache: dict = field(default_factory=dict)  # (layer, fold) → SearchLayer
 
+    def plan(self, folds: Sequence[Optional[int]]) -> ConversionPlan:
+        """How the search converts its layers, for the fold plan ``folds``."""
+        stage = 2 if self.evaluator.criterion in ("final", "kl") and self.rank is not None else 1
+        return ConversionPlan(self.rope_dim, list(folds), self.rank, stage, rope_all=self.rope_all, lowrank=self.lowrank,
+                              key_weight=self.key_weight, rorope=self.rorope, nope_rotation=self.nope_rotation)
+
     def __call__(self, layer: int, fold: int, keep: bool = False) -> SearchLayer:
-        key = (layer, fold)
-        if key in self._cache:
-            return self._cache[key]
+        if (layer, fold) in self._cache:
+            return self._cache[(layer, fold)]
         ev = self.evaluator
-        config = ev.config
-        original = read_layer_weights(ev.store, config, layer, ev.where)
-        gram = np.asarray(self.grams[layer])
-        profile = self.grams.profile(layer) if self.nope_rotation == "mean" else None
-        stage1 = convert_stage1(config, original, gram, fold, self.rope_dim, rorope=self.rorope, profile=profile)
-        weights, rank = stage1.weights, stage1.rank
-        if ev.criterion in ("final", "kl") and self.rank is not None:
-            converted = convert_stage2(stage1, gram, self.rank, self.lowrank, self.key_weight)
-            weights, rank = converted.weights, converted.rank
-        plan = [None] * config.num_hidden_layers
-        ranks = [None] * config.num_hidden_layers
-        plan[layer], ranks[layer] = fold, rank
-        layer_config = hybrid_config(config, plan, ranks, self.rope_dim)
-        converted = {f"self_attn.{k}": np.asarray(v, np.float32) for k, v in split_attention(weights)[0].items()}
-        del original, weights
+        original = read_layer_weights(ev.store, ev.config, layer, ev.where)
+        converted = convert_layer(ev.config, layer, original, fold, load_statistics(self.grams, layer),
+                                  self.plan(self._folds(layer, fold)))
+        return self.put(layer, fold, converted.final, keep)
+
+    def put(self, layer: int, fold: int, weights: dict, keep: bool = False) -> SearchLayer:
+        """Layer ``layer`` with fold ``fold`` as converted elsewhere (``weights``: local names)."""
+        ev = self.evaluator
+        layer_config = self.plan(self._folds(layer, fold)).final_config(ev.config)
+        attention = {f"self_attn.{k}": np.asarray(v, np.float32) for k, v in split_attention(weights)[0].items()}
+        path = None
         if self.spill_dir is not None:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
-            path = self.spill_dir / f"layer{layer:04d}_fold{fold}.npz"
-            np.savez(path, **converted)
-            converted = None
-        else:
-            path = None
+            path = self._path(layer, fold)
+            np.savez(path, **attention)
+            attention = None
 
         def load() -> dict:
-            own = dict(np.load(path)) if path is not None else converted
+            own = dict(np.load(path)) if path is not None else attention
             return {**_unconverted_weights(ev, layer), **own}
 
         run = SearchLayer(ev.runner, layer_config, layer, load)
         if keep or path is not None:
-            self._cache[key] = run
+            self._cache[(layer, fold)] = run
         return run
 
     def forget(self, layer: int, fold: int) -> None:
         """Drop the candidate (and its spilled file): a later call converts it again."""
         self._cache.pop((layer, fold), None)
         if self.spill_dir is not None:
-            (self.spill_dir / f"layer{layer:04d}_fold{fold}.npz").unlink(missing_ok=True)
+            self._path(layer, fold).unlink(missing_ok=True)
+
+    def _folds(self, layer: int, fold: int) -> list[Optional[int]]:
+        folds: list[Optional[int]] = [None] * self.evaluator.config.num_hidden_layers
+        folds[layer] = fold
+        return folds
+
+    def _path(self, layer: int, fold: int) -> Path:
+        return self.spill_dir / f"layer{layer:04d}_fold{fold}.npz"
+
+
+@dataclass
+class UniformStatistics:
+    """Every uniform plan converted from its own calibration stream, as ``--freqfold F`` writes it.
+
+    ``convert(factory, fold, selected)`` runs ``pipeline.stream_conversion`` for the uniform plan
+    (``statistics``: which streams, ``precision``: their projections), hands each converted layer to
+    the factory as candidate (layer, fold) and keeps the plan's statistics in ``directory/fold<F>``
+    — so the uniform scores are those of the models a uniform conversion writes, and the search
+    can build its later candidates from the best plan's statistics."""
+
+    calib: np.ndarray
+    statistics: str = DEFAULT_STATISTICS
+    precision: str = "fp32"
+    batch_size: int = 8
+    directory: Optional[Path] = None
+    streams: int = 0  # calibration streams run (cost accounting)
+    _memory: dict = field(default_factory=dict)  # fold → GramCache when there is no directory
+
+    def convert(self, factory: CandidateFactory, fold: int, selected: set[int]) -> GramCache:
+        ev = factory.evaluator
+        folds = [fold if i in selected else None for i in range(ev.config.num_hidden_layers)]
+        plan = replace(factory.plan(folds), statistics=self.statistics, forward_precision=self.precision)
+        self.discard(fold)
+        cache = self.cache(fold)
+        for index, stats, layer in stream_conversion(ev.config, ev.store, plan, self.calib, self.batch_size, ev.where,
+                                                     f"uniform f={fold}"):
+            if stats is not None:
+                save_statistics(cache, index, stats)
+                factory.put(index, fold, layer.final, keep=True)
+        self.streams += 1
+        return cache
+
+    def cache(self, fold: int) -> GramCache:
+        if self.directory is None:
+            return self._memory.setdefault(fold, GramCache())
+        return GramCache(self.directory / f"fold{fold}")
+
+    def complete(self, fold: int, selected: set[int]) -> bool:
+        cache = self.cache(fold)
+        return all(index in cache for index in selected)
+
+    def discard(self, fold: int) -> None:
+        self._memory.pop(fold, None)
+        if self.directory is not None:
+            shutil.rmtree(self.directory / f"fold{fold}", ignore_errors=True)
 
 
 def _unconverted_weights(evaluator: HybridEvaluator, layer: int) -> dict:
@@ -398,8 +469,8 @@ def bootstrap_margin(chosen: Sequence[float], runner_up: Sequence[float], sample
 
 @dataclass
 class SearchOutcome:
-    plan: list[int]
-    adaptive_score: float
+    plan: list[Optional[int]]
+    adaptive_score: float  # the criterion of ``plan`` built from ``statistics``: the model written
     uniform_scores: dict[int, float]
     original: float
     rounds: list[dict]
@@ -408,9 +479,11 @@ class SearchOutcome:
     full_forward_equivalents: float
     search_forward_equivalents: float
     seconds: float
+    statistics: GramCache  # what every layer of ``plan`` is to be converted from (pipeline.convert_streaming)
     fell_back_to_uniform: Optional[int] = None
     context: str = "original"
     baseline: Optional[int] = None  # context "uniform": the best uniform fold the search started from
+    calibration_streams: int = 0  # uniform plans converted from their own calibration stream
 
 
 def _round_report(state: SearchState, layer: int) -> dict:
@@ -427,158 +500,227 @@ def _round_report(state: SearchState, layer: int) -> dict:
     return report
 
 
-def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int],
-                        state_path: Optional[Path], fingerprint: dict, uniform_guard: bool = True,
-                        trajectories: bool = True, selected: Optional[set[int]] = None,
-                        shortlist: Optional[int] = None, context: str = DEFAULT_SEARCH_CONTEXT) -> SearchOutcome:
-    """Greedy search over the ``selected`` layers (default all); other layers stay GQA.
+class _Search:
+    """One adaptive search: the evaluator, the candidates, the saved state and what was decided.
 
-    ``shortlist`` = k: each round ranks every candidate by its layer-local output error (one layer
-    pass each) and runs the full criterion only for the best k (and the layer's fold in the context).
-    ``context``: see the module docstring.  With ``uniform``, the uniform plans are scored first and
-    ``uniform_guard``/``trajectories`` have nothing left to do (the plan starts from the best one).
+    ``run_adaptive_search`` calls its steps in order; each step reads and writes the fields below.
     """
-    if context not in SEARCH_CONTEXTS:
-        raise UserError(f"--search-context {context}: expected one of {', '.join(SEARCH_CONTEXTS)}")
-    started = time.perf_counter()
-    config = evaluator.config
-    num_layers = config.num_hidden_layers
-    selected = set(range(num_layers)) if selected is None else set(selected)
-    first = min(selected) if selected else num_layers
-    state = SearchState.load_or_new(state_path, fingerprint, candidates)
-    for layer in range(num_layers):
-        if layer not in selected:
-            state.decided.setdefault(layer, 0)  # 0 marks "kept as GQA" in the state file
-    if state.original is None:
-        state.original = evaluator.original_score()
-        state.save(state_path)
-    prior_seconds = state.seconds
-    chosen: dict[int, Callable] = {}
 
-    def layer_fn(k: int, fold: int, keep: bool = False) -> Callable:
-        return factory(k, fold, keep) if k in selected else _original_layer(evaluator, k)
+    def __init__(self, evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int],
+                 state: SearchState, state_path: Optional[Path], selected: Optional[set[int]],
+                 uniform: Optional[UniformStatistics]):
+        self.evaluator, self.factory, self.candidates = evaluator, factory, list(candidates)
+        self.state, self.state_path, self.uniform = state, state_path, uniform
+        self.num_layers = evaluator.config.num_hidden_layers
+        self.selected = set(range(self.num_layers)) if selected is None else set(selected)
+        self.first = min(self.selected) if self.selected else self.num_layers
+        self.order = sorted(self.selected, reverse=True)  # the rounds: last layer first
+        self.started, self.prior_seconds = time.perf_counter(), state.seconds
+        self.baseline: Optional[int] = None  # context "uniform": the plan every round starts from
+        self.decided_layers: dict[int, SearchLayer] = {}
+        self.search_equivalents = 0.0
+        self.fell_back: Optional[int] = None
+        self.uniform_scores: dict[int, float] = {}
+        self.trajectory: dict = {}
 
-    def checkpoint() -> None:
-        state.seconds = prior_seconds + time.perf_counter() - started
-        state.save(state_path)
+    # --- small helpers ---------------------------------------------------------------------
+    def layer(self, index: int, fold: int, keep: bool = False) -> SearchLayer:
+        """Layer ``index`` converted with ``fold``, or the original layer if it is not searched."""
+        return self.factory(index, fold, keep) if index in self.selected else _original_layer(self.evaluator, index)
 
-    baseline = None
-    if context == "uniform" and selected:
-        baseline = _score_uniform_plans(evaluator, candidates, selected, state, layer_fn, checkpoint)
-        evaluator.set_context([layer_fn(i, baseline, keep=True) for i in range(num_layers)])
+    def uniform_layers(self, fold: int, start: int, keep: bool = False) -> list[SearchLayer]:
+        return [self.layer(i, fold, keep) for i in range(start, self.num_layers)]
 
-    def chosen_suffix(layer: int, later: dict[int, int]) -> list[Callable]:
-        return [chosen[k] if k in chosen else chosen.setdefault(k, layer_fn(k, later[k], keep=True))
-                for k in range(layer + 1, num_layers)]
+    def checkpoint(self) -> None:
+        self.state.seconds = self.prior_seconds + time.perf_counter() - self.started
+        self.state.save(self.state_path)
 
-    def incumbent() -> tuple[float, Sequence[float]]:
+    # --- step 1 (context "uniform"): score every uniform plan, start from the best ----------
+    def start_from_best_uniform(self) -> None:
+        self.baseline = self.score_uniform_plans()
+        self.evaluator.set_context([self.layer(i, self.baseline, keep=True) for i in range(self.num_layers)])
+
+    def score_uniform_plans(self) -> int:
+        """Score every uniform plan not yet in the state (resumable); the best fold."""
+        for fold in self.candidates:
+            if fold not in self.state.uniform:
+                self._score_uniform_plan(fold)
+        best = min(self.state.uniform, key=lambda f: (self.state.uniform[f], f))
+        if self.uniform is not None:  # later candidates come from the best plan's statistics
+            self._keep_only_statistics_of(best)
+        return best
+
+    def _score_uniform_plan(self, fold: int) -> None:
+        if self.uniform is not None:
+            self.uniform.convert(self.factory, fold, self.selected)
+        per_window = self.evaluator.window_scores(self.first, self.uniform_layers(fold, self.first))
+        self.state.uniform[fold] = self.evaluator.aggregate(per_window)
+        self.state.uniform_windows[fold] = [float(v) for v in per_window]
+        self.checkpoint()
+        if self.uniform is not None:  # only the best plan's statistics (and layers) are needed later
+            self._keep_only_statistics_of(min(self.state.uniform, key=lambda f: (self.state.uniform[f], f)))
+
+    def _keep_only_statistics_of(self, best: int) -> None:
+        for fold in self.candidates:
+            if fold != best:
+                self.uniform.discard(fold)
+                for index in self.selected:
+                    self.factory.forget(index, fold)
+        if not self.uniform.complete(best, self.selected):  # e.g. a resumed run whose work dir lost them
+            self.uniform.convert(self.factory, best, self.selected)
+        self.factory.grams = self.uniform.cache(best)
+
+    # --- step 2: the greedy rounds, last layer first ----------------------------------------
+    def run_rounds(self, shortlist: Optional[int]) -> None:
+        self.bar = progress_bar(self.num_layers, "adaptive search", "layer", initial=len(self.state.decided))
+        greedy_last_to_first(self.num_layers, self.candidates, self.evaluate, self.state, self.finish_round,
+                             self.local_error, shortlist, incumbent=self.baseline)
+        self.bar.close()
+        self.search_equivalents = self.evaluator.full_forward_equivalents()
+        self.trajectory["adaptive"] = self.adaptive_trajectory()
+
+    def evaluate(self, layer: int, fold: int, later: dict[int, int]) -> Evaluation:
+        """The criterion with layer ``layer`` at ``fold``, the later layers as decided."""
+        if fold == self.baseline:  # the current plan itself: already scored
+            return self.incumbent()
+        suffix = [self.decided_layer(k, later[k]) for k in range(layer + 1, self.num_layers)]
+        per_window = self.evaluator.window_scores(layer, [self.factory(layer, fold)] + suffix)
+        return self.evaluator.aggregate(per_window), per_window
+
+    def decided_layer(self, index: int, fold: int) -> SearchLayer:
+        if index not in self.decided_layers:
+            self.decided_layers[index] = self.layer(index, fold, keep=True)
+        return self.decided_layers[index]
+
+    def incumbent(self) -> tuple[float, Sequence[float]]:
         """The current plan's criterion: the last scored round's choice (a round decided without
         scores kept the baseline, so the model did not change), else the best uniform plan."""
-        scored = [k for k in selected if state.decided.get(k) in state.scores.get(k, {})]
+        state = self.state
+        scored = [k for k in self.selected if state.decided.get(k) in state.scores.get(k, {})]
         if scored:
             k = min(scored)
             return state.scores[k][state.decided[k]], state.windows[k][state.decided[k]]
-        return state.uniform[baseline], state.uniform_windows[baseline]
+        return state.uniform[self.baseline], state.uniform_windows[self.baseline]
 
-    def evaluate(layer: int, fold: int, later: dict[int, int]) -> Evaluation:
-        if fold == baseline:  # the current plan itself: already scored
-            return incumbent()
-        per_window = evaluator.window_scores(layer, [factory(layer, fold)] + chosen_suffix(layer, later))
-        return evaluator.aggregate(per_window), per_window
+    def local_error(self, layer: int, fold: int) -> float:
+        return self.evaluator.local_error(layer, self.factory(layer, fold))
 
-    def proxy(layer: int, fold: int) -> float:
-        return evaluator.local_error(layer, factory(layer, fold))
+    def finish_round(self, layer: int) -> None:
+        for fold in self.candidates:  # the round's losers are not needed again
+            if fold != self.state.decided[layer]:
+                self.factory.forget(layer, fold)
+        self.checkpoint()
+        self.bar.update(1)
 
-    bar = progress_bar(num_layers, "adaptive search", "layer", initial=len(state.decided))
+    def plan(self) -> list[Optional[int]]:
+        return [self.state.decided[i] if i in self.selected else None for i in range(self.num_layers)]
 
-    def on_round(layer: int) -> None:
-        for fold in candidates:  # the round's losers are not needed again
-            if fold != state.decided[layer]:
-                factory.forget(layer, fold)
-        checkpoint()
-        bar.update(1)
-
-    plan_by_layer = greedy_last_to_first(num_layers, candidates, evaluate, state, on_round, proxy, shortlist,
-                                         incumbent=baseline)
-    bar.close()
-    search_equivalents = evaluator.full_forward_equivalents()
-    plan = [plan_by_layer[i] if i in selected else None for i in range(num_layers)]
-    order = sorted(selected, reverse=True)
-    rounds = [_round_report(state, layer) for layer in order]
-    if baseline is not None:
-        adaptive_score = incumbent()[0] if order else state.original
-        uniform_scores = dict(state.uniform)
-        steps = [(0, state.uniform[baseline])]
-        for done, layer in enumerate(order, start=1):
-            scores = state.scores.get(layer, {})
-            steps.append((done, scores[state.decided[layer]] if state.decided[layer] in scores else steps[-1][1]))
-        flat = [(0, steps[0][1]), (len(order), steps[0][1])]
-        return SearchOutcome(plan=plan, adaptive_score=adaptive_score, uniform_scores=uniform_scores,
-                             original=state.original, rounds=rounds,
-                             trajectory={"adaptive": steps, f"uniform f={baseline}": flat},
-                             evaluations=evaluator.evaluations,
-                             full_forward_equivalents=evaluator.full_forward_equivalents(),
-                             search_forward_equivalents=search_equivalents,
-                             seconds=prior_seconds + time.perf_counter() - started, context=context, baseline=baseline)
-    adaptive_traj = [(rank + 1, state.scores[layer][state.decided[layer]]) for rank, layer in enumerate(order)
-                     if state.decided[layer] in state.scores.get(layer, {})]
-    if order and (not adaptive_traj or adaptive_traj[-1][0] != len(order)):  # last round decided by the proxy alone
-        final_layers = [layer_fn(i, plan_by_layer[i]) for i in range(first, num_layers)]
-        adaptive_traj.append((len(order), evaluator.score(first, final_layers)))
-    adaptive_score = adaptive_traj[-1][1] if adaptive_traj else state.original
-    trajectory = {"adaptive": adaptive_traj}
-    uniform_scores: dict[int, float] = {}
-    if uniform_guard or trajectories:
-        for fold in candidates:
-            layers = [layer_fn(i, fold, keep=trajectories) for i in range(num_layers)]
-            uniform_scores[fold] = evaluator.score(first, layers[first:])
+    # --- step 3 (context "original"): the uniform plans, as a guard and for the plot --------
+    def compare_with_uniform_plans(self, guard: bool, trajectories: bool) -> None:
+        if not (guard or trajectories) or not self.selected:
+            return
+        plan = self.plan()
+        for fold in self.candidates:
+            layers = self.uniform_layers(fold, 0, keep=trajectories)
+            self.uniform_scores[fold] = self.evaluator.score(self.first, layers[self.first:])
             if trajectories:
-                trajectory[f"uniform f={fold}"] = [
-                    (rank + 1, uniform_scores[fold] if layer == first else evaluator.score(layer, layers[layer:]))
-                    for rank, layer in enumerate(order)]
-            for i in selected:  # the adaptive plan's own layers stay (the plan may still be re-scored)
-                if plan_by_layer[i] != fold:
-                    factory.forget(i, fold)
-    fell_back = None
-    if uniform_guard and uniform_scores:
-        best = min(uniform_scores, key=lambda f: (uniform_scores[f], f))
-        if uniform_scores[best] < adaptive_score:
-            fell_back, adaptive_score = best, uniform_scores[best]
-            plan = [best if i in selected else None for i in range(num_layers)]
-    return SearchOutcome(plan=plan, adaptive_score=adaptive_score, uniform_scores=uniform_scores, original=state.original,
-                         rounds=rounds, trajectory=trajectory, evaluations=evaluator.evaluations,
-                         full_forward_equivalents=evaluator.full_forward_equivalents(),
-                         search_forward_equivalents=search_equivalents,
-                         seconds=prior_seconds + time.perf_counter() - started, fell_back_to_uniform=fell_back,
-                         context=context)
+                self.trajectory[f"uniform f={fold}"] = [
+                    (done, self.uniform_scores[fold] if layer == self.first else self.evaluator.score(layer, layers[layer:]))
+                    for done, layer in enumerate(self.order, start=1)]
+            for index in self.selected:  # the plan's own layers stay (it may still be re-scored)
+                if plan[index] != fold:
+                    self.factory.forget(index, fold)
+        self.fell_back = None
+        if guard:
+            best = min(self.uniform_scores, key=lambda f: (self.uniform_scores[f], f))
+            if self.uniform_scores[best] < self.adaptive_score():
+                self.fell_back = best
+
+    # --- the result -------------------------------------------------------------------------
+    def adaptive_trajectory(self) -> list[tuple[int, float]]:
+        """(layers decided, criterion of the plan so far) after each round that scored it."""
+        state, steps = self.state, []
+        if self.baseline is not None:
+            steps.append((0, state.uniform[self.baseline]))
+        for done, layer in enumerate(self.order, start=1):
+            scores = state.scores.get(layer, {})
+            if state.decided[layer] in scores:
+                steps.append((done, scores[state.decided[layer]]))
+            elif self.baseline is not None:  # decided without scores: the plan did not change
+                steps.append((done, steps[-1][1]))
+        if self.baseline is None and self.order and (not steps or steps[-1][0] != len(self.order)):
+            # context "original", the last round decided by the local error alone: score the plan once
+            folds = self.plan()
+            steps.append((len(self.order), self.evaluator.score(self.first, [self.layer(i, folds[i]) for i in
+                                                                             range(self.first, self.num_layers)])))
+        return steps
+
+    def adaptive_score(self) -> float:
+        steps = self.trajectory["adaptive"]
+        return steps[-1][1] if steps else self.state.original
+
+    def outcome(self, context: str) -> SearchOutcome:
+        score, plan = self.adaptive_score(), self.plan()
+        if self.baseline is not None:
+            self.uniform_scores = dict(self.state.uniform)
+            self.trajectory[f"uniform f={self.baseline}"] = [(0, self.state.uniform[self.baseline]),
+                                                             (len(self.order), self.state.uniform[self.baseline])]
+        if self.fell_back is not None:
+            score = self.uniform_scores[self.fell_back]
+            plan = [self.fell_back if i in self.selected else None for i in range(self.num_layers)]
+        return SearchOutcome(plan=plan, adaptive_score=score, uniform_scores=self.uniform_scores,
+                             original=self.state.original, rounds=[_round_report(self.state, k) for k in self.order],
+                             trajectory=self.trajectory, evaluations=self.evaluator.evaluations,
+                             full_forward_equivalents=self.evaluator.full_forward_equivalents(),
+                             search_forward_equivalents=self.search_equivalents,
+                             seconds=self.prior_seconds + time.perf_counter() - self.started,
+                             statistics=self.factory.grams, fell_back_to_uniform=self.fell_back, context=context,
+                             baseline=self.baseline, calibration_streams=self.uniform.streams if self.uniform else 0)
 
 
-def _score_uniform_plans(evaluator: HybridEvaluator, candidates: Sequence[int], selected: set[int], state: SearchState,
-                         layer_fn: Callable, checkpoint: Callable[[], None]) -> int:
-    """Score every uniform plan (kept in ``state``; resumable) and return the best fold.  Spilled
-    candidates stay on disk for the rounds' local errors; each round deletes its losers."""
-    num_layers = evaluator.config.num_hidden_layers
-    first = min(selected)
-    for fold in candidates:
-        if fold not in state.uniform:
-            per_window = evaluator.window_scores(first, [layer_fn(i, fold) for i in range(first, num_layers)])
-            state.uniform[fold] = evaluator.aggregate(per_window)
-            state.uniform_windows[fold] = [float(v) for v in per_window]
-            checkpoint()
-    return min(state.uniform, key=lambda f: (state.uniform[f], f))
+def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int],
+                        state_path: Optional[Path], fingerprint: dict, uniform_guard: bool = True,
+                        trajectories: bool = True, selected: Optional[set[int]] = None,
+                        shortlist: Optional[int] = None, context: str = DEFAULT_SEARCH_CONTEXT,
+                        uniform: Optional[UniformStatistics] = None) -> SearchOutcome:
+    """Greedy search over the ``selected`` layers (default all); other layers stay GQA.
+
+    ``context``: see the module docstring.  With ``uniform`` (context "uniform"), each uniform plan
+    is converted from its own calibration stream and the rounds' candidates from the best plan's
+    statistics; without it every candidate comes from ``factory.grams``.  Either way the outcome's
+    ``statistics`` are those of every layer scored, so ``convert_streaming(…, statistics=…)``
+    writes the plan that was scored.  ``shortlist`` = k: each round ranks every candidate by its
+    layer-local output error (one layer pass each) and runs the criterion for the best k only (and
+    the layer's fold in the context).  ``uniform_guard``/``trajectories`` apply to the "original"
+    context (in "uniform" the plan starts from the best uniform one).
+    """
+    if context not in SEARCH_CONTEXTS:
+        raise UserError(f"--search-context {context}: expected one of {', '.join(SEARCH_CONTEXTS)}")
+    state = SearchState.load_or_new(state_path, fingerprint, candidates)
+    search = _Search(evaluator, factory, candidates, state, state_path, selected,
+                     uniform if context == "uniform" else None)
+    for layer in range(search.num_layers):
+        if layer not in search.selected:
+            state.decided.setdefault(layer, 0)  # 0 marks "kept as GQA" in the state file
+    if state.original is None:
+        state.original = evaluator.original_score()
+        search.checkpoint()
+    if context == "uniform" and search.selected:
+        search.start_from_best_uniform()
+    search.run_rounds(shortlist)
+    if context == "original":
+        search.compare_with_uniform_plans(uniform_guard, trajectories)
+    return search.outcome(context)
 
 
 def best_uniform(evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int],
-                 selected: Optional[set[int]] = None) -> tuple[int, dict[int, float]]:
-    """The TransMLA baseline: one fold for every (selected) layer, best on the search windows."""
-    num_layers = evaluator.config.num_hidden_layers
-    selected = set(range(num_layers)) if selected is None else set(selected)
-    first = min(selected)
-    scores = {}
-    for fold in candidates:
-        layers = [factory(i, fold) if i in selected else _original_layer(evaluator, i) for i in range(first, num_layers)]
-        scores[fold] = evaluator.score(first, layers)
-    return min(scores, key=lambda f: (scores[f], f)), scores
+                 selected: Optional[set[int]] = None, uniform: Optional[UniformStatistics] = None
+                 ) -> tuple[int, dict[int, float], GramCache]:
+    """The TransMLA baseline: one fold for every (selected) layer, best on the search windows;
+    (fold, every plan's score, the statistics to write it from)."""
+    search = _Search(evaluator, factory, candidates, SearchState({}, list(candidates)), None, selected, uniform)
+    best = search.score_uniform_plans()
+    return best, dict(search.state.uniform), factory.grams
 
 
 def layer_sensitivity(evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int]) -> dict:
