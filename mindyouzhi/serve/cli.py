@@ -5,6 +5,7 @@ Each prints a human summary, or one JSON object with ``--json``; user mistakes r
 """
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -34,14 +35,13 @@ _ATTENTION_HELP = "decode attention over the paged cache: the CPU custom kernel,
 @json_option
 def generate_cmd(model_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, attention, as_json):
     """Generate text with the paged latent KV cache (absorbed MLA on converted layers)."""
+    _check_sampling_flags(max_new_tokens, temperature, top_p, seed)
     from mindyouzhi.models.runner import ModelRunner
 
     from .engine import Engine, EngineOptions
     from .sampling import SamplingParams
     from .text_stream import IncrementalDetokenizer
 
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     runner = ModelRunner.from_dir(model_dir)
     tokenizer = runner.tokenizer
     if chat:
@@ -49,6 +49,17 @@ def generate_cmd(model_dir, prompt, max_new_tokens, temperature, top_p, seed, ch
         prompt_ids = tokenizer.encode(text, add_bos=False)
     else:
         prompt_ids = tokenizer.encode(prompt, add_bos=tokenizer.add_bos_token)
+    # As the engine (and so the server) does: a sequence ends at the model's context.  Capping
+    # here also sizes the KV pool below for what can actually be generated.
+    context = int(runner.config.max_position_embeddings)
+    room = context - len(prompt_ids)
+    if room < 1:
+        raise UserError(f"--prompt: its {len(prompt_ids)} tokens fill the model's context of {context} tokens; "
+                        f"nothing can be generated")
+    if max_new_tokens > room:
+        click.echo(f"note: --max-new-tokens {max_new_tokens} capped at {room}: the model's context is {context} "
+                   f"tokens and the prompt has {len(prompt_ids)}", err=True)
+        max_new_tokens = room
     stop_ids = tuple(t for t in {tokenizer.eos_token_id, runner.config.eos_token_id} if t is not None)
     params = SamplingParams(max_new_tokens, temperature, top_p, seed, stop_ids)
     block_size = 16
@@ -84,6 +95,24 @@ def generate_cmd(model_dir, prompt, max_new_tokens, temperature, top_p, seed, ch
                    f"KV {engine.pool.bytes_per_token} B/token, attention {engine.attention.name}]", err=True)
 
 
+def _check_sampling_flags(max_new_tokens: int, temperature: float, top_p: float, seed: int) -> None:
+    """Before the model loads, and naming the flag (``SamplingParams.validate`` names the field)."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature {temperature}: must be a finite number ≥ 0 (0 = greedy)")
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+    if seed < 0:
+        raise UserError(f"--seed {seed}: must be a non-negative integer")
+
+
+def _at_least_one(*flags: tuple[str, "int | None"]) -> None:
+    for flag, value in flags:
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+
+
 # -- serve ----------------------------------------------------------------------------------------
 @click.command("serve")
 @click.option("--model", "model_dir", required=True, type=_DIR, help="model directory")
@@ -112,6 +141,7 @@ def serve_cmd(model_dir, host, port, kv_memory, max_batch, block_size, admission
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: must be in 0..65535")
+    _at_least_one(("--max-batch", max_batch), ("--block-size", block_size))
     runner = ModelRunner.from_dir(model_dir)
     engine = Engine(runner, EngineOptions(kv_memory=parse_bytes(kv_memory, "--kv-memory"), block_size=block_size,
                                           max_batch=max_batch, attention=attention, admission=admission))
@@ -175,6 +205,8 @@ def capacity_cmd(model_dir, config_name, memory, context, dtype, workspace, kv_l
     """KV bytes per token and max concurrent sequences for a memory budget, original vs converted."""
     from . import capacity
 
+    _at_least_one(("--block-size", block_size), ("--context", context), ("--prompt-len", prompt_len),
+                  ("--gen-len", gen_len))
     if (model_dir is None) == (config_name is None):
         raise UserError("pass exactly one of --model DIR or --model-config NAME_OR_FILE")
     if measure and model_dir is None:

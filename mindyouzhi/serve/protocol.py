@@ -23,9 +23,10 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 
 class ProtocolError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
-                 code: Optional[str] = None):
+                 code: Optional[str] = None, headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers or {}  # extra response headers, e.g. ``Allow`` with a 405
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -126,6 +127,14 @@ def _unsupported(body: dict) -> None:
 
 
 # -- prompts --------------------------------------------------------------------------------------
+def _encode(served: ServedModel, text: str, add_bos: bool, param: str) -> list[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows "\ud800"; no tokenizer does
+        raise _invalid(f"'{param}' contains an unpaired UTF-16 surrogate, which is not text", param) from None
+    return served.tokenizer.encode(text, add_bos=add_bos)
+
+
 def _completion_prompt(body: dict, served: ServedModel) -> list[int]:
     if "prompt" not in body:
         raise _invalid("missing required field 'prompt'", "prompt")
@@ -133,8 +142,7 @@ def _completion_prompt(body: dict, served: ServedModel) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        tokenizer = served.tokenizer
-        return tokenizer.encode(prompt, add_bos=bool(getattr(tokenizer, "add_bos_token", False)))
+        return _encode(served, prompt, bool(getattr(served.tokenizer, "add_bos_token", False)), "prompt")
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return list(prompt)
     raise _invalid("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
@@ -173,7 +181,7 @@ def _chat_prompt(body: dict, served: ServedModel) -> list[int]:
         text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
     except UserError as exc:
         raise _invalid(str(exc), "messages") from None
-    return tokenizer.encode(text, add_bos=False)  # the template writes any BOS itself
+    return _encode(served, text, False, "messages")  # the template writes any BOS itself
 
 
 # -- requests -------------------------------------------------------------------------------------
