@@ -17,6 +17,7 @@ PACKAGES = [
     "mindyouzhi.serve",
     "mindyouzhi.train",
     "mindyouzhi.datagen",
+    "mindyouzhi.workflow",
     "mindyouzhi.convert_weights",
     "mindyouzhi.ops",
 ]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from mindyouzhi.cli_support import (KV_LORA_RANK, UserErrorGroup, emit, json_option, overwrite_option,
+from mindyouzhi.cli_support import (DEFAULT_WINDOW, KV_LORA_RANK, UserErrorGroup, emit, json_option, overwrite_option,
                                      progress_option)
 from mindyouzhi.errors import UserError
 
@@ -39,29 +39,39 @@ def eval_group():
               help="text tokenized as one stream: .txt (any plain text), .jsonl, .parquet, or generate:N[:SEED] "
                    "(N tokens the model writes itself; default seed 1042, held out from convert's default calibration)")
 @text_field_option
-@click.option("--seq-len", default=2048, show_default=True, help="window length in tokens")
+@click.option("--seq-len", type=int, default=None, help=f"window length in tokens [default: {DEFAULT_WINDOW}, or the "
+                                                        "model's context if shorter]")
 @click.option("--max-windows", type=int, default=None, help="score only the first N windows")
 @click.option("--batch-size", default=1, show_default=True, help="windows per forward")
+@click.option("--forward-precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="matrix products of the forward: bf16 (bfloat16 inputs, fp32 accumulation: projections, attention "
+                   "and LM head; norms and log-softmax fp32), fp32, or auto = bf16 on CPUs with native bf16 dot "
+                   "products; the JSON says which ran")
 @progress_option
 @json_option
-def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_json):
+def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, forward_precision, as_json):
     """Perplexity over non-overlapping windows: exp(total NLL / predicted tokens)."""
     from mindyouzhi.eval.ppl import perplexity, token_stream, windows
     from mindyouzhi.generated_text import DEFAULT_CALIB_SEED, HELD_OUT_SEED_OFFSET, resolve_text_source
     from mindyouzhi.models.runner import ModelRunner
     from mindyouzhi.progress import progress_bar
+    from mindyouzhi.eval.lm import resolve_precision
+
+    from mindyouzhi.models.config import ModelConfig, window_length
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    seq_len = window_length(seq_len, DEFAULT_WINDOW, "--seq-len", ModelConfig.from_dir(model_dir))
     data = resolve_text_source(data, model_dir, DEFAULT_CALIB_SEED + HELD_OUT_SEED_OFFSET, "--data")
-    runner = ModelRunner.from_dir(model_dir)
+    precision = resolve_precision(forward_precision)
+    runner = ModelRunner.from_dir(model_dir, precision=precision["used"])
     data_windows = windows(token_stream(runner.tokenizer, data, "--data", text_field), seq_len, max_windows, data)
     bar = progress_bar(data_windows.size, "ppl", "tok")
     result = perplexity(runner, data_windows, batch_size, progress=bar.update)
     bar.close()
-    payload = result.to_dict()
+    payload = {**result.to_dict(), "forward_precision": precision}
     emit(payload, as_json, f"ppl {result.ppl:.4f} over {result.windows} windows × {seq_len} tokens "
-                           f"({result.tokens} predicted), {result.tokens_per_second:.0f} tok/s")
+                           f"({result.tokens} predicted), {result.tokens_per_second:.0f} tok/s, {precision['used']} forward")
 
 
 # -- convert ------------------------------------------------------------------------------------
@@ -114,8 +124,9 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_j
                    "starts from TransMLA's plan and never ends worse on the search split), original = GQA (the paper)")
 @click.option("--search-data", type=click.Path(path_type=Path), default=None, help="search split (default: --calib)")
 @click.option("--search-tokens", default=8192, show_default=True)
-@click.option("--search-seq-len", default=2048, show_default=True,
-              help="tokens per search window: the context the model will serve (fold errors grow with distance)")
+@click.option("--search-seq-len", type=int, default=None,
+              help=f"tokens per search window: the context the model will serve (fold errors grow with distance) "
+                   f"[default: {DEFAULT_WINDOW}, or the model's context if shorter]")
 @click.option("--layers", default=None, help="layers to convert: all | 0-3,7 | last:N (others stay GQA)")
 @click.option("--stage", default=2, show_default=True, type=int, help="1 = stop after RoRoPE/FreqFold (partial-RoPE model)")
 @click.option("--latent-norm", is_flag=True, help="add a learnable kv_a_layernorm, initialised to the identity on average (lossy until trained; "
@@ -123,12 +134,15 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, as_j
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None,
               help="report ppl at each stage on this text (a file, or generate:N[:SEED], by default seed --seed + 1000)")
 @text_field_option
-@click.option("--eval-seq-len", default=2048, show_default=True)
+@click.option("--eval-seq-len", type=int, default=None,
+              help=f"tokens per --eval-data window [default: {DEFAULT_WINDOW}, or the model's context if shorter]")
 @click.option("--eval-max-windows", type=int, default=None)
 @click.option("--seed", default=42, show_default=True)
 @click.option("--batch-size", default=8, show_default=True, help="windows per layer forward")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="search state (default: next to --out)")
-@click.option("--restart", is_flag=True, help="discard a saved search state")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="where the resumable state (statistics, search) is kept: one subdirectory of it, removed on "
+                   "success; nothing else in it is touched (default: .OUT.work next to --out, removed on success)")
+@click.option("--restart", is_flag=True, help="discard this output's saved state instead of resuming from it")
 @click.option("--no-uniform-guard", is_flag=True, help="--search-context original: do not fall back to the best uniform plan if it scores better")
 @click.option("--no-trajectories", is_flag=True, help="--search-context original: skip the uniform trajectories (faster; no Figure-9 plot)")
 @click.option("--rope-all", is_flag=True, hidden=True, help="exactness mode: RoPE kept on every rotated component")
@@ -221,8 +235,11 @@ def analyze_group():
 def analyze_layers_cmd(model_dir, search_data, calib, out, rope_dim, folds, calib_tokens, search_tokens, search_seq_len,
                        seed, batch_size, overwrite, as_json):
     """Each layer alone converted with each fold (others GQA): ppl change per layer (the paper's Figure 4)."""
+    from mindyouzhi.paths import check_outputs
     from mindyouzhi.transition.analyze import analyze_layers
 
+    check_outputs({"--out": out}, {"--model": model_dir, "--search-data": search_data, "--calib": calib}, overwrite,
+                  directories={"--out"})
     result = analyze_layers(model_dir, search_data, calib or search_data, out, rope_dim, _int_list(folds, "--folds"),
                             calib_tokens, search_tokens, search_seq_len, seed, batch_size, overwrite)
     best = ", ".join(f"L{layer}: f={min(d, key=d.get)}" for layer, d in result["delta"].items())
@@ -238,8 +255,9 @@ def _register_commands() -> None:
     from mindyouzhi.probe.cli import probe
     from mindyouzhi.serve.cli import capacity_cmd, generate_cmd, serve_cmd
     from mindyouzhi.train.cli import train_cmd
+    from mindyouzhi.workflow.cli import pipeline_cmd
 
-    for command in (import_cmd, fetch, data, export_cmd, generate_cmd, serve_cmd, capacity_cmd, train_cmd, probe):
+    for command in (import_cmd, fetch, data, export_cmd, generate_cmd, serve_cmd, capacity_cmd, train_cmd, probe, pipeline_cmd):
         main.add_command(command)
     for command in (bench_cmd, kl_cmd, suite_cmd):
         eval_group.add_command(command)

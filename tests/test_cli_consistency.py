@@ -24,7 +24,7 @@ COMMANDS = {" ".join(path[1:]): command for path, command in walk_commands(main)
 # Commands that draw progress bars (directly or deep in the library code they call).
 WITH_BARS = {"eval ppl", "eval bench", "eval kl", "eval suite", "convert", "analyze layers", "train", "capacity",
              "data compress", "data refusal", "data augment", "data amounts generate", "data ifeval generate",
-             "data ifeval verify", "data banking generate", "data banking eval"}
+             "data ifeval verify", "data banking generate", "data banking eval", "data annotate"}
 
 
 def _option(command: click.Command, flag: str):

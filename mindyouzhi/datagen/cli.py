@@ -8,6 +8,7 @@ exactly one JSON object on stdout with ``--json``; ``--report PATH`` also saves 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections import Counter
 from typing import Optional
 
@@ -26,16 +27,33 @@ def _split_list(value: Optional[str]) -> Optional[list]:
     return [part.strip() for part in value.split(",") if part.strip()] if value else None
 
 
+# The parameters of ``data`` commands that name files they read, and how the user spells them.
+INPUT_PARAMS = {"input_path": "INPUT", "gold_path": "GOLD", "pred_path": "PRED", "seeds_path": "--seeds",
+                "templates": "--templates", "tokenizer": "--tokenizer", "llm_cache": "--llm-cache",
+                "model_dir": "--model", "records_path": "--input"}
+
+
 def summary_options(function):
     """--report, --json and --progress, shared by every command that ends with a summary; the
-    command receives the progress decision as ``show_progress`` for the library calls that take it."""
+    command receives the progress decision as ``show_progress`` for the library calls that take it.
+
+    Before the command runs, its outputs (--out, --report) are checked against its inputs and each
+    other (:func:`mindyouzhi.paths.check_outputs`); a command without its own --overwrite gets one
+    for --report."""
+    from ..paths import check_outputs
+
+    takes_overwrite = "overwrite" in inspect.signature(function).parameters
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
+        overwrite = kwargs["overwrite"] if takes_overwrite else kwargs.pop("overwrite")
+        inputs = {flag: kwargs.get(name) for name, flag in INPUT_PARAMS.items()}
+        check_outputs({"--out": kwargs.get("out"), "--report": kwargs.get("report")}, inputs, overwrite)
         return function(*args, show_progress=progress_enabled(), **kwargs)
 
     report = click.option("--report", type=click.Path(dir_okay=False), help="Also write the summary JSON to this file.")
-    return report(progress_option(json_option(wrapper)))
+    command = report(progress_option(json_option(wrapper)))
+    return command if takes_overwrite else overwrite_option(command)
 
 
 def _apply(function, options):
@@ -296,8 +314,10 @@ def ifeval_generate(input_path, out, overwrite, seed, templates, max_constraints
             raise ValueError("the sample has no answer to constrain")
         return text
 
+    records = 0
     with writer:
         for record in read_jsonl(input_path, bad_lines, skip_bad, validate, show_progress, desc="ifeval"):
+            records += 1
             content = content_from_sample(record.parsed)
             for variant in range(variants):
                 rng = random.Random(f"ifeval:{seed}:{record.line_no}:{variant}")
@@ -310,6 +330,9 @@ def ifeval_generate(input_path, out, overwrite, seed, templates, max_constraints
                                    "reasoning": content.reasoning, "line": record.line_no}}
                 writer.write(item)
                 stats.count(item)
+        if not records:  # an empty output would look like success
+            raise UserError(f"INPUT {input_path}: no usable sample"
+                            + (f" ({len(bad_lines.entries)} malformed line(s) skipped)" if bad_lines.entries else ""))
     summary = {"output": out, "items": stats.generated, "seed": seed, "catalog": catalog.source,
                "per_constraint": dict(sorted(stats.per_constraint.items())),
                "unsatisfiable": {"count": len(stats.unsatisfiable), "items": stats.unsatisfiable},
@@ -508,10 +531,43 @@ def banking_eval(gold_path, pred_path, skip_bad, report, as_json, show_progress)
     bad_lines = BadLines()
     predictions = {str(r.data["id"]): r.parsed for r in read_jsonl(pred_path, bad_lines, skip_bad, validate_prediction)}
     scores = BankingScores()
+    dialogues = 0
     for record in read_jsonl(gold_path, bad_lines, skip_bad, validate_gold, show_progress, desc="eval"):
         scores.add(record.parsed, predictions.get(record.data["id"]))
+        dialogues += 1
+    if not dialogues:  # scores "over 0 dialogues" would look like a result
+        raise UserError(f"GOLD {gold_path}: no gold dialogue"
+                        + (f" ({len(bad_lines.entries)} malformed line(s) skipped)" if bad_lines.entries else ""))
     summary = {**scores.summary(), "gold": gold_path, "predictions": pred_path, "skipped_lines": bad_lines.summary()}
     finish(summary, as_json, report, [
         f"L1 accuracy {summary['l1_accuracy']:.4f}, L2 accuracy {summary['l2_accuracy']:.4f}, "
         f"slot F1 {summary['slots_micro']['f1']:.4f}, joint {summary['joint_accuracy']:.4f} "
         f"over {summary['dialogues']} dialogues"] + skipped_line(summary))
+
+
+@data.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+              help="The teacher: the model that writes the answers (the original GQA model).")
+@click.option("--input", "records_path", required=True, type=click.Path(dir_okay=False),
+              help="SFT records (JSON array or JSONL: instruction/output, messages or conversations).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output JSONL file.")
+@overwrite_option
+@click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True,
+              help="Longest answer, in tokens.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+              help="Sequences decoded together by the paged engine.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Annotate only the first N records.")
+@summary_options
+def annotate(model_dir, records_path, out, overwrite, max_new_tokens, batch_size, limit, report, as_json, show_progress):
+    """The teacher answers each record's prompt (greedy): off-policy GKD data; resumable after a kill."""
+    from pathlib import Path
+
+    from ..progress import progress_bar
+    from .annotate import annotate as run_annotate
+
+    bar = progress_bar(None, "annotate", "rec", enabled=show_progress)
+    summary = run_annotate(Path(model_dir), Path(records_path), Path(out), max_new_tokens, batch_size, limit,
+                           progress=bar.update)
+    bar.close()
+    finish(summary, as_json, report, [f"annotated {summary['records']} records → {out} "
+                                      f"({summary['resumed']} from an interrupted run, {summary['new_tokens']} new tokens)"])

@@ -1,0 +1,1 @@
+"""The YouZhi pipeline end to end: ``mindyouzhi pipeline --recipe recipes/youzhi_*.yaml --out RUN``."""
