@@ -19,8 +19,13 @@ _Group = UserErrorGroup
 
 @click.group(cls=_Group)
 @click.version_option(package_name="mindyouzhi")
-def main():
+@click.option("--verbose", is_flag=True, help="Also show MindSpore's own warnings and info lines (hidden by default).")
+def main(verbose):
     """GQA → MLA conversion (TransMLA + YouZhi layer-adaptive FreqFold), evaluation, training and serving on MindSpore."""
+    if verbose:
+        import os
+
+        os.environ["GLOG_v"] = "1"  # MindSpore is imported lazily, after this: INFO and above
 
 
 text_field_option = click.option("--text-field", default="text", show_default=True,
