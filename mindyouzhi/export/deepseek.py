@@ -43,10 +43,12 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 # Who reads each format.  "tested": logits compared in tests/test_export_deepseek.py (CPU, fp32);
 # "targets": engines whose DeepSeek-V3 loaders this layout follows, not run here (docs/deployment.md).
 ENGINES = {
-    "deepseek-v3": {"tested": ["transformers DeepseekV3ForCausalLM"],
+    "deepseek-v3": {"tested": ["transformers DeepseekV3ForCausalLM"], "check": "logits parity-tested on CPU",
                     "targets": ["vLLM / vLLM-Ascend DeepseekV3ForCausalLM", "MindIE LLM (DeepSeek-V2/V3 MLA)",
                                 "MindFormers inference (reads the Hugging Face directory)"]},
-    "mindformers": {"tested": [],
+    "mindformers": {"tested": ["MindFormers 2.1.0 TrainingDeepseekV3ForCausalLM"],
+                    "check": "built and loaded with equal names, shapes and values on CPU; its training step needs "
+                             "Ascend (bench/mindformers_check.py)",
                     "targets": ["MindFormers DeepSeek-V3 mcore checkpoint (TrainingDeepseekV3ForCausalLM)"]},
 }
 
@@ -160,7 +162,7 @@ def summary_text(summary: dict) -> str:
                      f"stream and latent scaled by {summary['residual_scale']:.6g} (exact)")
     engines = summary["engines"]
     if engines["tested"]:
-        lines.append(f"  loads in: {'; '.join(engines['tested'])} (logits parity-tested on CPU)")
+        lines.append(f"  loads in: {'; '.join(engines['tested'])} ({engines['check']})")
     lines.append(f"  written for: {'; '.join(engines['targets'])} (not run here; see docs/deployment.md)")
     if summary["linear_latent_norm"]:
         lines.append("  kv_a_layernorm written as an exact identity (latent rows scaled by a tiny σ, weight sqrt(1e-6)/σ): "
@@ -168,7 +170,10 @@ def summary_text(summary: dict) -> str:
     if summary["q_lora_rank"]:
         lines.append(f"  query biases carried exactly through q_a_proj → q_a_layernorm → q_b_proj (q_lora_rank "
                      f"{summary['q_lora_rank']} = hidden + constant channels; see docs/deployment.md)")
-    if summary["attention_bias"]:
+    if summary["attention_bias"] and summary["format"] == "mindformers":
+        lines.append("  attention biases in linear_qkv / linear_kvb (MindFormers' concatenated MLA, mla_qkv_concat: "
+                     "true; the o_proj bias folded into the value bias, exact)")
+    elif summary["attention_bias"]:
         lines.append("  attention_bias: true (q_a_proj, kv_a_proj_with_mqa and o_proj biases): transformers applies "
                      "them; vLLM's DeepSeek model has no attention biases and skips them while loading, so it would "
                      "be wrong")
