@@ -1,7 +1,16 @@
-"""Benchmark: decode throughput and KV bytes, GQA vs absorbed MLA, in the same paged engine.
+"""Benchmark: decode throughput and KV bytes, GQA vs absorbed MLA, in the same paged engine, in
+each forward precision.
 
-    python bench/decode.py --original /tmp/smol --converted /tmp/smol-mla \\
-        [--contexts 512,1024,2048,4096,8192] [--batch 4] [--steps 6] [--attention custom,gather]
+    python bench/decode.py --original /tmp/smol [--converted /tmp/smol-mla] \\
+        [--contexts 512,1024,2048,4096,8192] [--batch 8] [--steps 6] [--attention custom,gather] \\
+        [--precisions fp32,bf16] [--greedy-tokens 64]
+
+Every model runs in every ``--precisions`` entry (fp32: plain MindSpore ops, the path before
+issue 23; bf16: the runner's bf16 kernels, fused layer steps and one decode graph per step), as
+separate contestants of the same alternating loop, so the bf16/fp32 ratio is a same-run figure.
+``--greedy-tokens N`` also runs real greedy generation through ``Engine.generate`` — --batch
+prompts together, N new tokens each (the eval generation tasks' path) — per model and precision,
+and reports decode tokens/s and how many tokens each precision shares with fp32.
 
 For every context length, each model gets a KV pool holding ``--batch`` sequences of that many
 tokens, and runs batched decode steps through ``PagedModel.decode`` — the engine's own forward
@@ -18,6 +27,7 @@ Prints the table and writes ``bench/results/decode.json``.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -100,17 +110,22 @@ def measure(runners: dict, context: int, batch: int, steps: int, attention, seed
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--original", required=True, type=Path, help="GQA model directory (e.g. SmolLM2-135M)")
-    parser.add_argument("--converted", required=True, type=Path, help="its MLA conversion")
+    parser.add_argument("--converted", type=Path, default=None, help="its MLA conversion (optional)")
     parser.add_argument("--contexts", default="512,1024,2048,4096,8192")
-    parser.add_argument("--batch", type=int, default=4, help="sequences decoded together")
+    parser.add_argument("--batch", type=int, default=8, help="sequences decoded together")
+    parser.add_argument("--precisions", default="fp32,bf16", help="forward precisions to run (fp32, bf16)")
+    parser.add_argument("--greedy-tokens", type=int, default=0, help="also time greedy generation of N tokens")
     parser.add_argument("--steps", type=int, default=6, help="timed decode steps per model and context")
     parser.add_argument("--attention", default="custom,gather", help="decode attention implementations to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    runners = {"gqa": ModelRunner.from_dir(args.original, with_tokenizer=False),
-               "mla": ModelRunner.from_dir(args.converted, with_tokenizer=False)}
+    models = {"gqa": args.original, **({"mla": args.converted} if args.converted else {})}
+    precisions = args.precisions.split(",")
+    runners = {f"{name}-{precision}" if precision != "fp32" else name:
+               ModelRunner.from_dir(path, with_tokenizer=False, precision=precision)
+               for name, path in models.items() for precision in precisions}
     # A context of the model's full length (8192 for SmolLM2) leaves no position to decode into:
     # such a context is shortened by the decode steps it needs, and reported as measured.
     limit = min(r.config.max_position_embeddings for r in runners.values())
@@ -122,39 +137,85 @@ def main() -> int:
         kv_check[name] = {"pool_bytes_per_token": pool.bytes_per_token,
                           "formula_bytes_per_token": expected_bytes_per_token(runner.config),
                           "exact": pool.bytes_per_token == expected_bytes_per_token(runner.config)}
-    mla_config = runners["mla"].config
-    print(f"KV bytes per token: GQA {kv_check['gqa']['pool_bytes_per_token']:,}  "
-          f"MLA {kv_check['mla']['pool_bytes_per_token']:,} "
-          f"(= ({mla_config.mla.kv_lora_rank[0]} + {mla_config.mla.rope_dim})·4·{mla_config.num_hidden_layers}: "
-          f"{'exact' if kv_check['mla']['exact'] else 'MISMATCH'})")
+    print("KV bytes per token: " + "  ".join(f"{name} {check['pool_bytes_per_token']:,} "
+                                             f"({'exact' if check['exact'] else 'MISMATCH'})"
+                                             for name, check in kv_check.items()))
 
     runs = []
     for attention_name in args.attention.split(","):
         attention = select_attention(attention_name)
         for context in contexts:
             result = measure(runners, context, args.batch, args.steps, attention, args.seed)
-            ratio = result["mla"]["tokens_per_second"] / result["gqa"]["tokens_per_second"]
-            runs.append({"attention": attention.name, "context": context, "batch": args.batch, **result,
-                         "mla_over_gqa_speed": ratio})
-            print(f"{attention.name:>6} ctx {context:>5}: GQA {result['gqa']['tokens_per_second']:7.1f} tok/s   "
-                  f"MLA {result['mla']['tokens_per_second']:7.1f} tok/s   MLA/GQA {ratio:5.2f}×   "
-                  f"KV/seq {result['gqa']['kv_bytes_per_sequence'] / 2**20:7.1f} → "
-                  f"{result['mla']['kv_bytes_per_sequence'] / 2**20:6.1f} MiB", flush=True)
+            run = {"attention": attention.name, "context": context, "batch": args.batch, **result}
+            if "mla" in result:
+                run["mla_over_gqa_speed"] = result["mla"]["tokens_per_second"] / result["gqa"]["tokens_per_second"]
+            for name in result:
+                if name.endswith("-bf16"):
+                    run[f"{name}_over_fp32_speed"] = (result[name]["tokens_per_second"]
+                                                      / result[name[:-len("-bf16")]]["tokens_per_second"])
+            runs.append(run)
+            speeds = "   ".join(f"{name} {value['tokens_per_second']:7.1f} tok/s" for name, value in result.items())
+            ratios = "   ".join(f"{key[:-len('_speed')]} {value:5.2f}×" for key, value in run.items()
+                                if key.endswith("_speed"))
+            print(f"{attention.name:>6} ctx {context:>5} batch {args.batch}: {speeds}   {ratios}", flush=True)
 
-    long_context = [run for run in runs if run["context"] >= 2048]
+    greedy = greedy_runs(models, precisions, args.batch, args.greedy_tokens) if args.greedy_tokens else []
+
+    long_context = [run for run in runs if run["context"] >= 2048 and "mla_over_gqa_speed" in run]
     target_speed = all(run["mla_over_gqa_speed"] >= 1.0 for run in long_context)
     target_bytes = all(check["exact"] for check in kv_check.values())
-    print(f"target: MLA KV bytes exact: {'met' if target_bytes else 'MISSED'}; "
-          f"MLA not slower than GQA at ≥2k context: {'met' if target_speed else 'MISSED'}")
+    print(f"target: KV bytes exact: {'met' if target_bytes else 'MISSED'}; "
+          f"MLA not slower than GQA at ≥2k context: {'met' if target_speed else 'MISSED'}"
+          + ("" if args.converted else " (no --converted: not measured)"))
     write_json_atomic(args.out, {
         "benchmark": "decode", "original": str(args.original), "converted": str(args.converted),
-        "block_size": BLOCK_SIZE, "batch": args.batch, "steps": args.steps, "kv_bytes_check": kv_check,
-        "runs": runs, "targets": {"mla_kv_bytes_exact": target_bytes, "mla_not_slower_from_2k": target_speed},
-        "machine": {"platform": platform.platform(), "processor": platform.processor()},
+        "block_size": BLOCK_SIZE, "batch": args.batch, "steps": args.steps, "precisions": precisions,
+        "kv_bytes_check": kv_check, "runs": runs, "greedy": greedy,
+        "targets": {"kv_bytes_exact": target_bytes, "mla_not_slower_from_2k": target_speed},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "load_average_1m": os.getloadavg()[0]},
         "context_contents": "synthetic random cache entries (decode cost is value-independent)",
     })
     print(f"wrote {args.out}")
     return 0 if target_bytes and target_speed else 1
+
+
+GREEDY_PROMPTS = ["The capital of France is", "Once upon a time there was", "def fibonacci(n):",
+                  "The three laws of robotics are", "Water boils at", "My favourite book is",
+                  "In 1969, the first man", "To make bread you need"]
+
+
+def greedy_runs(models: dict, precisions: list[str], batch: int, new_tokens: int) -> list[dict]:
+    """Greedy generation through ``Engine.generate`` (batch prompts together) per model and
+    precision: decode tokens/s from the engine's own counters, after one warm-up generation."""
+    from mindyouzhi.serve.engine import Engine, EngineOptions
+    from mindyouzhi.serve.sampling import SamplingParams
+
+    out = []
+    for name, path in models.items():
+        outputs = {}
+        for precision in precisions:
+            runner = ModelRunner.from_dir(path, precision=precision)
+            prompts = [runner.tokenizer.encode(GREEDY_PROMPTS[i % len(GREEDY_PROMPTS)]) for i in range(batch)]
+            blocks = batch * -(-(max(map(len, prompts)) + new_tokens) // BLOCK_SIZE) + 1
+            engine = Engine(runner, EngineOptions(max_batch=batch, num_blocks=blocks, block_size=BLOCK_SIZE))
+            engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0.0))  # compile
+            engine.stats = type(engine.stats)()
+            completions = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0.0))
+            outputs[precision] = [c.output_ids for c in completions]
+            stats = engine.stats
+            row = {"model": name, "precision": precision, "batch": batch, "new_tokens": new_tokens,
+                   "decode_tokens_per_second": stats.decode_tokens / stats.decode_seconds,
+                   "prefill_seconds": stats.prefill_seconds, "decode_seconds": stats.decode_seconds}
+            if precision != "fp32" and "fp32" in outputs:
+                shared = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+                             for x, y in zip(outputs[precision], outputs["fp32"]))
+                row["tokens_equal_to_fp32_before_first_difference"] = f"{shared}/{sum(map(len, outputs['fp32']))}"
+            out.append(row)
+            print(f"greedy {name} {precision}: {row['decode_tokens_per_second']:.1f} decode tok/s at batch {batch}"
+                  + (f", {row['tokens_equal_to_fp32_before_first_difference']} tokens as fp32"
+                     if "tokens_equal_to_fp32_before_first_difference" in row else ""), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -73,6 +73,42 @@ def attention_primitive():
     return ops.Custom(f"{library}:CausalAttentionBf16", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
+@functools.lru_cache(maxsize=None)
+def fused_primitives():
+    """The registered ``NormDenseBf16`` (x [..., K], g [K], w [N, K] packed, eps [1]) → [..., N] and
+    ``SwigluDownBf16`` (h [..., D], gate|up [..., 2F], w [D, F] packed) → [..., D]."""
+    from mindspore import ops
+
+    library = kernel_library()
+    norm_dense = ops.Custom(f"{library}:NormDenseBf16", out_shape=lambda x, g, w, eps: list(x[:-1]) + [w[0]],
+                            out_dtype=lambda x, g, w, eps: x, func_type="aot")
+    swiglu_down = ops.Custom(f"{library}:SwigluDownBf16", out_shape=lambda h, gu, w: h, out_dtype=lambda h, gu, w: h,
+                             func_type="aot")
+    return norm_dense, swiglu_down
+
+
+def graph_norm_dense() -> Callable:
+    """``norm_dense(x, g, w, eps)`` = ``dense(rms_norm(x, g, eps), w)`` for ``ms.jit`` graphs as one
+    kernel call: the norm in float32, its result and ``w`` (packed by ``bf16_bits``) in bf16."""
+    import mindspore as ms
+    from mindspore import ops
+
+    op = fused_primitives()[0]
+
+    def norm_dense(x, g, w, eps):  # eps: a float, or a float32 tensor [1] (no ops to build it)
+        if isinstance(eps, float):
+            eps = ops.ones(1, ms.float32) * eps
+        return op(x, g, w, eps)
+
+    return norm_dense
+
+
+def graph_swiglu_down() -> Callable:
+    """``swiglu_down(h, gate_up, w)`` = ``h + dense(silu(gate) · up, w)`` for ``ms.jit`` graphs as one
+    kernel call (``gate_up`` = [..., 2F], gate first; ``w`` [D, F] packed)."""
+    return fused_primitives()[1]
+
+
 def graph_attend() -> Callable:
     """``attend(q, k, v, cos, sin, scale)`` → [B, T, H·dv] for ``ms.jit`` graphs (the contract of
     ``models.functional.gqa_attention_fused``): q [B,T,H,dk], k [B,T,G,dk], v [B,T,G,dv] before

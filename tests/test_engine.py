@@ -182,3 +182,61 @@ def test_scheduler_reserve_policy_never_preempts():
     sequences = [Sequence(str(i), [1] * 5, SamplingParams(max_new_tokens=8)) for i in range(3)]
     assert _simulate(scheduler, sequences, steps=6) == []
     assert len(scheduler.running) == 2 and len(scheduler.waiting) == 1
+
+
+# -- bf16 (the runner's --forward-precision): fused bf16 layer steps, one decode graph ------------------
+@pytest.fixture(scope="module")
+def bf16_runners(tmp_path_factory):
+    from mindyouzhi.ops import bf16
+
+    if bf16.unavailable() is not None and "wrong result" not in bf16.unavailable():
+        pytest.skip(f"bf16 kernels unavailable here: {bf16.unavailable()}")
+    models = build_serve_models(tmp_path_factory.getbasetemp() / "serve-models")
+    return {name: ModelRunner.from_dir(path, precision="bf16") for name, path in models.items()}
+
+
+@pytest.mark.parametrize("name", ["mla", "hybrid", "gqa"])
+@pytest.mark.parametrize("attention", ["custom", "gather"])
+def test_bf16_paged_forward_is_the_fp32_forward_up_to_bf16_rounding(runners, bf16_runners, name, attention):
+    pool = KVPool(bf16_runners[name].config, 40, block_size=4)
+    model = PagedModel(bf16_runners[name], pool, select_attention(attention), prefill_chunk=16)
+    assert model.precision == "bf16" and not model.decode_attention.dynamic_shapes
+    tokens = RNG.integers(4, 124, 30).tolist()
+    blocks = pool.allocator.allocate(8)
+    RNG.shuffle(blocks)
+    start = 21  # prefill in two chunks (16 + 5), then batched decode of the same sequence twice
+    paged = [model.prefill(tokens[:start], blocks)]
+    for p in range(start, len(tokens)):
+        both = model.decode([tokens[p]] * 2, [p] * 2, [blocks] * 2)  # a batch of two identical rows
+        np.testing.assert_array_equal(both[0], both[1])  # rows never mix
+        paged.append(both[0])
+    expanded = runners[name].logits(np.asarray([tokens]))[0, start - 1:]
+    scale = np.abs(expanded).max()
+    error = np.abs(np.stack(paged) - expanded)
+    assert error.max() < 0.03 * scale and error.max() > 1e-6  # bf16 operands through two layers, no more
+
+
+@pytest.mark.parametrize("name", ["mla", "hybrid"])
+def test_bf16_greedy_is_fp32_greedy_except_at_near_ties(runners, bf16_runners, alone_outputs, name):
+    engine = Engine(bf16_runners[name], EngineOptions(num_blocks=200, block_size=4))
+    batched = [c.output_ids for c in engine.generate(PROMPTS, greedy(LENGTHS))]
+    alone_bf16 = [Engine(bf16_runners[name], EngineOptions(num_blocks=64, block_size=4)).generate([p], [g])[0].output_ids
+                  for p, g in zip(PROMPTS[:3], greedy(LENGTHS[:3]))]
+    assert batched[:3] == alone_bf16  # batching never changes a bf16 request's tokens either
+    agreed = 0
+    for prompt, low, exact in zip(PROMPTS, batched, alone_outputs[name]):
+        same = next((i for i, (a, b) in enumerate(zip(low, exact)) if a != b), len(exact))
+        agreed += same
+        if same < len(exact):  # the first divergence must be a near-tie of the fp32 model
+            logits = runners[name].logits(np.asarray([prompt + exact[:same]]))[0, -1]
+            margin = logits[exact[same]] - logits[low[same]]
+            assert 0 <= margin < 0.02 * np.abs(logits).max(), (prompt, same, margin)
+    assert agreed >= 0.8 * sum(LENGTHS)
+
+
+def test_runner_greedy_generate_runs_the_engine_and_gives_the_reference_tokens(runners):
+    runner = runners["hybrid"]
+    expected = generate(runner, PROMPTS[1], 6)
+    assert runner.greedy_generate(PROMPTS[1], 6) == expected
+    stop = expected[2]
+    assert runner.greedy_generate(PROMPTS[1], 6, (stop,)) == expected[:expected.index(stop) + 1]

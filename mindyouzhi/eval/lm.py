@@ -53,15 +53,30 @@ class LanguageModel(Protocol):
     # ModelRunner then never builds a [T, vocab] array); otherwise it slices ``logprobs``.
 
 
-def load_language_model(model_dir) -> LanguageModel:
-    """Load a model directory (GQA, MLA or hybrid) with its tokenizer.
+def load_language_model(model_dir, precision: str = "fp32") -> LanguageModel:
+    """Load a model directory (GQA, MLA or hybrid) with its tokenizer; ``precision`` "fp32" or
+    "bf16" (``resolve_precision``'s "used"): the matrix products of its forwards and generation.
 
     Imported lazily: MindSpore is slow to import and only needed once a real model is evaluated.
     The CLI and the suite load models only through this function, which tests replace with fakes.
     """
     from mindyouzhi.models.runner import ModelRunner
 
-    return ModelRunner.from_dir(model_dir)
+    return ModelRunner.from_dir(model_dir, precision=precision)
+
+
+def resolve_precision(requested: str) -> dict:
+    """``--forward-precision auto|bf16|fp32`` → {"used", "requested", "fallback_reason"} (the
+    conversion's rule: auto = bf16 where the CPU has native bf16 dot products and the kernel
+    builds); a fallback of ``auto`` is noted on stderr."""
+    import sys
+
+    from mindyouzhi.transition.calibration import resolve_forward_precision
+
+    used, fallback = resolve_forward_precision(requested)
+    if fallback:
+        print(f"note: the forward runs in fp32 ({fallback})", file=sys.stderr)
+    return {"used": used, "requested": requested, "fallback_reason": fallback}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ Compiled-graph shapes differ by implementation.  The plain-op path's cost grows 
 block-table width, so it runs on exactly the blocks needed, under a dynamic-shape graph (one
 compilation serves every width).  The kernel's cost depends only on the true lengths, so it gets
 a fixed full-context table width and a static graph (MindSpore's AOT custom ops do not run in
-dynamic-shape graphs).
+dynamic-shape graphs).  For the same reason a model with bf16 projections (AOT kernels too) runs the
+plain-op path as ``GATHER_STATIC``: static graphs over power-of-two table widths.
 """
 from __future__ import annotations
 
@@ -36,10 +37,15 @@ class DecodeAttention:
     mla: Callable
     gqa: Callable
     dynamic_shapes: bool  # True: exact table widths, dynamic-shape graph; False: full-width tables
+    bucketed: bool = False  # static shapes, table widths rounded up to a power of two (not full width)
 
 
 _PLAIN = dispatch.cpu_kernels()
 GATHER = DecodeAttention("gather", _PLAIN.decode_mla, _PLAIN.decode_gqa, dynamic_shapes=True)
+# The plain ops in static-shape graphs, for graphs that hold AOT custom ops (the bf16 projections),
+# which MindSpore cannot run in a dynamic-shape graph: a power-of-two table width keeps the gathered
+# copy within 2x of the blocks needed and the number of compiled graphs logarithmic.
+GATHER_STATIC = DecodeAttention("gather", _PLAIN.decode_mla, _PLAIN.decode_gqa, dynamic_shapes=False, bucketed=True)
 
 
 def _fused_attention(fused) -> DecodeAttention:

@@ -10,6 +10,11 @@ shape) serves every layer and every request.
 Batches and prefill chunks are padded to a few sizes so the number of compiled graphs stays
 small (padding rows write into the null block and are discarded); block-table widths follow the
 attention implementation (``attention.DecodeAttention.dynamic_shapes``).
+
+A runner with ``precision="bf16"`` gets the bf16 layer steps (``_gqa_layer_step_bf16`` /
+``_mla_layer_step_bf16``: norm + concatenated projections and the MLP as fused bf16 kernels) in
+static-shape graphs only, and its decode step runs as one graph over all layers and the head
+(``compiled_decode_model``).
 """
 from __future__ import annotations
 
@@ -22,10 +27,11 @@ from mindspore import Tensor, ops
 
 from mindyouzhi.models import functional as F
 from mindyouzhi.models.decoder import mla_dims
+from mindyouzhi.models.rope import apply_rotate_half
 from mindyouzhi.ops.dispatch import kernels
 from mindyouzhi.ops.paged_attention import scale_tensor
 
-from .attention import GATHER, DecodeAttention
+from .attention import GATHER, GATHER_STATIC, DecodeAttention
 from .kv_pool import NULL_BLOCK, KVPool, verify_in_place
 
 
@@ -96,24 +102,158 @@ def _gqa_layer_step(attend, norm, x, cos, sin, slots, k_pool, v_pool, tables, po
     return h + F.swiglu(norm(h, ln2, eps), gate, up, down, bg, bu, bd)
 
 
-@functools.lru_cache(maxsize=None)
-def compiled_layer_step(kind: str, attention: DecodeAttention):
-    """One jitted function per (layer kind, attention implementation) for the whole process: a
-    new jitted function per request would recompile and keep its graphs alive."""
-    norm = kernels().rms_norm
-    if kind == "mla":
-        attend = attention.mla
+# -- the same layer steps in bf16: the norms fused into the projections that read them ----------------
+# ``kernels`` = (norm_dense, swiglu_down, dense) of ``mindyouzhi.ops.bf16``.  MindSpore pays a fixed
+# cost per operator on CPU that outweighs a decode batch's arithmetic, so the input norm and the
+# Q/K/V (or Q/latent) projections are one kernel call over their concatenated matrices, RoPE turns
+# queries and keys together, and the MLP is two calls (norm + gate|up, then SiLU·up + down +
+# residual).  The arithmetic is the bf16 forward's: bf16 operands, float32 accumulation, norms and
+# activations in float32.  Weights: see ``bf16_layer_weights``.
+def _gqa_layer_step_bf16(kernels, attend, x, cos, sin, slots, k_pool, v_pool, tables, positions, lens, scale,
+                         heads, kv_heads, head_dim, eps, *w):
+    ln1, ln2, w_qkv, b_qkv, w_gu, b_gu, down, bd, wo, bo, q_norm, k_norm = w
+    b, c, _ = x.shape
+    qkv = _norm_project(kernels, x, ln1, w_qkv, b_qkv, eps)
+    qk = qkv[..., :(heads + kv_heads) * head_dim].reshape(b, c, heads + kv_heads, head_dim)
+    if q_norm is not None or k_norm is not None:
+        q, k = qk[:, :, :heads], qk[:, :, heads:]
+        q = q if q_norm is None else F.rms_norm(q, q_norm, eps)
+        k = k if k_norm is None else F.rms_norm(k, k_norm, eps)
+        qk = ops.concat([q, k], 2)
+    qk = apply_rotate_half(qk, cos.expand_dims(2), sin.expand_dims(2))
+    k_pool = ops.scatter_nd_update(k_pool, slots, qk[:, :, heads:].reshape(b * c, kv_heads, head_dim))
+    v = qkv[..., (heads + kv_heads) * head_dim:].reshape(b * c, kv_heads, head_dim)
+    v_pool = ops.scatter_nd_update(v_pool, slots, v)
+    out = attend(qk[:, :, :heads].transpose(0, 2, 1, 3), k_pool, v_pool, tables, positions, lens, scale)
+    h = x + kernels[2](out.transpose(0, 2, 1, 3).reshape(b, c, heads * head_dim), wo, bo)
+    return _mlp_bf16(kernels, h, eps, ln2, w_gu, b_gu, down, bd)
 
-        def step(x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale, *args):
-            return _mla_layer_step(attend, norm, x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale,
-                                   *args)
+
+def _mla_layer_step_bf16(kernels, attend, x, cos, sin, slots, latent_pool, k_pe_pool, tables, positions, lens, scale,
+                         heads, nope, rope, v_dim, rank, eps, *w):
+    ln1, ln2, w_qa, b_qa, w_gu, b_gu, down, bd, wb, wo, bo, latent_norm = w
+    b, c, _ = x.shape
+    qa = _norm_project(kernels, x, ln1, w_qa, b_qa, eps)
+    width = heads * (nope + rope)
+    q = qa[..., :width].reshape(b, c, heads, nope + rope).transpose(0, 2, 1, 3)
+    q_pe = apply_rotate_half(q[..., nope:], cos.expand_dims(1), sin.expand_dims(1))
+    latent = qa[..., width:width + rank]
+    if latent_norm is not None:
+        latent = F.rms_norm(latent, latent_norm, eps)
+    k_pe = apply_rotate_half(qa[..., width + rank:], cos, sin)
+    latent_pool = ops.scatter_nd_update(latent_pool, slots, latent.reshape(b * c, rank))
+    k_pe_pool = ops.scatter_nd_update(k_pe_pool, slots, k_pe.reshape(b * c, rope))
+    w_kv = wb.reshape(heads, nope + v_dim, rank)
+    if nope > 0:
+        q_latent = _absorb_query(q[..., :nope], w_kv[:, :nope])
     else:
-        attend = attention.gqa
+        q_latent = ops.zeros((b, heads, c, rank), q_pe.dtype)
+    out_latent = attend(q_latent, q_pe, latent_pool, k_pe_pool, tables, positions, lens, scale)
+    h = x + kernels[2](_expand_output(out_latent, w_kv[:, nope:]), wo, bo)
+    return _mlp_bf16(kernels, h, eps, ln2, w_gu, b_gu, down, bd)
+
+
+def _norm_project(kernels, x, norm, w, b, eps):
+    """RMSNorm then the concatenated projection ``w`` (+ its bias): one kernel call."""
+    out = kernels[0](x, norm, w, eps)
+    return out if b is None else out + b
+
+
+def _mlp_bf16(kernels, h, eps, ln2, w_gu, b_gu, down, bd):
+    out = kernels[1](h, _norm_project(kernels, h, ln2, w_gu, b_gu, eps), down)
+    return out if bd is None else out + bd
+
+
+def bf16_layer_weights(kind: str, weights: dict) -> tuple:
+    """A layer's weight arguments for the bf16 steps: matrices read by one kernel concatenated
+    (rows of Q|K|V or Q|latent+k_pe, gate|up) and packed to bf16 bits once; biases concatenated
+    alike (zeros where one is absent, None when all are); norms and the absorbed W_UK/W_UV float32."""
+    from mindyouzhi.ops.bf16 import bf16_bits
+
+    def host(name):
+        value = weights.get(name)
+        return None if value is None else value.asnumpy()
+
+    def joined(names):
+        matrices = [host(f"{name}.weight") for name in names]
+        biases = [host(f"{name}.bias") for name in names]
+        packed = Tensor(bf16_bits(np.concatenate(matrices)))
+        if all(bias is None for bias in biases):
+            return packed, None
+        return packed, Tensor(np.concatenate([np.zeros(m.shape[0], np.float32) if bias is None else bias
+                                              for m, bias in zip(matrices, biases)]).astype(np.float32))
+
+    def packed(name):
+        return Tensor(bf16_bits(host(name)))
+
+    first = (weights["input_layernorm.weight"], weights["post_attention_layernorm.weight"])
+    if kind == "mla":
+        attention = joined(("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"))
+    else:
+        attention = joined(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+    mlp = (*joined(("mlp.gate_proj", "mlp.up_proj")), packed("mlp.down_proj.weight"), weights.get("mlp.down_proj.bias"))
+    output = (packed("self_attn.o_proj.weight"), weights.get("self_attn.o_proj.bias"))
+    if kind == "mla":
+        return (*first, *attention, *mlp, weights["self_attn.kv_b_proj.weight"], *output,
+                weights.get("self_attn.kv_a_layernorm.weight"))
+    return (*first, *attention, *mlp, *output, weights.get("self_attn.q_norm.weight"), weights.get("self_attn.k_norm.weight"))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_layer_step(kind: str, attention: DecodeAttention, precision: str = "fp32"):
+    """One jitted function per (layer kind, attention implementation, precision) for the whole
+    process: a new jitted function per request would recompile and keep its graphs alive.  bf16
+    steps take ``bf16_layer_weights`` and need static shapes (AOT kernels)."""
+    norm = kernels().rms_norm
+    attend = attention.mla if kind == "mla" else attention.gqa
+    if precision == "fp32":
+        layer = _mla_layer_step if kind == "mla" else _gqa_layer_step
 
         def step(x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale, *args):
-            return _gqa_layer_step(attend, norm, x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale,
-                                   *args)
+            return layer(attend, norm, x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale, *args)
+    elif precision == "bf16":
+        if attention.dynamic_shapes:
+            raise ValueError("the bf16 layer steps are AOT kernels, which do not run in dynamic-shape graphs")
+        from mindyouzhi.ops import bf16
+
+        fused = (bf16.graph_norm_dense(), bf16.graph_swiglu_down(), bf16.graph_dense())
+        layer = _mla_layer_step_bf16 if kind == "mla" else _gqa_layer_step_bf16
+
+        def step(x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale, *args):
+            return layer(fused, attend, x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale, *args)
+    else:
+        raise ValueError(f"layer precision {precision!r}: expected fp32 or bf16")
     return ms.jit(step, dynamic=1 if attention.dynamic_shapes else 0)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_decode_model(layout: tuple, attention: DecodeAttention):
+    """The whole bf16 decode step as one compiled graph: embedding → every layer (``layout``: per
+    layer its kind and number of weight arguments) → final norm and LM head of the one new row.
+    One launch per step instead of one per layer plus three (MindSpore's per-graph launch cost on
+    CPU is of the order of a small layer's arithmetic); the graph is built per layout and batch
+    bucket, once per process."""
+    from mindyouzhi.ops import bf16
+
+    fused = (bf16.graph_norm_dense(), bf16.graph_swiglu_down(), bf16.graph_dense())
+    norm_dense = fused[0]
+
+    def model(ids, embed_table, final_norm, head, eps, gqa_cos, gqa_sin, mla_cos, mla_sin, slots, tables, positions,
+              lens, *flat):
+        x = ops.gather(embed_table, ids, 0)
+        at = 0
+        for kind, count in layout:
+            pool_a, pool_b, scale, args = flat[at], flat[at + 1], flat[at + 2], flat[at + 3:at + 3 + count]
+            at += 3 + count
+            if kind == "mla":
+                x = _mla_layer_step_bf16(fused, attention.mla, x, mla_cos, mla_sin, slots, pool_a, pool_b, tables,
+                                         positions, lens, scale, *args)
+            else:
+                x = _gqa_layer_step_bf16(fused, attention.gqa, x, gqa_cos, gqa_sin, slots, pool_a, pool_b, tables,
+                                         positions, lens, scale, *args)
+        return norm_dense(x[:, 0], final_norm, head, eps)
+
+    return ms.jit(model)
 
 
 @ms.jit
@@ -131,12 +271,21 @@ class PagedModel:
         self.runner = runner
         self.pool = pool
         self.config = config = runner.config
-        self.decode_attention = decode_attention
+        # The runner's precision: bf16 runs every projection and the LM head through the bf16
+        # kernels, in static-shape graphs only (the plain-op attention as GATHER_STATIC).
+        self.precision = getattr(runner, "precision", "fp32")
+        static = self.precision != "fp32"
+        self.decode_attention = GATHER_STATIC if static and decode_attention.dynamic_shapes else decode_attention
+        self.prefill_attention = GATHER_STATIC if static else GATHER
         self.prefill_chunk = max(16, int(prefill_chunk))
         self.max_positions = int(config.max_position_embeddings)
         self.full_table_width = pool.blocks_for(self.max_positions)
         eps = float(config.rms_norm_eps)
         self._layers = []
+        eps_tensor = Tensor(np.asarray([eps], np.float32))
+        if static and getattr(runner, "_bf16_step_weights", None) is None:  # packed once per runner
+            runner._bf16_step_weights = [bf16_layer_weights("mla" if config.is_mla(i) else "gqa", weights)
+                                         for i, weights in enumerate(runner.layer_weights)]
         for index, weights in enumerate(runner.layer_weights):
             if config.is_mla(index):
                 heads, nope, rope, v_dim, rank = dims = mla_dims(config, index)
@@ -145,7 +294,10 @@ class PagedModel:
                 dims = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
                 names, scale = F.GQA_LAYER_WEIGHTS, 1.0 / math.sqrt(config.head_dim)
             kind = "mla" if config.is_mla(index) else "gqa"
-            args = (*dims, eps, *(weights.get(name) for name in names))
+            if static:
+                args = (*dims, eps_tensor, *runner._bf16_step_weights[index])  # eps as the kernels read it
+            else:
+                args = (*dims, eps, *(weights.get(name) for name in names))
             self._layers.append((kind, pool.tensors[index], scale_tensor(scale), args))
         cos, sin, mla_cos, mla_sin = runner.rope(self.max_positions)
         kinds = {kind for kind, *_ in self._layers}
@@ -161,7 +313,7 @@ class PagedModel:
         shared = (Tensor(slots, ms.int32),)
         paging = (Tensor(tables, ms.int32), Tensor(positions, ms.int32), Tensor(seq_lens, ms.int32))
         for kind, pools, scale, args in self._layers:
-            step = compiled_layer_step(kind, attention)
+            step = compiled_layer_step(kind, attention, self.precision)
             x = step(x, *rope[kind], *shared, *pools, *paging, scale, *args)
         return x
 
@@ -185,8 +337,9 @@ class PagedModel:
             positions = np.minimum(positions, self.max_positions - 1)  # padding rows: any valid RoPE row
             slots = np.zeros((padded, 2), np.int64)  # padding rows → the null block
             slots[:length] = self._slots(block_ids, positions[0, :length])
-            tables = self._tables([block_ids], 1, self.pool.blocks_for(start + length), GATHER)
-            hidden = self._run_layers(ids, positions, slots, tables, np.asarray([start + length], np.int32), GATHER)
+            attention = self.prefill_attention
+            tables = self._tables([block_ids], 1, self.pool.blocks_for(start + length), attention)
+            hidden = self._run_layers(ids, positions, slots, tables, np.asarray([start + length], np.int32), attention)
             last = length - 1
         return self._logits(hidden, last)[0]
 
@@ -206,12 +359,31 @@ class PagedModel:
         tables = self._tables(block_tables, padded, needed, self.decode_attention)
         seq_lens = np.zeros(padded, np.int32)
         seq_lens[:batch] = np.asarray(positions) + 1
+        if self.precision == "bf16":
+            return self._decode_whole(ids, pos, slots, tables, seq_lens)[:batch]
         hidden = self._run_layers(ids, pos, slots, tables, seq_lens, self.decode_attention)
         return self._logits(hidden, 0)[:batch]
 
+    def _decode_whole(self, ids, positions, slots, tables, seq_lens) -> np.ndarray:
+        """The bf16 decode step in one graph (``compiled_decode_model``) → logits [B, V]."""
+        layout = tuple((kind, len(args)) for kind, _, _, args in self._layers)
+        model = compiled_decode_model(layout, self.decode_attention)
+        rope = {kind: (Tensor(cos[positions]), Tensor(sin[positions])) for kind, (cos, sin) in self._rope.items()}
+        gqa = rope.get("gqa", rope.get("mla"))
+        mla = rope.get("mla", gqa)
+        flat = [value for _, pools, scale, args in self._layers for value in (*pools, scale, *args)]
+        logits = model(Tensor(ids, ms.int32), *self.runner.head_weights(), *gqa, *mla, Tensor(slots, ms.int32),
+                       Tensor(tables, ms.int32), Tensor(positions, ms.int32), Tensor(seq_lens, ms.int32), *flat)
+        return logits.asnumpy()
+
     def _tables(self, block_tables: list[list[int]], rows: int, needed: int, attention: DecodeAttention) -> np.ndarray:
         """[rows, width] int32 block tables, unused entries on the null block."""
-        width = needed if attention.dynamic_shapes else self.full_table_width
+        if attention.dynamic_shapes:
+            width = needed
+        elif attention.bucketed:
+            width = min(self.full_table_width, 1 << max(0, (needed - 1).bit_length()))
+        else:
+            width = self.full_table_width
         tables = np.full((rows, width), NULL_BLOCK, np.int32)
         for row, table in enumerate(block_tables):
             used = min(width, len(table))

@@ -28,7 +28,7 @@ def models(tmp_path, monkeypatch):
         dirs[letter].mkdir()
     loaded = []
 
-    def load(model_dir):
+    def load(model_dir, **_):
         loaded.append(model_dir)
         return fake_model(str(model_dir)[-1])
 
