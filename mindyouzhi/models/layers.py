@@ -36,6 +36,12 @@ class Projection(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
         self.bias_add = ops.Add()
 
+    def use_matmul(self, matmul) -> None:
+        """Multiply with ``matmul`` ((x [tokens, in], W [out, in]) → x Wᵀ, differentiable) instead of
+        the MatMul primitive: the CPU train step's bf16 product (``train/bf16_ops.py``).  The
+        semi-auto parallel step never calls it, so its strategies stay on the primitive."""
+        self.matmul = matmul
+
     def construct(self, x, weight, bias=None):
         shape = x.shape
         out = self.matmul(x.reshape(-1, shape[-1]), weight)

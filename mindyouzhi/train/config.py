@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional
 
 from mindyouzhi.errors import UserError
 
+from .bf16_ops import CPU_PRECISIONS, DEFAULT_CPU_PRECISION
+
 RUN_MODES = ("gkd", "sft")
 DATA_FORMATS = ("auto", "text", "sft")
 TRAINABLE = ("all", "attention")
@@ -160,6 +162,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "device_target": (_one_of("auto", "CPU", "Ascend"), "auto"),
         "max_device_memory": (OPT_STR, None),
         "device_id": (OPT_INT_NONNEG, None),
+        # CPU: the projections and LM head of the train step in bf16 (fp32 accumulation) or fp32;
+        # auto = bf16 where the CPU has native bf16 dot products (train/bf16_ops.py)
+        "cpu_precision": (_one_of(*CPU_PRECISIONS), DEFAULT_CPU_PRECISION),
     },
 }
 SOURCE_KEYS = {"path": (STR, REQUIRED), "format": (_one_of(*DATA_FORMATS), "auto"), "max_samples": (OPT_INT_POS, None)}

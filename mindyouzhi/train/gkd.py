@@ -41,10 +41,11 @@ def _tempered_logprobs(logits, inverse_temperature):
 
 
 class Teacher:
-    def __init__(self, model_dir: Path, temperature: float):
+    def __init__(self, model_dir: Path, temperature: float, precision: str = "fp32"):
+        """``precision``: the inference path's projections (``ModelRunner``), the student step's."""
         from mindyouzhi.models.runner import ModelRunner
 
-        self.runner = ModelRunner.from_dir(model_dir)
+        self.runner = ModelRunner.from_dir(model_dir, precision=precision)
         self.inverse_temperature = ms.Tensor(1.0 / float(temperature), ms.float32)
 
     @property

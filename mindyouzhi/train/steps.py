@@ -17,6 +17,11 @@ forward.  The accumulated gradients are all-reduced, clipped and applied one par
 
 Both compute the gradient of Σ per-token-loss × weight, with weights = loss mask / loss tokens of
 the global batch (see ``trainer``), so micro-batches and ranks combine by summation.
+
+Both run the projections and the LM head in float32 (MindSpore's MatMul) or, with
+``context.cpu_precision`` resolving to ``bf16`` on a CPU, in bf16 with float32 accumulation,
+forward and backward (``bf16_ops.py``); master weights, optimizer, norms, attention core and
+losses stay float32 either way.
 """
 from __future__ import annotations
 
@@ -135,7 +140,7 @@ def _split_micro(batch: tuple) -> tuple:
 
 class LayerwiseStep:
     def __init__(self, net, config, params, optimizer, run_mode: str, gkd: dict, max_grad_norm: Optional[float],
-                 world_size: int, graph_mode: bool):
+                 world_size: int, graph_mode: bool, precision: str = "fp32"):
         import mindspore as ms
         from mindspore import ops
 
@@ -143,6 +148,14 @@ class LayerwiseStep:
         from mindyouzhi.models.decoder import mla_dims
 
         jit = ms.jit if graph_mode else _identity
+        if precision == "bf16":  # projections and head in bf16 (bf16_ops); attention core, norms, losses fp32
+            from .bf16_ops import HEAD_GRADIENTS, graph_dense
+
+            self._layer_functions = F.layer_graphs(graph_dense())
+            head_dense = graph_dense(HEAD_GRADIENTS)
+        else:
+            self._layer_functions = (F.gqa_layer, F.mla_layer)
+            head_dense = ops.dense
         per_token = _per_token_loss(run_mode, gkd)
         eps = float(config.rms_norm_eps)
         named = dict(net.parameters_and_names())
@@ -173,7 +186,7 @@ class LayerwiseStep:
         self.head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
 
         def head_objective(hidden, norm, head, targets, weights, teacher):
-            logits = ops.dense(F.rms_norm(hidden, norm, eps), head)
+            logits = head_dense(F.rms_norm(hidden, norm, eps), head)
             return (per_token(logits, targets, teacher) * weights).sum()
 
         def embed_objective(table, ids, upstream):
@@ -201,7 +214,8 @@ class LayerwiseStep:
         key = (kind, dims, present, wanted)
         if key in self._graphs:
             return self._graphs[key]
-        layer = F.mla_layer if kind == "mla" else F.gqa_layer
+        gqa_layer, mla_layer = self._layer_functions
+        layer = mla_layer if kind == "mla" else gqa_layer
 
         def full(weights):
             out = [None] * width
@@ -289,12 +303,23 @@ class LayerwiseStep:
 
 
 def build_step(net, config, params, optimizer, recipe, world_size: int):
+    """The step of a data-parallel run (CPU or Ascend); ``step.precision`` records the projections'
+    precision (``context.cpu_precision`` resolved on this machine, ``bf16_ops.resolve``)."""
+    from .bf16_ops import RECIPE_KEY, resolve, use_bf16_projections
+
     clip = recipe.runner_wrapper["max_grad_norm"] if recipe.runner_wrapper["use_clip_grad"] else None
+    requested = recipe.context["cpu_precision"]
+    precision, fallback = resolve(requested, f"recipe {recipe.path}")
     if recipe.recompute:
-        return LayerwiseStep(net, config, params, optimizer, recipe.run_mode, recipe.gkd, clip, world_size,
-                             recipe.graph_mode)
-    return WholeGraphStep(net, params, optimizer, recipe.run_mode, recipe.gkd, clip, world_size,
-                          recipe.runner_config["gradient_accumulation_steps"], recipe.graph_mode)
+        step = LayerwiseStep(net, config, params, optimizer, recipe.run_mode, recipe.gkd, clip, world_size,
+                             recipe.graph_mode, precision)
+    else:
+        if precision == "bf16":
+            use_bf16_projections(net)
+        step = WholeGraphStep(net, params, optimizer, recipe.run_mode, recipe.gkd, clip, world_size,
+                              recipe.runner_config["gradient_accumulation_steps"], recipe.graph_mode)
+    step.precision = {"projections": precision, RECIPE_KEY: requested, "fallback_reason": fallback}
+    return step
 
 
 def as_tensors(ids: np.ndarray, targets: np.ndarray, weights: np.ndarray):

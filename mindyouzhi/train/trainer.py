@@ -227,16 +227,20 @@ class Trainer:
             steps = SemiAutoStep(net, config, params, optimizer, recipe, tables, teacher_net,
                                  teacher_config if recipe.run_mode == "gkd" else None, strategy_file)
         else:
-            teacher = Teacher(recipe.teacher, recipe.gkd["temperature"]) if recipe.run_mode == "gkd" else None
             steps = build_step(net, config, params, optimizer, recipe, world.size)
+            teacher = Teacher(recipe.teacher, recipe.gkd["temperature"], steps.precision["projections"]) \
+                if recipe.run_mode == "gkd" else None
         no_teacher = to_tensor(np.zeros((1,), np.float32))
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        # the projections' precision (steps.build_step); the semi-auto step: its amp compute dtype
+        precision = getattr(steps, "precision", {"compute_dtype": recipe.model["compute_dtype"]})
 
         if world.is_main:
             self.echo(f"{recipe.run_mode}: {len(dataset)} examples × {seq_length} tokens, global batch {global_batch} "
                       f"({data.size} data-parallel worker(s) × {accumulation} × {batch_size}), steps "
                       f"{start_step}→{plan.total_steps}"
-                      f" on {device}" + (f", resuming from {resume_from.name}" if resume_from else ""))
+                      f" on {device}, {_describe_precision(precision)}"
+                      + (f", resuming from {resume_from.name}" if resume_from else ""))
         bar = None
         if world.is_main and self.show_progress:
             from mindyouzhi.progress import progress_bar
@@ -308,7 +312,7 @@ class Trainer:
                    "compile_and_first_step_seconds": step_seconds[0] if step_seconds else None,
                    "tokens_per_second": _steady_rate(step_seconds, tokens_per_step),
                    "train_seconds": previous_seconds + sum(step_seconds),
-                   "wall_seconds": time.perf_counter() - started,
+                   "wall_seconds": time.perf_counter() - started, "precision": precision,
                    "weights_sha256": weights_digest(net, final_weights) if world.is_main or not sharded else None}
         if not world.is_main:  # lets a user (and the tests) check that every rank ends with the same weights
             from mindyouzhi.io_utils import write_json_atomic
@@ -378,6 +382,13 @@ def weights_digest(net, arrays: Optional[dict] = None) -> str:
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(arrays[name]).tobytes())
     return digest.hexdigest()
+
+
+def _describe_precision(precision: dict) -> str:
+    if "projections" not in precision:
+        return f"compute dtype {precision['compute_dtype']}"
+    note = f" ({precision['fallback_reason']})" if precision["fallback_reason"] else ""
+    return f"{precision['projections']} projections{note}"
 
 
 def _strategy(out: Path, strategy_file: Optional[Path], recipe: Recipe) -> Optional[Path]:

@@ -266,8 +266,9 @@ def training_recipe(run: PipelineRun, mode: str) -> dict:
         "optimizer": {"type": "AdamW", "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 0.0},
         "lr_schedule": {"type": "CosineWithWarmUpLR", "learning_rate": 2.0e-4 if gkd else 2.0e-5, "lr_end": 0.0,
                         "warmup_ratio": 0.05 if gkd else 0.01},
+        "recompute_config": {"recompute": True},   # layer by layer: a 135M model's step fits a few GiB
         "parallel_config": {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1},
-        "context": {"mode": 0, "device_target": "CPU"},
+        "context": {"mode": 0, "device_target": "CPU", "cpu_precision": "auto"},
     }
     if gkd:
         base["model"]["teacher"] = run.recipe["original"]
