@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from mindyouzhi.cli_support import (DEFAULT_WINDOW, KV_LORA_RANK, UserErrorGroup, emit, json_option, overwrite_option,
-                                     progress_option)
+from mindyouzhi.cli_support import (DEFAULT_WINDOW, KV_LORA_RANK, UserErrorGroup, emit, forward_precision_option,
+                                     json_option, overwrite_option, progress_option)
 from mindyouzhi.errors import UserError
 
 
@@ -48,10 +48,7 @@ def eval_group():
                                                         "model's context if shorter]")
 @click.option("--max-windows", type=int, default=None, help="score only the first N windows")
 @click.option("--batch-size", default=1, show_default=True, help="windows per forward")
-@click.option("--forward-precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-              help="matrix products of the forward: bf16 (bfloat16 inputs, fp32 accumulation: projections, attention "
-                   "and LM head; norms and log-softmax fp32), fp32, or auto = bf16 on CPUs with native bf16 dot "
-                   "products; the JSON says which ran")
+@forward_precision_option
 @progress_option
 @json_option
 def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, forward_precision, as_json):

@@ -57,6 +57,18 @@ def overwrite_option(function: Callable) -> Callable:
     return click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)(function)
 
 
+FORWARD_PRECISION_HELP = ("Matrix products of the model's forwards (scoring and generation): bf16 (bfloat16 inputs, fp32 "
+                          "accumulation; norms, softmax and log-softmax fp32), fp32, or auto = bf16 on CPUs with native "
+                          "bf16 dot products; the JSON says which ran.")
+
+
+def forward_precision_option(function: Callable) -> Callable:
+    """``--forward-precision auto|bf16|fp32`` of the commands that run a model (resolved by
+    ``eval.lm.resolve_precision``); ``convert`` has its own, about the conversion's passes."""
+    return click.option("--forward-precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
+                        show_default=True, help=FORWARD_PRECISION_HELP)(function)
+
+
 def progress_option(function: Callable) -> Callable:
     """``--progress/--no-progress``; the choice reaches every ``progress_bar`` the command draws."""
 

@@ -120,6 +120,17 @@ def test_pipeline_end_to_end_resumes_and_reruns_what_changed(inputs, tmp_path):
     assert _tree_digest(inputs["root"]) == before
 
 
+def test_pipeline_overwrite_discards_an_earlier_run_only(inputs, tmp_path):
+    recipe = _recipe(tmp_path, inputs["model"], inputs["text"], inputs["fpb"], inputs["sft"])
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pipeline.json").write_text(json.dumps({"stages": {"convert": {"fingerprint": "x", "status": "done"}}}))
+    (out / "stale.txt").write_text("from the earlier run")
+    report = _run(recipe, out, "--until", "convert", "--overwrite")
+    assert report["stages"] == {"convert": "ran"} and not (out / "stale.txt").exists()
+    assert (out / "models" / "convert" / "config.json").is_file()
+
+
 def test_pipeline_refuses_a_foreign_out_dir_and_bad_recipes(inputs, tmp_path):
     recipe = _recipe(tmp_path, inputs["model"], inputs["text"], inputs["fpb"], inputs["sft"])
     foreign = tmp_path / "mine"

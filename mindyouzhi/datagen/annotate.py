@@ -41,13 +41,13 @@ def prompts_and_records(path: Path) -> list[tuple[list[dict], dict]]:
     return out
 
 
-def _fingerprint(model_dir: Path, input_path: Path, max_new_tokens: int) -> str:
+def _fingerprint(model_dir: Path, input_path: Path, max_new_tokens: int, precision: str) -> str:
     digest = hashlib.sha256()
     for weights in sorted(Path(model_dir).glob("*.safetensors")):
         digest.update(weights.name.encode())
         digest.update(sha256_file(weights).encode())
     digest.update(sha256_file(input_path).encode())
-    digest.update(f"greedy:{max_new_tokens}".encode())
+    digest.update(f"greedy:{max_new_tokens}:{precision}".encode())
     return digest.hexdigest()
 
 
@@ -74,7 +74,7 @@ def _resume(partial: Path, fingerprint: str) -> list[str]:
 
 def annotate(model_dir: Path, input_path: Path, out: Path, max_new_tokens: int = 256, batch_size: int = 8,
              limit: Optional[int] = None, progress: Optional[Callable[[int], None]] = None,
-             loader: Optional[Callable[[Path], object]] = None) -> dict:
+             loader: Optional[Callable[..., object]] = None, precision: str = "fp32") -> dict:
     """Write ``out`` (JSONL of ``{"messages": [...], "source_index": i}``) with the teacher's answers."""
     from mindyouzhi.eval.lm import generate_texts, load_language_model
 
@@ -85,10 +85,10 @@ def annotate(model_dir: Path, input_path: Path, out: Path, max_new_tokens: int =
     items = prompts_and_records(input_path)[:limit]
     out = Path(out)
     partial = out.with_name(f".{out.name}.partial")
-    fingerprint = _fingerprint(model_dir, input_path, max_new_tokens)
+    fingerprint = _fingerprint(model_dir, input_path, max_new_tokens, precision)
     done = _resume(partial, fingerprint)
     resumed = len(done)
-    lm = (loader or load_language_model)(model_dir)
+    lm = (loader or load_language_model)(model_dir, precision=precision)
     with open(partial, "w", encoding="utf-8") as handle:
         handle.write(json.dumps({"fingerprint": fingerprint}) + "\n")
         for line in done:

@@ -14,7 +14,8 @@ from typing import Optional
 
 import click
 
-from ..cli_support import UserErrorGroup, emit, json_option, overwrite_option, progress_option, renamed_option
+from ..cli_support import (UserErrorGroup, emit, forward_precision_option, json_option, overwrite_option,
+                           progress_option, renamed_option)
 from ..errors import UserError
 from ..io_utils import write_json_atomic
 from ..progress import progress_enabled
@@ -557,17 +558,22 @@ def banking_eval(gold_path, pred_path, skip_bad, report, as_json, show_progress)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
               help="Sequences decoded together by the paged engine.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Annotate only the first N records.")
+@forward_precision_option
 @summary_options
-def annotate(model_dir, records_path, out, overwrite, max_new_tokens, batch_size, limit, report, as_json, show_progress):
+def annotate(model_dir, records_path, out, overwrite, max_new_tokens, batch_size, limit, forward_precision, report,
+             as_json, show_progress):
     """The teacher answers each record's prompt (greedy): off-policy GKD data; resumable after a kill."""
     from pathlib import Path
 
+    from ..eval.lm import resolve_precision
     from ..progress import progress_bar
     from .annotate import annotate as run_annotate
 
+    precision = resolve_precision(forward_precision)
     bar = progress_bar(None, "annotate", "rec", enabled=show_progress)
     summary = run_annotate(Path(model_dir), Path(records_path), Path(out), max_new_tokens, batch_size, limit,
-                           progress=bar.update)
+                           progress=bar.update, precision=precision["used"])
+    summary["forward_precision"] = precision
     bar.close()
     finish(summary, as_json, report, [f"annotated {summary['records']} records → {out} "
                                       f"({summary['resumed']} from an interrupted run, {summary['new_tokens']} new tokens)"])

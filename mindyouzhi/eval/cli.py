@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from mindyouzhi.cli_support import emit, json_option, overwrite_option, progress_option, renamed_option
+from mindyouzhi.cli_support import (emit, forward_precision_option, json_option, overwrite_option, progress_option,
+                                     renamed_option)
 from mindyouzhi.io_utils import write_json_atomic, write_text_atomic
 from mindyouzhi.paths import check_outputs
 
@@ -44,9 +45,7 @@ _REPORT_HELP = "Also write the full result JSON (per-item rows included) to this
               help="Where few-shot examples come from (default for exam CSVs: the sibling dev/ split).")
 @click.option("--report", type=_REPORT, default=None, help=_REPORT_HELP)
 @renamed_option("--out", "--report", "report", type=_REPORT)
-@click.option("--forward-precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-              help="Matrix products of the model's forwards (scoring and generation): bf16 inputs with fp32 "
-                   "accumulation, fp32, or auto = bf16 on CPUs with native bf16 dot products; the report says which ran.")
+@forward_precision_option
 @overwrite_option
 @progress_option
 @json_option

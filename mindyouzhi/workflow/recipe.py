@@ -6,7 +6,7 @@ Sections (``${VAR}`` / ``${VAR:-default}`` expanded as in training recipes)::
     convert:  {flag: value}       # `mindyouzhi convert` flags (names without --), our conversion
     baseline: {flag: value}       # optional: the same conversion with TransMLA's choices (its own row)
     data:     {...}               # finance SFT data and the held-out splits (workflow/finance_data.py)
-    annotate: {max_new_tokens, batch_size, limit}      # the teacher answers the SFT prompts (GKD data)
+    annotate: {max_new_tokens, batch_size, limit, forward_precision}   # the teacher answers the SFT prompts
     gkd:      {training-recipe sections to override}   # runner_config, optimizer, lr_schedule, …
     sft:      {training-recipe sections to override}
     eval:     {ppl: {data, seq_len, max_windows}, kl: {…}, tasks: [suite tasks], bootstrap: 1000}
@@ -27,7 +27,7 @@ from mindyouzhi.errors import UserError
 
 SECTIONS = {"original": True, "convert": True, "baseline": False, "data": True, "annotate": False, "gkd": True,
             "sft": True, "eval": True, "export": False, "capacity": False}
-DEFAULTS = {"annotate": {"max_new_tokens": 256, "batch_size": 8, "limit": None},
+DEFAULTS = {"annotate": {"max_new_tokens": 256, "batch_size": 8, "limit": None, "forward_precision": "auto"},
             "export": {"format": "deepseek-v3"},
             "capacity": {"memory": "64GiB", "context": 2048}}
 

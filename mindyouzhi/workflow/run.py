@@ -235,12 +235,9 @@ def stage_data(run: PipelineRun) -> dict:
 
 def stage_annotate(run: PipelineRun) -> dict:
     spec = run.recipe["annotate"]
-    args = ["data", "annotate", "--model", run.recipe["original"], "--input", str(run.path("data", "sft.jsonl")),
-            "--out", str(run.path("data", "gkd.jsonl")), "--overwrite",
-            "--max-new-tokens", str(spec["max_new_tokens"]), "--batch-size", str(spec["batch_size"])]
-    if spec.get("limit"):
-        args += ["--limit", str(spec["limit"])]
-    return run.cli("annotate", *args)
+    return run.cli("annotate", "data", "annotate", "--model", run.recipe["original"],
+                   "--input", str(run.path("data", "sft.jsonl")), "--out", str(run.path("data", "gkd.jsonl")),
+                   "--overwrite", *_flags(spec))
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -429,7 +426,9 @@ def recipe_inputs(recipe: PipelineRecipe) -> dict:
     return inputs
 
 
-def run_pipeline(recipe: PipelineRecipe, out: Path, until: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+def run_pipeline(recipe: PipelineRecipe, out: Path, until: Optional[str] = None, log: Callable[[str], None] = print,
+                 overwrite: bool = False) -> dict:
+    """Run (or resume) the pipeline in ``out``; ``overwrite`` discards an earlier run there first."""
     if until is not None and until not in STAGE_NAMES:
         raise UserError(f"--until {until!r}: expected one of {', '.join(STAGE_NAMES)}")
     out = Path(out)
@@ -437,6 +436,9 @@ def run_pipeline(recipe: PipelineRecipe, out: Path, until: Optional[str] = None,
     if out.exists() and not (out.is_dir() and (state.is_file() or not any(out.iterdir()))):
         raise UserError(f"--out {out}: exists and is not a pipeline run directory (no {STATE}); choose a new directory")
     check_outputs({"--out": out}, recipe_inputs(recipe), overwrite=True, directories=("--out",))
+    if overwrite and state.is_file():
+        log(f"--overwrite: the earlier run in {out} is discarded")
+        shutil.rmtree(out)
     run = PipelineRun(recipe, out, log)
     with tempfile.TemporaryDirectory() as scratch:
         for mode in ("gkd", "sft"):
