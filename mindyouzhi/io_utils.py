@@ -219,6 +219,21 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise UserError(f"{path}: invalid {what} ({exc})") from None
 
 
+def read_yaml(path: str | os.PathLike, flag: str, what: str = "YAML file") -> Any:
+    """A YAML document; a missing, unreadable or malformed file is one line naming ``flag`` and the path."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{flag} {path}: {what} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{flag} {path}: invalid YAML ({' '.join(str(exc).split())[:200]})") from None
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process: VmHWM of its own address space where Linux has it
     (``ru_maxrss`` survives ``execve``, so a process started by a large one would report its

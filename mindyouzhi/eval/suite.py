@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import yaml
 
 from mindyouzhi.errors import UserError
+from mindyouzhi.io_utils import read_yaml
 
 from .bench import SCORING_MODES, BenchSettings, PreparedTask, prepare_task, run_prepared, summary
 from .kl import DEFAULT_SEQ_LEN, run_kl
@@ -85,12 +85,7 @@ def _check_entry(path: Path, index: int, raw) -> dict:
 
 def load_suite_config(path) -> list[SuiteEntry]:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--config {path}: not found")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"--config {path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    config = read_yaml(path, "--config", "suite config")
     entries, _ = entries_from_config(config, path.parent, f"--config {path}")
     return entries
 

@@ -305,18 +305,11 @@ def _validate_section(data: Any, spec: dict, where: str, prefix: str) -> dict:
 
 def load_recipe(path: str | os.PathLike, check_paths: bool = True) -> Recipe:
     """Read, expand and validate a recipe; with ``check_paths`` also every model dir and data file."""
-    import yaml
+    from mindyouzhi.io_utils import read_yaml
 
     path = Path(path)
     where = f"recipe {path}"
-    if not path.is_file():
-        raise UserError(f"--config {path}: recipe file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"{where}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{where}: not UTF-8 text") from None
+    raw = read_yaml(path, "--config", "recipe file")
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected a mapping of sections at the top level")
     data = expand_env(raw, where)

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mindyouzhi.errors import UserError
+from mindyouzhi.io_utils import read_yaml
 
 SECTIONS = {"original": True, "convert": True, "baseline": False, "data": True, "annotate": False, "gkd": True,
             "sft": True, "eval": True, "export": False, "capacity": False}
@@ -51,12 +50,7 @@ def load_pipeline_recipe(path: Path, check_paths: bool = True) -> PipelineRecipe
 
     path = Path(path)
     where = f"--recipe {path}"
-    if not path.is_file():
-        raise UserError(f"{where}: file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{where}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+    raw = read_yaml(path, "--recipe", "pipeline recipe")
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected a mapping with sections {', '.join(SECTIONS)}")
     unknown = sorted(set(raw) - set(SECTIONS))
