@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-
 from mindyouzhi.errors import UserError
 from mindyouzhi.io_utils import read_yaml
 
