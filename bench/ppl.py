@@ -69,7 +69,7 @@ def main() -> None:
     tokenizer = next(iter(ours.values())).tokenizer
     data = windows(token_stream(tokenizer, test), args.seq_len, args.windows, test)
     warm = data[:1]  # compiles / warms up, untimed; the timed pass covers every window, this one too
-    scorers = {name: (lambda w, r=runner: window_nll(r.token_nll, w[None])) for name, runner in ours.items()}
+    scorers = {name: (lambda w, r=runner: float(window_nll(r.token_nll, w[None]).sum())) for name, runner in ours.items()}
     for dtype in ("fp32", "bf16"):
         reference = transformers.AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16).eval()

@@ -17,11 +17,12 @@ neighbours than with a few thousand calibration tokens, so the projection to 32k
 from parts: the per-layer fixed work (each run's seconds per layer minus its budget's share) plus
 the budget-proportional work of one layer (Gram + forward) measured directly (``token_cost``).
 Then ``mindyouzhi export`` and a check that the exported config's ``qk_rope_head_dim +
-kv_lora_rank`` is 576, the only head width vLLM's MLA backend accepts.  ``eval ppl`` is not run:
-``ModelRunner`` keeps every layer resident (``eval_ppl_finding`` states it with the numbers).
+kv_lora_rank`` is 576, the only head width vLLM's MLA backend accepts.  First, ``eval ppl`` of the
+source model with its default choice: the loaded weights would not fit, so it streams layers.
 
     .venv/bin/python bench/scale_7b.py [--layers 28] [--calib-tokens 256,2048] [--fold 4]
     .venv/bin/python bench/scale_7b.py --layers 28 --calib-tokens 256 --convert-layers last:1
+    .venv/bin/python bench/scale_7b.py --layers 28 --eval-only          # eval ppl of the 28-layer model
 
 ``--layers N`` builds the 7B shape with only N layers (per-layer cost and the export on a busy
 machine, then extrapolate); ``--convert-layers last:1`` streams, reads and writes every layer but
@@ -262,25 +263,17 @@ def project(runs: list[dict], stream_per_1k: float, seq_len: int, tokens: int = 
             "seconds_per_layer": per_layer, "wall_seconds_28_layers": QWEN25_7B["num_hidden_layers"] * per_layer}
 
 
-def eval_ppl_finding(hf_config: dict, layers_measured: int) -> dict:
-    """What ``eval ppl`` would hold resident for the full 28-layer model: ``ModelRunner.__init__``
-    reads every layer into fp32 tensors (plus bf16 copies of the projections with
-    ``--forward-precision bf16``) before the first window runs (models/runner.py)."""
-    from mindyouzhi.convert_weights.architectures import checkpoint_shapes
-    from mindyouzhi.models.config import ModelConfig
-
-    full = ModelConfig.from_dict({**hf_config, "num_hidden_layers": QWEN25_7B["num_hidden_layers"]})
-    shapes = checkpoint_shapes(full)
-    params = sum(math.prod(s) for s in shapes.values())
-    projections = sum(math.prod(s) for n, s in shapes.items() if n.endswith("_proj.weight")) + math.prod(shapes["lm_head.weight"])
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    resident = 4 * params
-    return {"parameters": params, "fp32_resident_bytes": resident, "bf16_extra_bytes": 2 * projections,
-            "machine_ram_bytes": total, "streams_layers": False, "runs": resident < total / 2,
-            "reason": (f"eval ppl builds ModelRunner, which keeps all {full.num_hidden_layers} layers resident as fp32 "
-                       f"({resident / GiB:.1f} GiB, + {2 * projections / GiB:.1f} GiB of bf16 copies with "
-                       f"--forward-precision bf16) on a {total / GiB:.1f} GiB machine: it does not stream layers, "
-                       "so it is not run on the 7B shape"), "layers_in_measured_checkpoint": layers_measured}
+def eval_ppl_streamed(cli: str, model: Path, text: Path, windows: int, seq_len: int) -> dict:
+    """``eval ppl`` of the unconverted 7B-shaped model with its default choice of streaming (every
+    window through a layer before the next is read: the loaded fp32 weights would take ~28 GiB on a
+    24 GiB machine), with the child's peak RSS."""
+    measured = run_measured([cli, "eval", "ppl", "--model", str(model), "--data", str(text), "--seq-len", str(seq_len),
+                             "--max-windows", str(windows), "--json"])
+    report = json.loads(measured.pop("stdout"))
+    return {"streamed_layers": report["streamed_layers"], "ppl": report["ppl"], "windows": report["windows"],
+            "seq_len": report["seq_len"], "forward_precision": report["forward_precision"]["used"],
+            "wall_seconds": measured["seconds"], "cpu_seconds": measured["cpu_seconds"],
+            "peak_rss_bytes": measured["vmhwm_bytes"], "min_mem_available_bytes": measured["min_mem_available_bytes"]}
 
 
 def main() -> None:
@@ -298,6 +291,9 @@ def main() -> None:
                              "which measures a full-depth stream's peak cheaply; no export then)")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the converted and exported models")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-windows", type=int, default=2, help="eval ppl of the source model: windows")
+    parser.add_argument("--eval-seq-len", type=int, default=512, help="eval ppl of the source model: tokens per window")
+    parser.add_argument("--eval-only", action="store_true", help="only eval ppl of the source model (no conversion)")
     parser.add_argument("--token-cost-tokens", type=int, default=4096,
                         help="tokens of the direct measurement of one layer's budget-proportional work")
     args = parser.parse_args()
@@ -307,6 +303,15 @@ def main() -> None:
     model = args.scratch / f"qwen2.5-7b-shape-{args.layers}l"
     prepare(model, hf_config, calib, args.seed)
     cli = common.cli()
+    _, test = common.wikitext()
+    print(f"eval ppl of the {args.layers}-layer source model (MemAvailable {mem_available() / GiB:.1f} GiB) ...",
+          flush=True)
+    evaluation = eval_ppl_streamed(cli, model, test, args.eval_windows, args.eval_seq_len)
+    print(f"  streamed layers: {evaluation['streamed_layers']}, wall {evaluation['wall_seconds']:.0f} s, peak RSS "
+          f"{evaluation['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
+    if args.eval_only:
+        common.save(f"scale_7b_{args.layers}l_eval", {"eval_ppl": evaluation})
+        return
     runs = []
     for budget in budgets:
         out = args.scratch / f"converted-{args.layers}l-{budget}"
@@ -344,7 +349,7 @@ def main() -> None:
                     "batch_size": args.batch_size},
         "runs": runs,
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs), "peak_rss_limit_bytes": 20 * GiB,
-        "eval_ppl": eval_ppl_finding(hf_config, args.layers),
+        "eval_ppl": evaluation,
     }
     width = None
     if all(r["converted_layers"] == args.layers for r in runs):  # export needs every layer converted

@@ -48,28 +48,45 @@ def eval_group():
                                                         "model's context if shorter]")
 @click.option("--max-windows", type=int, default=None, help="score only the first N windows")
 @click.option("--batch-size", default=1, show_default=True, help="windows per forward")
+@click.option("--stream-layers/--no-stream-layers", default=None,
+              help="one layer in memory at a time, every window through it before the next is read (same result) "
+                   "[default: when the loaded weights would take more than half of the available memory]")
 @forward_precision_option
 @progress_option
 @json_option
-def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, forward_precision, as_json):
+def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, stream_layers, forward_precision, as_json):
     """Perplexity over non-overlapping windows: exp(total NLL / predicted tokens)."""
-    from mindyouzhi.eval.ppl import perplexity, token_stream, windows
+    from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+    from mindyouzhi.eval.lm import resolve_precision
+    from mindyouzhi.eval.ppl import perplexity, perplexity_streamed, should_stream, token_stream, windows
     from mindyouzhi.generated_text import DEFAULT_CALIB_SEED, HELD_OUT_SEED_OFFSET, resolve_text_source
+    from mindyouzhi.models.config import ModelConfig, window_length
     from mindyouzhi.models.runner import ModelRunner
     from mindyouzhi.progress import progress_bar
-    from mindyouzhi.eval.lm import resolve_precision
-
-    from mindyouzhi.models.config import ModelConfig, window_length
+    from mindyouzhi.tokenizer import load_tokenizer
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    seq_len = window_length(seq_len, DEFAULT_WINDOW, "--seq-len", ModelConfig.from_dir(model_dir))
+    config = ModelConfig.from_dir(model_dir)
+    seq_len = window_length(seq_len, DEFAULT_WINDOW, "--seq-len", config)
     data = resolve_text_source(data, model_dir, DEFAULT_CALIB_SEED + HELD_OUT_SEED_OFFSET, "--data")
     precision = resolve_precision(forward_precision)
-    runner = ModelRunner.from_dir(model_dir, precision=precision["used"])
-    data_windows = windows(token_stream(runner.tokenizer, data, "--data", text_field), seq_len, max_windows, data)
-    bar = progress_bar(data_windows.size, "ppl", "tok")
-    result = perplexity(runner, data_windows, batch_size, progress=bar.update)
+    if stream_layers is None:
+        stream_layers, loaded = should_stream(config, precision["used"])
+        if stream_layers:
+            click.echo(f"note: streaming layers (the loaded weights would take {loaded / 2**30:.1f} GiB, more than "
+                       f"half of the memory available)", err=True)
+    if stream_layers:
+        data_windows = windows(token_stream(load_tokenizer(model_dir), data, "--data", text_field), seq_len,
+                               max_windows, data)
+        bar = progress_bar(config.num_hidden_layers, "ppl (layers)", "layer")
+        result = perplexity_streamed(config, SafetensorsStore(model_dir), data_windows, batch_size, precision["used"],
+                                     str(model_dir), progress=lambda done: bar.update(1))
+    else:
+        runner = ModelRunner.from_dir(model_dir, precision=precision["used"])
+        data_windows = windows(token_stream(runner.tokenizer, data, "--data", text_field), seq_len, max_windows, data)
+        bar = progress_bar(data_windows.size, "ppl", "tok")
+        result = perplexity(runner, data_windows, batch_size, progress=bar.update)
     bar.close()
     payload = {**result.to_dict(), "forward_precision": precision}
     emit(payload, as_json, f"ppl {result.ppl:.4f} over {result.windows} windows × {seq_len} tokens "

@@ -281,3 +281,43 @@ class ModelRunner:
         engine = Engine(self, EngineOptions(max_batch=1, num_blocks=blocks))
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(stop_ids))
         return engine.generate([prompt], params)[0].output_ids
+
+
+def streamed_window_nll(config: ModelConfig, source, window_ids: np.ndarray, batch_size: int = 1,
+                        precision: str = "fp32", where: str = "weights",
+                        progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """Per-window total NLL of ``window_ids`` [N, T] with one layer's weights in memory at a time.
+
+    Every window goes through layer l before layer l+1 is read (the conversion's streaming order):
+    what stays resident is the hidden states of all windows ([N, T−1, D] float32), the embedding,
+    the final norm and the head, and one layer — so a model larger than the machine's RAM is
+    scored as exactly as ``ModelRunner.token_nll`` scores it (the same layer functions and head)."""
+    ensure_device()
+    inputs, targets = window_ids[:, :-1], window_ids[:, 1:]
+    length = inputs.shape[1]
+    cos, sin, mcos, msin = RopeTables(config)(length)
+    tables = tuple(to_tensor(t) for t in (cos, sin, mcos, msin, causal_mask(length)))
+    glob = read_global_weights(source, config, where)
+    embed_table = to_tensor(glob.pop("model.embed_tokens.weight") if not config.tie_word_embeddings
+                            else glob["model.embed_tokens.weight"])
+    starts = range(0, len(inputs), batch_size)
+    hidden = [_embed(embed_table, to_tensor(inputs[b:b + batch_size].astype(np.int32), ms.int32)).asnumpy()
+              for b in starts]
+    del embed_table
+    for layer in range(config.num_hidden_layers):
+        weights = read_layer_weights(source, config, layer, where)
+        packed = {k: _packed(v) for k, v in weights.items() if precision == "bf16" and is_projection(k)}
+        function = layer_function(config, layer, {**{k: to_tensor(v) for k, v in weights.items()}, **packed}, precision)
+        hidden = [function(to_tensor(h), *tables).asnumpy() for h in hidden]
+        del weights, packed, function
+        if progress:
+            progress(layer + 1)
+    head = glob["model.embed_tokens.weight"] if config.tie_word_embeddings else glob["lm_head.weight"]
+    head_product = _packed(head) if precision == "bf16" else to_tensor(head)
+    norm, eps = to_tensor(glob["model.norm.weight"]), float(config.rms_norm_eps)
+    heads = head_functions(precision)
+    out = []
+    for start, states in zip(starts, hidden):
+        rows = to_tensor(targets[start:start + batch_size].astype(np.int32), ms.int32)
+        out.append(head_rows(heads.nll, to_tensor(states), rows, norm, head_product, eps).astype(np.float64).sum(axis=1))
+    return np.concatenate(out)
