@@ -49,7 +49,9 @@ def test_without_mindstudio_probe_the_command_names_the_package(tmp_path, monkey
         return None if name.split(".")[0] == "msprobe" else real(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    result = CliRunner().invoke(probe, ["compare", "--teacher", str(tmp_path), "--student", str(tmp_path),
-                                        "--data", str(tmp_path / "x.txt")])
+    models = tmp_path / "models"  # not the working directory, where the default --out goes
+    models.mkdir()
+    result = CliRunner().invoke(probe, ["compare", "--teacher", str(models), "--student", str(models),
+                                        "--data", str(models / "x.txt")])
     assert result.exit_code == 2
     assert "mindstudio-probe" in result.output and "pip install" in result.output
