@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from mindyouzhi.errors import UserError
+from mindyouzhi.io_utils import available_memory_bytes
 from mindyouzhi.textdata import read_text, token_stream  # noqa: F401  (the readers callers import from here)
 
 
@@ -93,15 +94,5 @@ def should_stream(config, precision: str, available_bytes: Optional[int] = None)
 
     loaded = weight_count(config) * (6 if precision == "bf16" else 4)
     if available_bytes is None:
-        available_bytes = _available_memory()
+        available_bytes = available_memory_bytes()
     return available_bytes is not None and loaded > available_bytes // 2, loaded
-
-
-def _available_memory() -> Optional[int]:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None

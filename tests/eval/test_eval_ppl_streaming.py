@@ -45,7 +45,7 @@ def test_default_streams_only_when_the_weights_do_not_fit(setup, monkeypatch):
     assert not stream and loaded > 0
     assert ppl_module.should_stream(config, "fp32", available_bytes=loaded)[0]
     assert ppl_module.should_stream(config, "bf16", available_bytes=2 * loaded)[0]  # bf16 keeps a second copy
-    monkeypatch.setattr(ppl_module, "_available_memory", lambda: loaded)
+    monkeypatch.setattr(ppl_module, "available_memory_bytes", lambda: loaded)
     result = CliRunner().invoke(main, ["eval", "ppl", "--model", str(model), "--data", str(text), "--seq-len", "64",
                                        "--max-windows", "2", "--forward-precision", "fp32", "--json"])
     assert result.exit_code == 0, result.output
