@@ -234,27 +234,29 @@ def read_yaml(path: str | os.PathLike, flag: str, what: str = "YAML file") -> An
         raise UserError(f"{flag} {path}: invalid YAML ({' '.join(str(exc).split())[:200]})") from None
 
 
+def _proc_kib(path: str, field: str) -> Optional[int]:
+    """A ``Field:  N kB`` line of a Linux /proc file, in bytes (None elsewhere)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process: VmHWM of its own address space where Linux has it
     (``ru_maxrss`` survives ``execve``, so a process started by a large one would report its
     parent's peak), else ``ru_maxrss``."""
     import resource
 
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_kib("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
 
 
 def available_memory_bytes() -> Optional[int]:
     """MemAvailable of the machine (Linux), else None."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kib("/proc/meminfo", "MemAvailable")
