@@ -8,10 +8,12 @@ and a held-out sample (another seed) measures how faithfully a converted model r
 Rows start from a few neutral openings (after BOS when the model was trained with one) and are
 sampled with one random generator per (seed, row), so the text depends only on the model, N and
 the seed — never on batching.  All rows decode together through the serving engine's paged model
-(``mindyouzhi.serve.paged_model``), one batched step per position.  The result is a plain ``.txt``
-file in ``~/.cache/mindyouzhi/generated``, named by the model's content hash, N and the seed:
-later runs reuse it, and any command that reads text can read it.  Its token count (re-encoded)
-is at least N.
+(``mindyouzhi.serve.paged_model``), one batched step per position, in bf16 on a CPU with native
+bf16 dot products (``--forward-precision auto``'s rule; fp32 elsewhere) whichever command asks, so
+every command on one machine reads the same text.  The result is a plain ``.txt`` file in
+``~/.cache/mindyouzhi/generated``, named by the model's content hash, N, the seed and (bf16) the
+precision: later runs reuse it, and any command that reads text can read it.  Its token count
+(re-encoded) is at least N.
 """
 from __future__ import annotations
 
@@ -78,8 +80,17 @@ def model_content_hash(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def cache_path(cache_dir: Path, model_hash: str, spec: GenerateSpec) -> Path:
-    return cache_dir / f"{model_hash[:16]}-v{FORMAT_VERSION}-n{spec.tokens}-s{spec.seed}.txt"
+def cache_path(cache_dir: Path, model_hash: str, spec: GenerateSpec, precision: str = "fp32") -> Path:
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    return cache_dir / f"{model_hash[:16]}-v{FORMAT_VERSION}-n{spec.tokens}-s{spec.seed}{suffix}.txt"
+
+
+def generation_precision() -> str:
+    """The precision text is sampled in: ``auto``'s choice (bf16 where the CPU has native bf16 dot
+    products and the kernels build), the same for every command so they share one text."""
+    from mindyouzhi.transition.calibration import resolve_forward_precision
+
+    return resolve_forward_precision("auto")[0]
 
 
 def generated_texts(model_dir: str | Path, specs: Sequence[GenerateSpec], cache_dir: str | Path | None = None,
@@ -88,23 +99,26 @@ def generated_texts(model_dir: str | Path, specs: Sequence[GenerateSpec], cache_
     say = say or (lambda message: print(message, file=sys.stderr))
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
     model_hash = model_content_hash(model_dir)
-    paths = [cache_path(cache, model_hash, spec) for spec in specs]
-    missing = {spec: path for spec, path in zip(specs, paths) if not _cached(path, model_hash, spec, say)}
+    precision = generation_precision()
+    paths = [cache_path(cache, model_hash, spec, precision) for spec in specs]
+    missing = {spec: path for spec, path in zip(specs, paths) if not _cached(path, model_hash, spec, precision, say)}
     for spec, path in zip(specs, paths):
         if spec not in missing:
             say(f"using cached generated text {path} ({spec.describe()})")
     if missing:
-        _generate(model_dir, missing, model_hash, say)
+        _generate(model_dir, missing, model_hash, precision, say)
     return paths
 
 
-def fingerprint(model_hash: str, spec: GenerateSpec) -> dict:
+def fingerprint(model_hash: str, spec: GenerateSpec, precision: str = "fp32") -> dict:
     """Everything that decides a generated text (recorded in its ``.json`` next to it)."""
-    return {"model_sha256": model_hash, "tokens": spec.tokens, "seed": spec.seed, "temperature": TEMPERATURE,
-            "format_version": FORMAT_VERSION}
+    record = {"model_sha256": model_hash, "tokens": spec.tokens, "seed": spec.seed, "temperature": TEMPERATURE,
+              "format_version": FORMAT_VERSION}
+    # fp32 texts keep the record they had before bf16 sampling existed, so their caches stay valid
+    return record if precision == "fp32" else {**record, "forward_precision": precision}
 
 
-def _cached(path: Path, model_hash: str, spec: GenerateSpec, say) -> bool:
+def _cached(path: Path, model_hash: str, spec: GenerateSpec, precision: str, say) -> bool:
     """Whether ``path`` holds the text of ``spec``: present, with a record of the same fingerprint."""
     from mindyouzhi.fingerprint import matches
 
@@ -116,19 +130,19 @@ def _cached(path: Path, model_hash: str, spec: GenerateSpec, say) -> bool:
         recorded = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         recorded = None
-    if matches(recorded, fingerprint(model_hash, spec)):
+    if matches(recorded, fingerprint(model_hash, spec, precision)):
         return True
     say(f"note: cached generated text {path} has no matching record of the model, N and seed; generating it again")
     return False
 
 
-def _generate(model_dir, targets: dict[GenerateSpec, Path], model_hash: str, say) -> None:
+def _generate(model_dir, targets: dict[GenerateSpec, Path], model_hash: str, precision: str, say) -> None:
     import time
 
     from mindyouzhi.models.runner import ModelRunner
 
     started = time.perf_counter()
-    runner = ModelRunner.from_dir(model_dir)
+    runner = ModelRunner.from_dir(model_dir, precision=precision)
     tokenizer = runner.tokenizer
     row_tokens = min(ROW_TOKENS, runner.config.max_position_embeddings)
     texts: dict[GenerateSpec, list[str]] = {spec: [] for spec in targets}
@@ -139,7 +153,7 @@ def _generate(model_dir, targets: dict[GenerateSpec, Path], model_hash: str, say
         for spec, missing in short.items():
             first = len(texts[spec])
             jobs += [(spec, first + k) for k in range(-(-int(missing * MARGIN) // row_tokens))]
-        say(f"generating {len(jobs)} × {row_tokens} tokens with {model_dir} at temperature {TEMPERATURE} "
+        say(f"generating {len(jobs)} × {row_tokens} tokens with {model_dir} at temperature {TEMPERATURE} in {precision} "
             f"(data-free text: {', '.join(spec.describe() for spec in short)})")
         for begin in range(0, len(jobs), MAX_ROWS):
             batch = jobs[begin:begin + MAX_ROWS]
@@ -157,7 +171,7 @@ def _generate(model_dir, targets: dict[GenerateSpec, Path], model_hash: str, say
     for spec, path in targets.items():
         write_text_atomic(path, _join(texts[spec]))
         write_json_atomic(path.with_suffix(".json"), {
-            "model": str(Path(model_dir).resolve()), **fingerprint(model_hash, spec), "rows": len(texts[spec]),
+            "model": str(Path(model_dir).resolve()), **fingerprint(model_hash, spec, precision), "rows": len(texts[spec]),
             "row_tokens": row_tokens, "prompts": list(NEUTRAL_PROMPTS)})
     seconds = time.perf_counter() - started
     say(f"generated {total} tokens in {seconds:.0f} s ({total / seconds:.0f} tok/s) → {', '.join(map(str, targets.values()))}")

@@ -190,3 +190,34 @@ def test_generated_text_too_short_is_refused_before_any_sampling(tiny, tmp_path,
     code, output = cli("convert", "--model", tiny["model"], "--out", out, "--calib", "generate:1000", "--calib-tokens", 512,
                        "--calib-seq-len", 64, "--rope-dim", 8, "--freqfold", 2, "--eval-data", "generate:10:42")
     assert code == 2 and "same seed 42" in output and not out.exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_generated_text_is_sampled_in_the_machine_precision_and_recorded(tiny, tmp_path, monkeypatch, precision):
+    """Every command samples in ``generation_precision()`` (bf16 where auto picks it): the runner gets
+    that precision, the file name and record carry it, and an fp32 text keeps its old name and record."""
+    from mindyouzhi.models.runner import ModelRunner
+
+    if precision == "bf16":
+        from mindyouzhi.ops import bf16
+
+        if bf16.unavailable():
+            pytest.skip(f"bf16 kernels unavailable: {bf16.unavailable()}")
+    monkeypatch.setattr(generated_text, "ROW_TOKENS", 32)
+    monkeypatch.setattr(generated_text, "generation_precision", lambda: precision)
+    used = []
+    original = ModelRunner.from_dir.__func__
+
+    def spy(cls, model_dir, *args, **kwargs):
+        used.append(kwargs.get("precision", "fp32"))
+        return original(cls, model_dir, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "from_dir", classmethod(spy))
+    spec = generated_text.GenerateSpec(40, 3)
+    [path] = generated_text.generated_texts(tiny["model"], [spec], tmp_path, say=lambda message: None)
+    record = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    assert used == [precision]
+    assert path.name.endswith("-s3.txt" if precision == "fp32" else "-s3-bf16.txt")
+    assert ("forward_precision" in record) == (precision != "fp32") and record.get("forward_precision", "fp32") == precision
+    assert generated_text.generated_texts(tiny["model"], [spec], tmp_path, say=lambda message: None) == [path]
+    assert used == [precision]  # the second call reads the cache

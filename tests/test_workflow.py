@@ -49,7 +49,7 @@ def _recipe(root: Path, model: Path, text: Path, fpb: Path, sft: Path, sft_lr: f
         "gkd": small_train,
         "sft": {**small_train, "lr_schedule": {"learning_rate": sft_lr}},
         "eval": {"ppl": {"data": str(text), "seq_len": 64, "max_windows": 6},
-                 "kl": {"data": str(text), "seq_len": 64, "max_windows": 2}, "bootstrap": 200},
+                 "kl": {"data": str(text), "seq_len": 64, "max_windows": 2}, "bootstrap": 200, "heldout_limit": 3},
         "capacity": {"memory": "1GiB", "context": 128},
     }
     path = root / "youzhi.yaml"
@@ -86,7 +86,7 @@ def test_pipeline_end_to_end_resumes_and_reruns_what_changed(inputs, tmp_path):
     names = {task["name"] for task in tables["tasks"]}
     assert {"FPB held-out (gen)", "FPB held-out (ll)", "RMB amounts held-out", "Banking intent/slots held-out"} <= names
     for task in tables["tasks"]:
-        assert task["n"] > 0
+        assert task["n"] == 3 if task["group"] == "finance-heldout" else task["n"] > 0  # eval.heldout_limit
         for score in task["scores"].values():
             assert score["low"] <= score["value"] <= score["high"]
     assert tables["quality"]["original"]["ppl"]["n"] == 6
@@ -198,3 +198,18 @@ def test_bootstrap_intervals_cover_and_pair():
         paired_difference(rows, better[:-1], accuracy)
     ppl = bootstrap_perplexity([100.0, 120.0, 80.0, 110.0], 50, replicates=300)
     assert ppl.value == pytest.approx(np.exp(410 / 200)) and ppl.low < ppl.value < ppl.high
+
+
+def test_fpb_held_out_items_come_in_hash_order_so_a_prefix_is_a_fair_sample(tmp_path):
+    """FPB files are grouped by label: the held-out split must not inherit that order, or the first
+    ``eval.heldout_limit`` items would be one label."""
+    from mindyouzhi.workflow.finance_data import split_fpb
+
+    path = tmp_path / "grouped.txt"
+    rows = [f"{label} sentence number {i} about the company" + "@" + label
+            for label in ("positive", "neutral", "negative") for i in range(60)]
+    path.write_text("\n".join(rows) + "\n", encoding="latin-1")
+    train, test = split_fpb(path, 0.3, seed=42)
+    assert len(train) + len(test) == 180 and {s.sentence for s in train}.isdisjoint(s.sentence for s in test)
+    assert len({s.label for s in test[:12]}) == 3
+    assert [s.sentence for s in split_fpb(path, 0.3, seed=42)[1]] == [s.sentence for s in test]  # deterministic

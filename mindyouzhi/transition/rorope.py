@@ -2,11 +2,14 @@
 
 Notation (docs/conversion.md §1–2): rows of ``W_k`` are (KV head g, coordinate i) with the
 rotate-half pairing (re_j = i < J, im_j = i ≥ J).  For each fold group we take the uncentred
-second moment of the group's re- and im-coordinates over calibration tokens, computed from the
+second moments of the group's re- and im-coordinates over calibration tokens, computed from the
 layer's augmented input Gram matrix ``G = Σ [x;1][x;1]ᵀ`` (so no activations are stored), and
-rotate with its eigenvectors.  The result is an orthogonal ``L × L`` map ``R`` on the merged key
-(L = n_kv·d_h) whose first ``rope_dim`` rows (rotate-half order: re of pairs, then im of pairs)
-keep RoPE and whose other rows become position-free.
+change basis within the group.  The result is an invertible ``L × L`` map ``R`` on the merged key
+(L = n_kv·d_h; queries map by ``R⁻ᵀ``, so every score is unchanged) whose first ``rope_dim`` rows
+(rotate-half order: re of pairs, then im of pairs) keep RoPE and whose other rows become
+position-free.  With the default ``score`` basis R is *not* orthogonal: it diagonalises the key
+and query moments together and orders components by score energy; ``--rorope key`` is TransMLA's
+orthogonal key PCA (``_group_basis``).
 
 The stage-1 layer is written as an MLA layer whose latent is ``[R_nope·k ; v]`` (width
 ``2L − rope_dim``): exactly the partial-RoPE model, and the input format of stage 2.

@@ -52,7 +52,9 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> int:
 
 
 def split_fpb(path: Path, held_out: float, seed: int) -> tuple[list, list]:
-    """(train, held-out) labelled sentences of an FPB file, split by sentence hash."""
+    """(train, held-out) labelled sentences of an FPB file, split by sentence hash.  The held-out
+    sentences come in the order of their hash (the file is grouped by label), so the first N of
+    them (``eval.heldout_limit``) are a random sample with the file's label mix."""
     from mindyouzhi.eval.tasks.classification import FPB, read_sentences
 
     if not 0 < held_out < 1:
@@ -60,6 +62,7 @@ def split_fpb(path: Path, held_out: float, seed: int) -> tuple[list, list]:
     train, test = [], []
     for sentence in read_sentences(Path(path), FPB):
         (test if _hash_unit(sentence.sentence, seed) < held_out else train).append(sentence)
+    test.sort(key=lambda sentence: _hash_unit(sentence.sentence, seed + 1))
     return train, test
 
 

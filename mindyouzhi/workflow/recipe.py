@@ -9,7 +9,7 @@ Sections (``${VAR}`` / ``${VAR:-default}`` expanded as in training recipes)::
     annotate: {max_new_tokens, batch_size, limit, forward_precision}   # the teacher answers the SFT prompts
     gkd:      {training-recipe sections to override}   # runner_config, optimizer, lr_schedule, …
     sft:      {training-recipe sections to override}
-    eval:     {ppl: {data, seq_len, max_windows}, kl: {…}, tasks: [suite tasks], bootstrap: 1000}
+    eval:     {ppl: {data, seq_len, max_windows}, kl: {…}, tasks: [suite tasks], heldout_limit: N, bootstrap: 1000}
     export:   {format: deepseek-v3}
     capacity: {memory: 64GiB, context: 2048}
 """

@@ -306,6 +306,7 @@ def stage_sft(run: PipelineRun) -> dict:
 def heldout_tasks(run: PipelineRun) -> list[dict]:
     """The finance tasks SFT teaches, on their held-out splits (absent splits are left out)."""
     held = run.path("data", "heldout")
+    limit = run.recipe["eval"].get("heldout_limit")   # first N held-out items of each task (all if unset)
     tasks = []
     if (held / "fpb.jsonl").is_file():
         tasks.append({"task": "gen-jsonl", "data": str(held / "fpb.jsonl"), "name": "FPB held-out (gen)",
@@ -318,7 +319,7 @@ def heldout_tasks(run: PipelineRun) -> list[dict]:
     if (held / "banking.jsonl").is_file():
         tasks.append({"task": "gen-jsonl", "data": str(held / "banking.jsonl"), "name": "Banking intent/slots held-out",
                       "chat": True, "max_new_tokens": 128})
-    return tasks
+    return [dict(task, limit=int(limit)) for task in tasks] if limit else tasks
 
 
 def suite_config(run: PipelineRun) -> Path:
