@@ -200,10 +200,14 @@ def bf16_layer_weights(kind: str, weights: dict) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_layer_step(kind: str, attention: DecodeAttention, precision: str = "fp32"):
-    """One jitted function per (layer kind, attention implementation, precision) for the whole
-    process: a new jitted function per request would recompile and keep its graphs alive.  bf16
-    steps take ``bf16_layer_weights`` and need static shapes (AOT kernels)."""
+def compiled_layer_step(kind: str, attention: DecodeAttention, precision: str = "fp32", absent: tuple = ()):
+    """One jitted function per (layer kind, attention implementation, precision, absent optional
+    weights) for the whole process: a new jitted function per request would recompile and keep its
+    graphs alive.  ``absent`` — the positions of the weight arguments that are None (no bias, no
+    latent norm) — is part of the key because MindSpore's jit reuses a function's compile-argument
+    list across calls: one function called with a weight and then with None in its place fails
+    (``IndexError`` in ``mindspore/graph/api.py``), e.g. a server that loads a ``--latent-norm`` model
+    and then one without.  bf16 steps take ``bf16_layer_weights`` and need static shapes (AOT kernels)."""
     norm = kernels().rms_norm
     attend = attention.mla if kind == "mla" else attention.gqa
     if precision == "fp32":
@@ -229,7 +233,8 @@ def compiled_layer_step(kind: str, attention: DecodeAttention, precision: str = 
 @functools.lru_cache(maxsize=None)
 def compiled_decode_model(layout: tuple, attention: DecodeAttention):
     """The whole bf16 decode step as one compiled graph: embedding → every layer (``layout``: per
-    layer its kind and number of weight arguments) → final norm and LM head of the one new row.
+    layer its kind, number of weight arguments and which of them are None — see
+    ``compiled_layer_step``) → final norm and LM head of the one new row.
     One launch per step instead of one per layer plus three (MindSpore's per-graph launch cost on
     CPU is of the order of a small layer's arithmetic); the graph is built per layout and batch
     bucket, once per process."""
@@ -242,7 +247,7 @@ def compiled_decode_model(layout: tuple, attention: DecodeAttention):
               lens, *flat):
         x = ops.gather(embed_table, ids, 0)
         at = 0
-        for kind, count in layout:
+        for kind, count, _ in layout:
             pool_a, pool_b, scale, args = flat[at], flat[at + 1], flat[at + 2], flat[at + 3:at + 3 + count]
             at += 3 + count
             if kind == "mla":
@@ -298,7 +303,8 @@ class PagedModel:
                 args = (*dims, eps_tensor, *runner._bf16_step_weights[index])  # eps as the kernels read it
             else:
                 args = (*dims, eps, *(weights.get(name) for name in names))
-            self._layers.append((kind, pool.tensors[index], scale_tensor(scale), args))
+            absent = tuple(position for position, arg in enumerate(args) if arg is None)
+            self._layers.append((kind, pool.tensors[index], scale_tensor(scale), args, absent))
         cos, sin, mla_cos, mla_sin = runner.rope(self.max_positions)
         kinds = {kind for kind, *_ in self._layers}
         tables = {"gqa": (cos, sin), "mla": (mla_cos, mla_sin)}  # MLA layers rotate with their own table
@@ -312,8 +318,8 @@ class PagedModel:
         rope = {kind: (Tensor(cos[positions]), Tensor(sin[positions])) for kind, (cos, sin) in self._rope.items()}
         shared = (Tensor(slots, ms.int32),)
         paging = (Tensor(tables, ms.int32), Tensor(positions, ms.int32), Tensor(seq_lens, ms.int32))
-        for kind, pools, scale, args in self._layers:
-            step = compiled_layer_step(kind, attention, self.precision)
+        for kind, pools, scale, args, absent in self._layers:
+            step = compiled_layer_step(kind, attention, self.precision, absent)
             x = step(x, *rope[kind], *shared, *pools, *paging, scale, *args)
         return x
 
@@ -366,12 +372,12 @@ class PagedModel:
 
     def _decode_whole(self, ids, positions, slots, tables, seq_lens) -> np.ndarray:
         """The bf16 decode step in one graph (``compiled_decode_model``) → logits [B, V]."""
-        layout = tuple((kind, len(args)) for kind, _, _, args in self._layers)
+        layout = tuple((kind, len(args), absent) for kind, _, _, args, absent in self._layers)
         model = compiled_decode_model(layout, self.decode_attention)
         rope = {kind: (Tensor(cos[positions]), Tensor(sin[positions])) for kind, (cos, sin) in self._rope.items()}
         gqa = rope.get("gqa", rope.get("mla"))
         mla = rope.get("mla", gqa)
-        flat = [value for _, pools, scale, args in self._layers for value in (*pools, scale, *args)]
+        flat = [value for _, pools, scale, args, _ in self._layers for value in (*pools, scale, *args)]
         logits = model(Tensor(ids, ms.int32), *self.runner.head_weights(), *gqa, *mla, Tensor(slots, ms.int32),
                        Tensor(tables, ms.int32), Tensor(positions, ms.int32), Tensor(seq_lens, ms.int32), *flat)
         return logits.asnumpy()
