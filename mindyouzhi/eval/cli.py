@@ -118,10 +118,13 @@ def kl_cmd(teacher_dir, student_dir, data, seq_len, max_windows, batch_size, buc
 @click.option("--batch-size", type=int, default=None, help="With --preset: sequences per forward / decoding batch.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for results.json (with per-item rows) and results.md.")
+@forward_precision_option
 @progress_option
 @json_option
-def suite_cmd(model_dirs, labels, config_path, preset, data_root, limit, batch_size, out_dir, as_json):
+def suite_cmd(model_dirs, labels, config_path, preset, data_root, limit, batch_size, out_dir, forward_precision, as_json):
     """Several benchmarks on one or more models, with a side-by-side Markdown + JSON table."""
+    import functools
+
     from mindyouzhi.errors import UserError
 
     from . import lm as lm_module
@@ -139,7 +142,9 @@ def suite_cmd(model_dirs, labels, config_path, preset, data_root, limit, batch_s
     else:
         entries = load_suite_config(config_path)
     source = {"config": str(config_path)} if preset is None else {"preset": preset, "not_run": not_run}
-    result = {**source, **run_suite(model_dirs, entries, labels, loader=lm_module.load_language_model)}
+    precision = lm_module.resolve_precision(forward_precision)
+    loader = functools.partial(lm_module.load_language_model, precision=precision["used"])
+    result = {**source, **run_suite(model_dirs, entries, labels, loader=loader), "forward_precision": precision}
     table = render_markdown(result)
     if preset is not None:
         table = render_paper_table(result, PRESETS[preset]["title"], not_run) + "\n" + table

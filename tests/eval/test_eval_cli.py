@@ -109,3 +109,25 @@ def test_suite_command_writes_markdown_and_json(tmp_path, models, exam):
     result = CliRunner().invoke(suite_cmd, ["--model", str(dirs["B"]), "--config", str(config), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["models"][0]["label"] == "model_B"
+
+
+def test_suite_command_loads_models_in_the_requested_precision(tmp_path, models, exam, monkeypatch):
+    """The suite's forwards and generation run at --forward-precision (default auto, as eval ppl),
+    and results.json says which precision ran."""
+    dirs, _ = models
+    precisions = []
+    load = lm_module.load_language_model
+    monkeypatch.setattr(lm_module, "load_language_model",
+                        lambda model_dir, precision="fp32": precisions.append(precision) or load(model_dir))
+    config = tmp_path / "suite.yaml"
+    config.write_text(f"tasks:\n  - task: ceval\n    data: {exam}\n    shots: 0\n")
+    out = tmp_path / "suite_out"
+    result = CliRunner().invoke(suite_cmd, ["--model", str(dirs["B"]), "--config", str(config), "--out", str(out),
+                                            "--forward-precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert precisions == ["fp32"]
+    assert json.loads((out / "results.json").read_text())["forward_precision"]["used"] == "fp32"
+    auto = lm_module.resolve_precision("auto")["used"]
+    result = CliRunner().invoke(suite_cmd, ["--model", str(dirs["B"]), "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    assert precisions == ["fp32", auto]
