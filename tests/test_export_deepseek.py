@@ -240,22 +240,27 @@ def test_paged_decode_of_latent_norm_and_plain_models_in_one_process(models):
     """A server process may load a --latent-norm model (a kv_a_layernorm weight per layer) and then
     one converted without it (no such weight): the compiled layer steps are kept per argument
     pattern, so each model decodes equal to its own expanded forward, in either order and again."""
+    _, converted, _ = models
+    for kind in ("llama", "llama_no_norm", "llama"):
+        runner = ModelRunner.from_dir(converted[kind])
+        for attention in ("gather", "custom"):
+            _assert_paged_decode_equals_forward(runner, IDS[0, :20].tolist(), attention, f"{kind} {attention}")
+
+
+def _assert_paged_decode_equals_forward(runner, tokens: list, attention: str, what: str = "") -> None:
+    """Prefill 13 tokens, decode the rest one by one on the paged engine: the logits equal the
+    expanded (non-paged) forward of the whole sequence."""
     from mindyouzhi.serve.attention import select_attention
     from mindyouzhi.serve.kv_pool import KVPool
     from mindyouzhi.serve.paged_model import PagedModel
 
-    _, converted, _ = models
-    tokens = IDS[0, :20].tolist()
-    for kind in ("llama", "llama_no_norm", "llama"):
-        runner = ModelRunner.from_dir(converted[kind])
-        for attention in ("gather", "custom"):
-            pool = KVPool(runner.config, 16, block_size=4)
-            model = PagedModel(runner, pool, select_attention(attention), prefill_chunk=8)
-            blocks = pool.allocator.allocate(8)
-            paged = [model.prefill(tokens[:13], blocks)]
-            paged += [model.decode([tokens[p]], [p], [blocks])[0] for p in range(13, len(tokens))]
-            np.testing.assert_allclose(np.stack(paged), runner.logits(np.asarray([tokens]))[0, 12:], atol=1e-4, rtol=0,
-                                       err_msg=f"{kind} {attention}")
+    pool = KVPool(runner.config, 16, block_size=4)
+    model = PagedModel(runner, pool, select_attention(attention), prefill_chunk=8)
+    blocks = pool.allocator.allocate(8)
+    paged = [model.prefill(tokens[:13], blocks)]
+    paged += [model.decode([tokens[p]], [p], [blocks])[0] for p in range(13, len(tokens))]
+    np.testing.assert_allclose(np.stack(paged), runner.logits(np.asarray([tokens]))[0, 12:], atol=1e-4, rtol=0,
+                               err_msg=what)
 
 
 def test_serving_a_converted_biased_model(models):
@@ -265,11 +270,8 @@ def test_serving_a_converted_biased_model(models):
     kind = "qwen2_no_norm"
     from mindyouzhi.models.generation import generate
     from mindyouzhi.serve import capacity
-    from mindyouzhi.serve.attention import select_attention
     from mindyouzhi.serve.cli import generate_cmd
     from mindyouzhi.serve.engine import Engine, EngineOptions
-    from mindyouzhi.serve.kv_pool import KVPool
-    from mindyouzhi.serve.paged_model import PagedModel
     from mindyouzhi.serve.sampling import SamplingParams
 
     _, converted, _ = models
@@ -277,14 +279,8 @@ def test_serving_a_converted_biased_model(models):
     for name in ("q_proj.bias", "kv_a_proj_with_mqa.bias"):  # the biases are there and matter
         assert np.abs(store.get(f"model.layers.0.self_attn.{name}")).max() > 1e-2
     runner = ModelRunner.from_dir(converted[kind])
-    tokens = IDS[0, :30].tolist()
     for attention in ("custom", "gather"):
-        pool = KVPool(runner.config, 16, block_size=4)
-        model = PagedModel(runner, pool, select_attention(attention), prefill_chunk=8)
-        blocks = pool.allocator.allocate(8)
-        paged = [model.prefill(tokens[:13], blocks)]
-        paged += [model.decode([tokens[p]], [p], [blocks])[0] for p in range(13, len(tokens))]
-        np.testing.assert_allclose(np.stack(paged), runner.logits(np.asarray([tokens]))[0, 12:], atol=1e-4, rtol=0)
+        _assert_paged_decode_equals_forward(runner, IDS[0, :30].tolist(), attention, attention)
     prompts = [IDS[0, :5].tolist(), IDS[1, :11].tolist()]
     completions = Engine(runner, EngineOptions(num_blocks=32, block_size=4)).generate(
         prompts, [SamplingParams(max_new_tokens=6)] * 2)
