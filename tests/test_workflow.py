@@ -94,6 +94,16 @@ def test_pipeline_end_to_end_resumes_and_reruns_what_changed(inputs, tmp_path):
     assert "gkd_ppl_gap_closed" in tables["acceptance"]
     markdown = (out / "tables.md").read_text()
     assert "| gkd+sft |" in markdown and "Table 4" in markdown
+    # A run in progress is tabled from the rows whose evaluation finished.
+    from mindyouzhi.workflow.recipe import load_pipeline_recipe
+    from mindyouzhi.workflow.run import PipelineRun
+    from mindyouzhi.workflow.tables import build_tables, finished_rows
+
+    run = PipelineRun(load_pipeline_recipe(recipe), out)
+    assert finished_rows(run) == tables["rows"]
+    partial = build_tables(run, rows=["original", "gkd+sft"])
+    assert partial["rows"] == ["original", "gkd+sft"] and "| ours |" not in partial["markdown"]
+    assert [t["scores"]["gkd+sft"] for t in partial["tasks"]] == [t["scores"]["gkd+sft"] for t in tables["tasks"]]
     # The teacher wrote the GKD data: every record ends with its answer to the SFT prompt.
     annotated = [json.loads(line) for line in (out / "data" / "gkd.jsonl").read_text().splitlines()]
     assert len(annotated) == 12 and all(r["messages"][-1]["role"] == "assistant" for r in annotated)

@@ -35,13 +35,20 @@ def _closure(original: float, converted: float, trained: float) -> Optional[floa
     return (trained - converted) / drop if drop else None
 
 
-def build_tables(run) -> dict:
-    rows = run.rows()
+def finished_rows(run) -> list[str]:
+    """The rows whose evaluation has finished (all of them once the run reaches ``tables``)."""
+    return [row for row in run.rows() if run.state["stages"].get(f"eval-{row}", {}).get("status") == "done"]
+
+
+def build_tables(run, rows: Optional[list[str]] = None) -> dict:
+    """The tables of ``rows`` (default: every row); a run still in progress can be tabled with
+    ``finished_rows(run)`` (Table 4 once ``capacity`` has run)."""
+    rows = list(rows or run.rows())
     replicates = int(run.recipe["eval"].get("bootstrap", DEFAULT_REPLICATES))
     groups = json.loads(run.path("eval", "groups.json").read_text(encoding="utf-8"))
     evals = {row: run.result(f"eval-{row}") for row in rows}
     suites = {row: _load_suite(evals[row]["suite"]) for row in rows}
-    capacity = run.result("capacity")
+    capacity = run.state["stages"].get("capacity", {}).get("result") or {}
 
     # -- benchmarks -------------------------------------------------------------------------------
     tasks = []
@@ -129,7 +136,7 @@ def render(tables: dict) -> str:
                   "|---|" + "---:|" * len(members)]
         for row in rows:
             lines.append(f"| {row} | " + " | ".join(_pct(Interval(**t["scores"][row])) for t in members) + " |")
-        if "gkd+sft" in rows:
+        if "gkd" in rows and "gkd+sft" in rows:
             lines.append("| SFT − GKD (paired) | " + " | ".join(
                 f"{100 * t['sft_minus_gkd']['value']:+.1f} [{100 * t['sft_minus_gkd']['low']:+.1f}, "
                 f"{100 * t['sft_minus_gkd']['high']:+.1f}]" for t in members) + " |")
