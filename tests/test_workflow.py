@@ -156,6 +156,12 @@ def test_pipeline_refuses_a_foreign_out_dir_and_bad_recipes(inputs, tmp_path):
     result = CliRunner().invoke(main, ["pipeline", "--recipe", str(bad), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "unknown section 'datta'" in result.output
     assert not (tmp_path / "r").exists()
+    limit = yaml.safe_load(recipe.read_text())
+    limit["eval"]["heldout_limit"] = "80"
+    bad.write_text(yaml.safe_dump(limit))
+    result = CliRunner().invoke(main, ["pipeline", "--recipe", str(bad), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "eval.heldout_limit '80': expected a whole number" in result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / "r").exists()
     # A typo in a training section is reported before the first stage, with nothing written.
     typo = yaml.safe_load(recipe.read_text())
     typo["gkd"]["runner_config"]["batch_sise"] = 2

@@ -65,6 +65,9 @@ def load_pipeline_recipe(path: Path, check_paths: bool = True) -> PipelineRecipe
             raise UserError(f"{where}: section {name!r} must be a mapping")
     for name, defaults in DEFAULTS.items():
         sections[name] = {**defaults, **(sections.get(name) or {})}
+    limit = sections["eval"].get("heldout_limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"{where}: eval.heldout_limit {limit!r}: expected a whole number ≥ 1 (held-out items per task)")
     original = Path(str(sections["original"])).expanduser()
     if check_paths and not (original / "config.json").is_file():
         raise UserError(f"{where}: original {original}: not a model directory (no config.json)")

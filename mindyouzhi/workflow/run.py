@@ -319,7 +319,7 @@ def heldout_tasks(run: PipelineRun) -> list[dict]:
     if (held / "banking.jsonl").is_file():
         tasks.append({"task": "gen-jsonl", "data": str(held / "banking.jsonl"), "name": "Banking intent/slots held-out",
                       "chat": True, "max_new_tokens": 128})
-    return [dict(task, limit=int(limit)) for task in tasks] if limit else tasks
+    return [dict(task, limit=limit) for task in tasks] if limit else tasks
 
 
 def suite_config(run: PipelineRun) -> Path:
