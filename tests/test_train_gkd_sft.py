@@ -141,3 +141,49 @@ def test_layerwise_recompute_step_equals_the_whole_graph_step(tmp_path, models, 
         for name in want:
             frozen = ".self_attn." not in name
             assert np.array_equal(got[name], before[name]) == frozen, name
+
+
+def test_balancing_keeps_the_first_loss_and_evens_the_factor_scales(tmp_path, models):
+    """A fresh run balances the MLA factor pairs (exact: the first step's loss is the unbalanced
+    one); what it saves has q_proj and kv_b_proj entries at comparable scales."""
+    from safetensors.numpy import load_file
+
+    sections = dict(train_dataset={"sources": [str(models["sft"])], "shuffle": False},
+                    runner_config={"max_steps": 1}, lr_schedule={"learning_rate": 1.0e-9})
+    runs = {}
+    for balance in (False, True):
+        (tmp_path / str(balance)).mkdir()
+        recipe, _, records = _run(tmp_path / str(balance), models, model={
+            "student": str(models["student"]), "teacher": str(models["teacher"]), "balance_mla": balance}, **sections)
+        runs[balance] = (records[0]["loss"], load_file(str(recipe.output_dir / "final" / "model.safetensors")))
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+
+    def ratio(weights):
+        q = weights["model.layers.0.self_attn.q_proj.weight"]
+        b = weights["model.layers.0.self_attn.kv_b_proj.weight"]
+        return float(np.sqrt(np.mean(q ** 2) / np.mean(b ** 2)))
+
+    source = load_file(str(models["student"] / "model.safetensors"))
+    assert abs(np.log(ratio(runs[True][1]))) < abs(np.log(ratio(source)))
+    assert runs[False][1]["model.layers.0.self_attn.q_proj.weight"] == pytest.approx(
+        source["model.layers.0.self_attn.q_proj.weight"], abs=1e-6)
+
+
+def test_sft_source_loss_all_makes_every_token_a_target(tmp_path, models):
+    from mindyouzhi.tokenizer import load_tokenizer
+    from mindyouzhi.train.data import build_dataset
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", model={"student": str(models["student"]),
+                                                                   "teacher": str(models["teacher"])},
+                                      train_dataset={"sources": [{"path": str(models["sft"]), "loss": "all"},
+                                                                 str(models["sft"])]}))
+    data = build_dataset(load_tokenizer(models["student"]), recipe.sources, 32, False, "r")
+    every = [e for e in data.examples if e.source == 0]
+    answers = [e for e in data.examples if e.source == 1]
+    assert all(e.loss[1:].all() and not e.loss[0] for e in every)
+    assert all(not e.loss[1:].all() for e in answers)  # the prompt carries no loss
+    assert [e.ids.tolist() for e in every] == [e.ids.tolist() for e in answers]
+    with pytest.raises(UserError, match=r"sources\[0\]\.loss applies to sft data only"):
+        load_recipe(write_recipe(tmp_path / "t.yaml", train_dataset={"sources": [
+            {"path": str(models["text"]), "loss": "all"}]}, model={"student": str(models["student"]),
+                                                                    "teacher": str(models["teacher"])}))

@@ -46,7 +46,7 @@ def _recipe(root: Path, model: Path, text: Path, fpb: Path, sft: Path, sft_lr: f
         "data": {"seed": 3, "fpb": {"path": str(fpb), "held_out": 0.4}, "amounts": {"train": 12, "held_out": 4},
                  "banking": {"train": 12, "held_out": 4}, "refusal": {"train": 6}, "instructions": [str(sft)]},
         "annotate": {"max_new_tokens": 6, "batch_size": 4, "limit": 12},
-        "gkd": small_train,
+        "gkd": {**small_train, "annotated_loss": "all", "mix": [{"path": str(text), "max_samples": 4}]},
         "sft": {**small_train, "lr_schedule": {"learning_rate": sft_lr}},
         "eval": {"ppl": {"data": str(text), "seq_len": 64, "max_windows": 6},
                  "kl": {"data": str(text), "seq_len": 64, "max_windows": 2}, "bootstrap": 200, "heldout_limit": 3},
@@ -107,6 +107,12 @@ def test_pipeline_end_to_end_resumes_and_reruns_what_changed(inputs, tmp_path):
     # The teacher wrote the GKD data: every record ends with its answer to the SFT prompt.
     annotated = [json.loads(line) for line in (out / "data" / "gkd.jsonl").read_text().splitlines()]
     assert len(annotated) == 12 and all(r["messages"][-1]["role"] == "assistant" for r in annotated)
+    # GKD read them with the loss on every token, and the recipe's mixed-in text after them.
+    gkd_sources = yaml.safe_load((out / "train" / "gkd.yaml").read_text())["train_dataset"]["sources"]
+    assert [(s["path"], s.get("loss")) for s in gkd_sources] == [(str(out / "data" / "gkd.jsonl"), "all"),
+                                                                (str(inputs["text"]), None)]
+    summary = json.loads((out / "train" / "gkd" / "train_summary.json").read_text())
+    assert [source["format"] for source in summary["data"]] == ["sft", "text"], summary["data"]
     # The held-out items never occur in the SFT data.
     sft_text = (out / "data" / "sft.jsonl").read_text()
     for name in ("amounts", "banking"):
@@ -169,6 +175,14 @@ def test_pipeline_refuses_a_foreign_out_dir_and_bad_recipes(inputs, tmp_path):
     result = CliRunner().invoke(main, ["pipeline", "--recipe", str(bad), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "section gkd" in result.output and "batch_sise" in result.output, result.output
     assert not (tmp_path / "r").exists()
+    for key, value, message in (("mix", {"path": "x"}, "gkd.mix must be a list"),
+                                ("annotated_loss", "prompts", "loss")):
+        typo = yaml.safe_load(recipe.read_text())
+        typo["gkd"][key] = value
+        bad.write_text(yaml.safe_dump(typo))
+        result = CliRunner().invoke(main, ["pipeline", "--recipe", str(bad), "--out", str(tmp_path / "r")])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.output.count("\n") == 1 and not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes").glob("youzhi_*.yaml")),
@@ -181,7 +195,7 @@ def test_shipped_pipeline_recipes_validate(recipe, monkeypatch, tmp_path):
     monkeypatch.setenv("MINDYOUZHI_MODELS", "/models")
     parsed = load_pipeline_recipe(recipe, check_paths=False)
     assert parsed["original"] == "/models/smollm2"
-    assert "wiki.test.raw" not in str(parsed["convert"]) and "wiki.test.raw" not in str(parsed["data"])
+    assert all("wiki.test.raw" not in str(parsed[section]) for section in ("convert", "data", "gkd", "sft"))
 
     # The training recipes the pipeline writes from its gkd:/sft: sections validate as training recipes.
     from mindyouzhi.train.config import load_recipe

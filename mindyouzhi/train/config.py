@@ -27,6 +27,7 @@ from .bf16_ops import CPU_PRECISIONS, DEFAULT_CPU_PRECISION
 
 RUN_MODES = ("gkd", "sft")
 DATA_FORMATS = ("auto", "text", "sft")
+LOSS_SPANS = ("response", "all")
 TRAINABLE = ("all", "attention")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SFT_SUFFIXES = (".json", ".jsonl")
@@ -89,6 +90,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "student": (STR, REQUIRED),          # the model to train (a converted MLA dir, or any model dir)
         "teacher": (OPT_STR, None),          # GKD: the frozen original model
         "trainable": (_one_of(*TRAINABLE), "all"),
+        # a fresh run rescales every MLA layer's factor pairs to equal entry scales first (exact:
+        # models/balance.py); false trains the student's tensors as they are
+        "balance_mla": (BOOL, True),
         # fp32 master weights always; bf16/fp16 compute is planned for Ascend (CPU has no bf16 MatMul)
         "compute_dtype": (_one_of(*COMPUTE_DTYPES), "float32"),
     },
@@ -167,7 +171,10 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "cpu_precision": (_one_of(*CPU_PRECISIONS), DEFAULT_CPU_PRECISION),
     },
 }
-SOURCE_KEYS = {"path": (STR, REQUIRED), "format": (_one_of(*DATA_FORMATS), "auto"), "max_samples": (OPT_INT_POS, None)}
+SOURCE_KEYS = {"path": (STR, REQUIRED), "format": (_one_of(*DATA_FORMATS), "auto"), "max_samples": (OPT_INT_POS, None),
+               # sft data: train on the responses only, or on every token of the conversation (e.g.
+               # distilling the teacher's distribution over the prompts as well)
+               "loss": (_one_of(*LOSS_SPANS), "response")}
 OPTIONAL_SECTIONS = ("eval_dataset", "memory_plan")
 
 
@@ -176,6 +183,7 @@ class DataSource:
     path: Path
     format: str  # resolved: "text" or "sft"
     max_samples: Optional[int] = None
+    loss: str = "response"  # sft sources: "response" or "all" tokens are targets
 
 
 @dataclass
@@ -236,6 +244,7 @@ class Recipe:
             "epochs": self.runner_config["epochs"], "max_steps": self.runner_config["max_steps"],
             "optimizer": self.optimizer, "lr_schedule": self.lr_schedule,
             "trainable": self.model["trainable"], "data_parallel": self.parallel_config["data_parallel"],
+            "balance_mla": self.model["balance_mla"],
         }
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -369,7 +378,9 @@ def _sources(value: Any, where: str) -> list[DataSource]:
         fmt = spec["format"]
         if fmt == "auto":
             fmt = "sft" if source_path.suffix in SFT_SUFFIXES or source_path.is_dir() else "text"
-        out.append(DataSource(source_path, fmt, spec["max_samples"]))
+        if spec["loss"] != "response" and fmt != "sft":
+            raise UserError(f"{where}: {key}.loss applies to sft data only (text data trains on every token)")
+        out.append(DataSource(source_path, fmt, spec["max_samples"], spec["loss"]))
     return out
 
 

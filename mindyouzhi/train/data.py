@@ -3,7 +3,8 @@
 * ``text`` sources (e.g. ``wiki.valid.tokens``) are tokenized as one stream without special tokens
   and cut into non-overlapping windows of ``seq_length`` tokens, exactly like ``eval ppl``; every
   token after the first is a target.
-* ``sft`` sources go through :mod:`mindyouzhi.train.sft` (chat template, loss on responses only),
+* ``sft`` sources go through :mod:`mindyouzhi.train.sft` (chat template, loss on responses only,
+  or with ``loss: all`` on every token of the conversation),
   fitted to ``seq_length`` (``sft.truncate``: long prompts lose their middle, not the response); ``packing`` concatenates consecutive examples into full windows.
   With ``packed_attention: isolated`` each token attends only within its own example
   (block-diagonal causal mask, :func:`attention_mask`); RoPE scores depend on relative positions
@@ -80,6 +81,13 @@ def sft_examples(tokenizer, files: Sequence[Path], seq_length: int, max_samples:
     return examples, {"records": records, "truncated": truncated, "dropped_no_response_left": dropped}
 
 
+def every_token(example: Example) -> Example:
+    """The same conversation with every token after the first as a target (prompt included)."""
+    loss = np.ones(len(example.ids), bool)
+    loss[0] = False
+    return Example(example.ids, loss, example.prompt_length, example.source, example.segments)
+
+
 def pack(examples: Sequence[Example], seq_length: int) -> list[Example]:
     """Greedy packing in order: start a new window when the next example does not fit."""
     packed: list[Example] = []
@@ -112,6 +120,8 @@ def build_dataset(tokenizer, sources: Sequence[DataSource], seq_length: int, pac
         else:
             files = sft_files(source, where, f"train_dataset.sources[{index}].path")
             part, info = sft_examples(tokenizer, files, seq_length, source.max_samples, index)
+            if source.loss == "all":
+                part = [every_token(example) for example in part]
         if not part:
             raise UserError(f"{where}: train_dataset.sources[{index}].path {source.path}: no training example of at "
                             f"most seq_length {seq_length} tokens with a target in it")

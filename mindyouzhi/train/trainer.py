@@ -204,7 +204,10 @@ class Trainer:
             weights, moments = ckpt.read_checkpoint(resume_from, config)
             net = CausalLM(config, weights, where=str(resume_from))
         else:
-            net = CausalLM(config, SafetensorsStore(model_dir), where=str(model_dir))
+            # a fresh run balances the MLA factor scales (exact; AdamW's per-entry step needs it), a
+            # resumed one reads its own checkpoint, already balanced, as saved
+            balance = resume_from is None and recipe.model["balance_mla"]
+            net = CausalLM(config, SafetensorsStore(model_dir), where=str(model_dir), balance_mla=balance)
         params = self._trainable(net)
         opt_section = recipe.optimizer
         optimizer = AdamW(params, tuple(opt_section["betas"]), opt_section["eps"], opt_section["weight_decay"])

@@ -8,6 +8,7 @@ Sections (``${VAR}`` / ``${VAR:-default}`` expanded as in training recipes)::
     data:     {...}               # finance SFT data and the held-out splits (workflow/finance_data.py)
     annotate: {max_new_tokens, batch_size, limit, forward_precision}   # the teacher answers the SFT prompts
     gkd:      {training-recipe sections to override}   # runner_config, optimizer, lr_schedule, …
+              # + annotated_loss: response|all, mix: [{path, format, max_samples}] (more sources)
     sft:      {training-recipe sections to override}
     eval:     {ppl: {data, seq_len, max_windows}, kl: {…}, tasks: [suite tasks], heldout_limit: N, bootstrap: 1000}
     export:   {format: deepseek-v3}

@@ -249,7 +249,11 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 def training_recipe(run: PipelineRun, mode: str) -> dict:
     """The training recipe of a stage: the CPU defaults of recipes/*_smollm2_cpu.yaml, the pipeline's
-    models and data, then the recipe's own ``gkd:``/``sft:`` section on top."""
+    models and data, then the recipe's own ``gkd:``/``sft:`` section on top.
+
+    Two keys of ``gkd:`` are the pipeline's own: ``annotated_loss`` (``response`` | ``all``: which
+    tokens of the teacher-annotated conversations are distilled) and ``mix`` (more training sources,
+    e.g. validation text, appended after the annotated conversations)."""
     gkd = mode == "gkd"
     base = {
         "run_mode": mode, "seed": 42, "output_dir": str(run.path("train", mode)),
@@ -267,10 +271,18 @@ def training_recipe(run: PipelineRun, mode: str) -> dict:
         "parallel_config": {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1},
         "context": {"mode": 0, "device_target": "CPU", "cpu_precision": "auto"},
     }
+    section = dict(run.recipe[mode] or {})
     if gkd:
         base["model"]["teacher"] = run.recipe["original"]
         base["gkd"] = {"lmbda": 0.0, "beta": 0.0, "temperature": 1.0}
-    recipe = _deep_merge(base, run.recipe[mode])
+        annotated = base["train_dataset"]["sources"][0]
+        annotated["loss"] = section.pop("annotated_loss", "response")
+        mix = section.pop("mix", [])
+        if not isinstance(mix, list):
+            raise UserError(f"--recipe {run.recipe.path}: gkd.mix must be a list of training sources "
+                            f"({{path, format, max_samples}}), got {type(mix).__name__}")
+        base["train_dataset"]["sources"] = [annotated, *mix]
+    recipe = _deep_merge(base, section)
     for key in ("output_dir",):
         recipe[key] = base[key]  # the run directory owns where things are written
     return recipe
