@@ -6,7 +6,8 @@ each forward precision.
         [--precisions fp32,bf16] [--greedy-tokens 64]
 
 Every model runs in every ``--precisions`` entry (fp32: plain MindSpore ops, the path before
-issue 23; bf16: the runner's bf16 kernels, fused layer steps and one decode graph per step), as
+issue 23; bf16: the runner's bf16 kernels, fused layer steps and one decode graph per step — with
+``--attention custom`` its layers are the fused attention steps, marked "(fused step)"), as
 separate contestants of the same alternating loop, so the bf16/fp32 ratio is a same-run figure.
 ``--greedy-tokens N`` also runs real greedy generation through ``Engine.generate`` — --batch
 prompts together, N new tokens each (the eval generation tasks' path) — per model and precision,
@@ -102,6 +103,7 @@ def measure(runners: dict, context: int, batch: int, steps: int, attention, seed
             "step_seconds_median": median, "tokens_per_second": batch / median,
             "kv_bytes_per_token": contestant.pool.bytes_per_token,
             "kv_bytes_per_sequence": contestant.pool.bytes_per_token * context,
+            "fused_decode_step": contestant.model.fused_decode,
             "step_seconds": contestant.times,
         }
     return result
@@ -154,7 +156,8 @@ def main() -> int:
                     run[f"{name}_over_fp32_speed"] = (result[name]["tokens_per_second"]
                                                       / result[name[:-len("-bf16")]]["tokens_per_second"])
             runs.append(run)
-            speeds = "   ".join(f"{name} {value['tokens_per_second']:7.1f} tok/s" for name, value in result.items())
+            speeds = "   ".join(f"{name}{' (fused step)' if value['fused_decode_step'] else ''} "
+                                f"{value['tokens_per_second']:7.1f} tok/s" for name, value in result.items())
             ratios = "   ".join(f"{key[:-len('_speed')]} {value:5.2f}×" for key, value in run.items()
                                 if key.endswith("_speed"))
             print(f"{attention.name:>6} ctx {context:>5} batch {args.batch}: {speeds}   {ratios}", flush=True)
@@ -206,13 +209,15 @@ def greedy_runs(models: dict, precisions: list[str], batch: int, new_tokens: int
             stats = engine.stats
             row = {"model": name, "precision": precision, "batch": batch, "new_tokens": new_tokens,
                    "decode_tokens_per_second": stats.decode_tokens / stats.decode_seconds,
+                   "fused_decode_step": engine.model.fused_decode,
                    "prefill_seconds": stats.prefill_seconds, "decode_seconds": stats.decode_seconds}
             if precision != "fp32" and "fp32" in outputs:
                 shared = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
                              for x, y in zip(outputs[precision], outputs["fp32"]))
                 row["tokens_equal_to_fp32_before_first_difference"] = f"{shared}/{sum(map(len, outputs['fp32']))}"
             out.append(row)
-            print(f"greedy {name} {precision}: {row['decode_tokens_per_second']:.1f} decode tok/s at batch {batch}"
+            print(f"greedy {name} {precision}{' (fused step)' if row['fused_decode_step'] else ''}: "
+                  f"{row['decode_tokens_per_second']:.1f} decode tok/s at batch {batch}"
                   + (f", {row['tokens_equal_to_fp32_before_first_difference']} tokens as fp32"
                      if "tokens_equal_to_fp32_before_first_difference" in row else ""), flush=True)
     return out

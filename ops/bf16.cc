@@ -5,9 +5,10 @@
 //                      uint16 (w already rounded: bf16 bit patterns, see RoundToBf16)
 //              output  y [..., N] float32 = x · wᵀ
 //
-//   NormDenseBf16, SwigluDownBf16  a decoder layer's RMSNorm + projections, and its SwiGLU MLP's
-//              activation + down projection + residual, each one call (below; the serving engine's
-//              bf16 layer steps, where MindSpore's per-operator cost outweighs the arithmetic)
+//   NormDenseBf16, SwigluDownBf16, DenseAddBf16  a decoder layer's RMSNorm + projections, its SwiGLU
+//              MLP's activation + down projection + residual, and a projection + residual, each one
+//              call (below; the serving engine's bf16 layer steps, where MindSpore's per-operator
+//              cost outweighs the arithmetic)
 //
 //   CausalAttentionBf16  (prefill attention from position 0, every query row valid)
 //              inputs  q [B, T, H, dk], k [B, T, G, dk], v [B, T, G, dv] float32 (the projections'
@@ -75,9 +76,30 @@ inline float FromBf16(uint16_t value) {
 }
 
 // Up to this many rows of x, DenseBf16 computes dot products instead of calling the GEMM: oneDNN
-// packs w on every call, which for a decode batch costs more than the products themselves.
+// packs w on every call, which for a decode batch costs more than the products themselves.  So few
+// rows are also rounded (and normed) on the calling thread: waking the OpenMP team costs more.
 constexpr int64_t kFewRows = 16;
 constexpr int64_t kRowGroup = 8;  // rows of x sharing one pass over a row of w
+
+#ifdef __AVX512BF16__
+// Rows rows of x against one row of w, the row count a compile-time constant so that the
+// accumulators stay in registers (a runtime count spills them to the stack on every product,
+// which halved the throughput of a decode step's products).
+template <int Rows>
+void DotRowGroup(const uint16_t *x, int64_t k, const uint16_t *w, float *y, int64_t ldy) {
+  __m512 acc[Rows];
+  for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t at = 0; at < k; at += 32) {
+    const __mmask32 lanes = k - at >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << (k - at)) - 1);
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(lanes, w + at);
+    for (int r = 0; r < Rows; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(lanes, x + r * k + at);
+      acc[r] = _mm512_dpbf16_ps(acc[r], xv, wv);
+    }
+  }
+  for (int r = 0; r < Rows; ++r) y[r * ldy] = _mm512_reduce_add_ps(acc[r]);
+}
+#endif
 
 // y[r * ldy] = Σ_k x[r, k] · w[k] for the m rows of x (bf16 [m, k]) against one row w (bf16 [k]),
 // products exact in float32, accumulated in float32.
@@ -85,17 +107,18 @@ void DotRows(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, float *
   for (int64_t first = 0; first < m; first += kRowGroup) {
     const int64_t rows = std::min(kRowGroup, m - first);
 #ifdef __AVX512BF16__
-    __m512 acc[kRowGroup];
-    for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t at = 0; at < k; at += 32) {
-      const __mmask32 lanes = k - at >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << (k - at)) - 1);
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(lanes, w + at);
-      for (int64_t r = 0; r < rows; ++r) {
-        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(lanes, x + (first + r) * k + at);
-        acc[r] = _mm512_dpbf16_ps(acc[r], xv, wv);
-      }
+    const uint16_t *group = x + first * k;
+    float *out = y + first * ldy;
+    switch (rows) {
+      case 8: DotRowGroup<8>(group, k, w, out, ldy); break;
+      case 7: DotRowGroup<7>(group, k, w, out, ldy); break;
+      case 6: DotRowGroup<6>(group, k, w, out, ldy); break;
+      case 5: DotRowGroup<5>(group, k, w, out, ldy); break;
+      case 4: DotRowGroup<4>(group, k, w, out, ldy); break;
+      case 3: DotRowGroup<3>(group, k, w, out, ldy); break;
+      case 2: DotRowGroup<2>(group, k, w, out, ldy); break;
+      default: DotRowGroup<1>(group, k, w, out, ldy); break;
     }
-    for (int64_t r = 0; r < rows; ++r) y[(first + r) * ldy] = _mm512_reduce_add_ps(acc[r]);
 #else
     for (int64_t r = 0; r < rows; ++r) {
       const uint16_t *xr = x + (first + r) * k;
@@ -175,7 +198,7 @@ extern "C" int DenseBf16(int nparam, void **params, int *ndims, int64_t **shapes
     for (int64_t row = 0; row < n; ++row) Round(weight + row * k, k, rounded.data() + row * k);
   }
   std::vector<uint16_t> rows(static_cast<size_t>(m * k));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m > kFewRows)
   for (int64_t row = 0; row < m; ++row) Round(x + row * k, k, rows.data() + row * k);
   return MultiplyRounded(rows.data(), m, k, packed ? static_cast<const uint16_t *>(params[1]) : rounded.data(), n, y);
 }
@@ -201,7 +224,7 @@ extern "C" int NormDenseBf16(int nparam, void **params, int *ndims, int64_t **sh
   const float eps = *static_cast<const float *>(params[3]);
   if (m == 0 || n == 0) return 0;
   std::vector<uint16_t> rows(static_cast<size_t>(m * k));
-#pragma omp parallel
+#pragma omp parallel if (m > kFewRows)
   {
     std::vector<float> normed(static_cast<size_t>(k));
 #pragma omp for schedule(static)
@@ -251,6 +274,39 @@ extern "C" int SwigluDownBf16(int nparam, void **params, int *ndims, int64_t **s
   const int status = MultiplyRounded(rows.data(), m, f, static_cast<const uint16_t *>(params[2]), d, y);
   if (status != 0) return status;
   for (int64_t i = 0; i < m * d; ++i) y[i] += h[i];
+  return 0;
+}
+
+// DenseAddBf16  inputs  x [..., K] float32, w [N, K] uint16 (packed), r [..., N] float32
+//               output  y [..., N] float32 = r + x · wᵀ: a projection and the residual it feeds (the
+//                       attention output projection of a decode layer step) as one call.
+extern "C" int DenseAddBf16(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                            void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 4) return 1;
+  if (!IsFloat32(dtypes[0]) || std::string(dtypes[1]) != "uint16" || !IsFloat32(dtypes[2]) || !IsFloat32(dtypes[3]))
+    return 2;
+  const int rank = ndims[0];
+  if (rank < 1 || ndims[1] != 2) return 3;
+  const int64_t k = shapes[0][rank - 1], n = shapes[1][0], m = Rows(rank, shapes[0], ndims[3], shapes[3]);
+  if (m < 0 || Rows(rank, shapes[0], ndims[2], shapes[2]) != m || shapes[1][1] != k || shapes[2][rank - 1] != n ||
+      shapes[3][rank - 1] != n)
+    return 3;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *residual = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  if (m == 0 || n == 0) return 0;
+  if (k == 0) {
+    std::memcpy(y, residual, sizeof(float) * m * n);
+    return 0;
+  }
+  std::vector<uint16_t> rows(static_cast<size_t>(m * k));
+#pragma omp parallel for schedule(static) if (m > kFewRows)
+  for (int64_t row = 0; row < m; ++row) Round(x + row * k, k, rows.data() + row * k);
+  const int status = MultiplyRounded(rows.data(), m, k, static_cast<const uint16_t *>(params[1]), n, y);
+  if (status != 0) return status;
+  for (int64_t i = 0; i < m * n; ++i) y[i] += residual[i];
   return 0;
 }
 

@@ -87,6 +87,21 @@ def fused_primitives():
     return norm_dense, swiglu_down
 
 
+@functools.lru_cache(maxsize=None)
+def dense_add_primitive():
+    """The registered ``DenseAddBf16`` op: (x [..., K], w [N, K] packed, r [..., N]) → r + x·wᵀ."""
+    from mindspore import ops
+
+    return ops.Custom(f"{kernel_library()}:DenseAddBf16", out_shape=lambda x, w, r: r, out_dtype=lambda x, w, r: r,
+                      func_type="aot")
+
+
+def graph_dense_add() -> Callable:
+    """``dense_add(x, w, residual)`` = ``residual + dense(x, w)`` for ``ms.jit`` graphs as one kernel
+    call (``w`` [N, K] packed by ``bf16_bits``)."""
+    return dense_add_primitive()
+
+
 def graph_norm_dense() -> Callable:
     """``norm_dense(x, g, w, eps)`` = ``dense(rms_norm(x, g, eps), w)`` for ``ms.jit`` graphs as one
     kernel call: the norm in float32, its result and ``w`` (packed by ``bf16_bits``) in bf16."""

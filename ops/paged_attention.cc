@@ -24,8 +24,10 @@
 // than GQA on SmolLM2.  Tasks are spread over OpenMP threads.  The
 // arithmetic uses 16-lane GCC/Clang vector types (split by the compiler on narrower ISAs), so the
 // dot products keep their partial sums in registers instead of reducing lane by lane.
-// Return codes (non-zero = MindSpore raises): 1 bad arity, 2 bad dtype, 3 bad shape, 4 block id
-// or length out of range.
+// PagedGqaStep and PagedMlaStep (below) add the rest of a decode layer's attention half: RoPE, the
+// cache write (in place) and, for MLA, the absorption through W_UK and W_UV.
+// Return codes (non-zero = MindSpore raises): 1 bad arity, 2 bad dtype, 3 bad shape, 4 block id,
+// slot or length out of range, 6 a pool buffer that is not the host's pool (the steps).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -277,4 +279,283 @@ extern "C" int PagedGqaDecode(int nparam, void **params, int *ndims, int64_t **s
   return GqaDecode(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
                    static_cast<const float *>(params[2]), paged, *static_cast<const float *>(params[5]), heads,
                    kv_heads, dim, static_cast<float *>(params[6]));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The attention half of a decode layer step, from the projection output to the attention output, as
+// one call (the serving engine's fused bf16 decode graph: MindSpore's fixed cost per operator on CPU
+// outweighs the arithmetic of a decode batch, and this replaces ~20 of them per layer).  Float32
+// throughout, like the kernels above.  C new tokens per sequence (the engine decodes with C = 1).
+//
+//   PagedGqaStep  inputs  qkv        [B, C, (H + 2·KV)·d]  Q|K|V projection of the new tokens
+//                         cos, sin   [B, C, d/2]           RoPE of each new token (rotate-half pairing)
+//                         slots      [B·C, 2] int32        (block, offset) of each new token's cache entry
+//                         k, v       [N, S, KV, d]         the layer's pools, written in place at `slots`
+//                         tables     [B, M] int32, positions [B, C] int32, lens [B] int32, scale [1]
+//                         pool_addrs [2] int64             where the host keeps k and v
+//                 output  out [B, C, H·d]
+//   PagedMlaStep  inputs  qa         [B, C, H·(dn + dr) + r + dr]  Q | latent | k_pe projection
+//                         cos, sin   [B, C, dr/2], slots, latent [N, S, r], k_pe [N, S, dr] (written in
+//                         place), tables, positions, lens, scale,
+//                         w_kv       [H, dn + dv, r]       kv_b_proj per head: W_UK rows, then W_UV rows
+//                         pool_addrs [2] int64             where the host keeps latent and k_pe
+//                         (optional) latent_norm [r], eps [1]: RMSNorm of the latent before it is cached
+//                 output  out [B, C, H·dv] = absorbed MLA: q_latent = q_nope·W_UK, attention over the
+//                         latent cache, expanded through W_UVᵀ
+//
+// Query (b, c) attends to the cached tokens j <= positions[b, c] with j < lens[b] (lens 0 = a padding
+// row: zeros).
+//
+// Invariants of the in-place write:
+//  * The pools are written through the buffers MindSpore hands the kernel for those inputs.  They are
+//    the pools' own memory only when a pool reaches the kernel as a graph input (a numpy-backed Tensor
+//    on CPU); behind another op (e.g. scatter_nd_update) the kernel would get that op's output buffer
+//    and the write would be lost.  So the kernel compares the buffers with `pool_addrs`, recorded by
+//    the host from the numpy arrays, and fails (code 6) before writing anything if either differs.
+//  * Every new entry is written (phase 1) before any query reads the cache (phase 2), so the new
+//    tokens attend to themselves.  Phase 1 runs in row order on one thread: rows sharing a slot (the
+//    padding rows on the null block) leave the last row's entry, as a scatter does.
+
+namespace {
+
+// RoPE, rotate-half pairing, over a vector of 2·half components: [x1·c − x2·s ; x2·c + x1·s], every
+// product and sum rounded on its own as MindSpore's elementwise ops do (no fused multiply-add), so a
+// rotated key is bit for bit the one the per-op layer step caches.
+__attribute__((optimize("fp-contract=off"))) void Rotate(const float *x, const float *cos, const float *sin,
+                                                         int64_t half, float *out) {
+  for (int64_t j = 0; j < half; ++j) {
+    const float x1 = x[j], x2 = x[half + j];
+    out[j] = x1 * cos[j] - x2 * sin[j];
+    out[half + j] = x2 * cos[j] + x1 * sin[j];
+  }
+}
+
+struct StepRows {
+  const int32_t *slots, *positions;
+  int64_t steps;  // C, new tokens per sequence
+};
+
+// Cache rows the query (b, c) may read.
+inline int64_t Visible(const Paged &paged, const StepRows &rows, int64_t b, int64_t c) {
+  const int64_t position = rows.positions[b * rows.steps + c];
+  return std::max<int64_t>(0, std::min<int64_t>(position + 1, paged.lens[b]));
+}
+
+// Row index (block * S + offset) of each new token's cache entry, or -1 if a slot is out of range.
+bool SlotRows(const StepRows &rows, const Paged &paged, std::vector<int64_t> &out) {
+  out.resize(paged.batch * rows.steps);
+  for (size_t r = 0; r < out.size(); ++r) {
+    const int64_t block = rows.slots[2 * r], offset = rows.slots[2 * r + 1];
+    if (block < 0 || block >= paged.num_blocks || offset < 0 || offset >= paged.block_size) return false;
+    out[r] = block * paged.block_size + offset;
+  }
+  return true;
+}
+
+int GqaStep(const float *qkv, const float *cos, const float *sin, float *k, float *v, const Paged &paged,
+            const StepRows &rows, float scale, int64_t heads, int64_t kv_heads, int64_t dim, float *out) {
+  const int64_t width = (heads + 2 * kv_heads) * dim, half = dim / 2, entry = kv_heads * dim;
+  std::vector<int64_t> cache_rows;
+  if (!SlotRows(rows, paged, cache_rows)) return 4;
+  for (size_t r = 0; r < cache_rows.size(); ++r) {  // phase 1: the new K (rotated) and V entries
+    const float *source = qkv + r * width + heads * dim;
+    for (int64_t g = 0; g < kv_heads; ++g)
+      Rotate(source + g * dim, cos + r * half, sin + r * half, half, k + cache_rows[r] * entry + g * dim);
+    std::memcpy(v + cache_rows[r] * entry, source + entry, sizeof(float) * entry);
+  }
+  const int64_t group = heads / kv_heads, tasks = paged.batch * kv_heads;
+  int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+  for (int64_t task = 0; task < tasks; ++task) {  // phase 2: one (sequence, KV group) per task
+    const int64_t b = task / kv_heads, g = task % kv_heads;
+    const CacheView cache{k + g * dim, nullptr, v + g * dim, entry, dim, 0, 0, entry, dim};
+    std::vector<float> query(group * dim);
+    for (int64_t c = 0; c < rows.steps; ++c) {
+      const int64_t r = b * rows.steps + c;
+      for (int64_t h = 0; h < group; ++h)
+        Rotate(qkv + r * width + (g * group + h) * dim, cos + r * half, sin + r * half, half, query.data() + h * dim);
+      if (!AttendHeads(query.data(), nullptr, group, cache, paged.tables + b * paged.max_blocks,
+                       Visible(paged, rows, b, c), paged, scale, out + (r * heads + g * group) * dim))
+        failed |= 1;
+    }
+  }
+  return failed ? 4 : 0;
+}
+
+struct MlaShape {
+  int64_t heads, nope, rope, value, rank;
+};
+
+int MlaStep(const float *qa, const float *cos, const float *sin, float *latent, float *k_pe, const Paged &paged,
+            const StepRows &rows, float scale, const float *w_kv, const float *latent_norm, float eps,
+            const MlaShape &s, float *out) {
+  const int64_t query_width = s.heads * (s.nope + s.rope), width = query_width + s.rank + s.rope;
+  const int64_t half = s.rope / 2, per_head = s.nope + s.value;
+  std::vector<int64_t> cache_rows;
+  if (!SlotRows(rows, paged, cache_rows)) return 4;
+  for (size_t r = 0; r < cache_rows.size(); ++r) {  // phase 1: the latent (normed if asked) and k_pe
+    const float *source = qa + r * width + query_width;
+    float *target = latent + cache_rows[r] * s.rank;
+    if (latent_norm != nullptr) {
+      float squares = 0.0f;
+      for (int64_t j = 0; j < s.rank; ++j) squares += source[j] * source[j];
+      const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(s.rank) + eps);
+      for (int64_t j = 0; j < s.rank; ++j) target[j] = source[j] * inverse * latent_norm[j];
+    } else {
+      std::memcpy(target, source, sizeof(float) * s.rank);
+    }
+    Rotate(source + s.rank, cos + r * half, sin + r * half, half, k_pe + cache_rows[r] * s.rope);
+  }
+  // Phase 2 as MlaDecode: heads split across threads only when there are fewer sequences than threads.
+  const int64_t threads = ThreadCount();
+  const int64_t groups =
+      paged.batch >= threads ? 1 : std::min<int64_t>(s.heads, (threads + paged.batch - 1) / paged.batch);
+  const int64_t per_group = (s.heads + groups - 1) / groups, tasks = paged.batch * groups;
+  // Exactness-mode layers (dn = 0) score with k_pe alone: the latent's key part has width 0.
+  const CacheView cache{latent, k_pe, latent, s.rank, s.nope > 0 ? s.rank : 0, s.rope, s.rope, s.rank, s.rank};
+  int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t b = task / groups, h0 = (task % groups) * per_group, h1 = std::min(s.heads, h0 + per_group);
+    if (h0 >= h1) continue;
+    const int64_t count = h1 - h0;
+    std::vector<float> q_latent(count * s.rank), q_pe(count * s.rope), out_latent(count * s.rank);
+    for (int64_t c = 0; c < rows.steps; ++c) {
+      const int64_t r = b * rows.steps + c;
+      for (int64_t i = 0; i < count; ++i) {
+        const float *q = qa + r * width + (h0 + i) * (s.nope + s.rope);
+        const float *w_uk = w_kv + (h0 + i) * per_head * s.rank;
+        Rotate(q + s.nope, cos + r * half, sin + r * half, half, q_pe.data() + i * s.rope);
+        float *absorbed = q_latent.data() + i * s.rank;  // q_nope · W_UK: rows of W_UK scaled and summed
+        std::memset(absorbed, 0, sizeof(float) * s.rank);
+        for (int64_t n = 0; n < s.nope; ++n) {
+          const float weight = q[n], *w_row = w_uk + n * s.rank;
+#pragma omp simd
+          for (int64_t j = 0; j < s.rank; ++j) absorbed[j] += weight * w_row[j];
+        }
+      }
+      if (!AttendHeads(q_latent.data(), q_pe.data(), count, cache, paged.tables + b * paged.max_blocks,
+                       Visible(paged, rows, b, c), paged, scale, out_latent.data())) {
+        failed |= 1;
+        continue;
+      }
+      for (int64_t i = 0; i < count; ++i) {  // out_latent · W_UVᵀ
+        const float *w_uv = w_kv + ((h0 + i) * per_head + s.nope) * s.rank;
+        float *target = out + (r * s.heads + h0 + i) * s.value;
+        for (int64_t j = 0; j < s.value; ++j)
+          target[j] = Dot(out_latent.data() + i * s.rank, w_uv + j * s.rank, s.rank);
+      }
+    }
+  }
+  return failed ? 4 : 0;
+}
+
+// The inputs both steps share, from index `first` (slots) on: slots, two pools, tables, positions,
+// lens, scale, and (at `addresses`) the pools' host addresses.  Checks dtypes, ranks and the paged
+// shapes; 0 if they fit.
+int CheckPaged(void **params, int *ndims, int64_t **shapes, const char **dtypes, int pool_rank, int addresses,
+               int64_t batch, int64_t steps) {
+  const int first = 3;
+  const char *expected[7] = {"int32", "float32", "float32", "int32", "int32", "int32", "float32"};
+  const int ranks[7] = {2, pool_rank, pool_rank, 2, 2, 1, 1};
+  for (int i = 0; i < 7; ++i) {
+    if (!IsDtype(dtypes[first + i], expected[i])) return 2;
+    if (ndims[first + i] != ranks[i]) return 3;
+  }
+  if (!IsDtype(dtypes[addresses], "int64")) return 2;
+  if (ndims[addresses] != 1 || shapes[addresses][0] != 2) return 3;
+  const int64_t *slots = shapes[first], *pool = shapes[first + 1], *second = shapes[first + 2];
+  if (slots[0] != batch * steps || slots[1] != 2 || second[0] != pool[0] || second[1] != pool[1] ||
+      shapes[first + 3][0] != batch || shapes[first + 4][0] != batch || shapes[first + 4][1] != steps ||
+      shapes[first + 5][0] != batch || shapes[first + 6][0] != 1)
+    return 3;
+  const int64_t *host = static_cast<const int64_t *>(params[addresses]);
+  if (reinterpret_cast<intptr_t>(params[first + 1]) != host[0] ||
+      reinterpret_cast<intptr_t>(params[first + 2]) != host[1])
+    return 6;
+  return 0;
+}
+
+Paged PagedOf(void **params, int64_t **shapes, int64_t batch) {
+  return Paged{static_cast<const int32_t *>(params[6]), static_cast<const int32_t *>(params[8]), batch,
+               shapes[6][1], shapes[4][0], shapes[4][1]};
+}
+
+// cos and sin [B, C, half], float32.
+bool RopeFits(int *ndims, int64_t **shapes, const char **dtypes, int64_t batch, int64_t steps, int64_t half) {
+  for (int i = 1; i <= 2; ++i)
+    if (!IsDtype(dtypes[i], "float32") || ndims[i] != 3 || shapes[i][0] != batch || shapes[i][1] != steps ||
+        shapes[i][2] != half)
+      return false;
+  return true;
+}
+
+}  // namespace
+
+extern "C" int PagedGqaStep(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 12) return 1;
+  if (!IsDtype(dtypes[0], "float32") || !IsDtype(dtypes[11], "float32")) return 2;
+  if (ndims[0] != 3 || ndims[11] != 3) return 3;
+  const int64_t batch = shapes[0][0], steps = shapes[0][1], width = shapes[0][2];
+  if (ndims[4] != 4) return 3;
+  const int64_t kv_heads = shapes[4][2], dim = shapes[4][3];
+  if (kv_heads <= 0 || dim <= 0 || dim % 2 != 0 || width % dim != 0) return 3;
+  const int64_t heads = width / dim - 2 * kv_heads;
+  if (heads <= 0 || heads % kv_heads != 0) return 3;
+  if (!RopeFits(ndims, shapes, dtypes, batch, steps, dim / 2)) return 3;
+  const int status = CheckPaged(params, ndims, shapes, dtypes, 4, 10, batch, steps);
+  if (status != 0) return status;
+  for (int j = 0; j < 4; ++j)
+    if (shapes[5][j] != shapes[4][j]) return 3;
+  if (shapes[11][0] != batch || shapes[11][1] != steps || shapes[11][2] != heads * dim) return 3;
+  const Paged paged = PagedOf(params, shapes, batch);
+  if (!LengthsFit(paged)) return 4;
+  const StepRows rows{static_cast<const int32_t *>(params[3]), static_cast<const int32_t *>(params[7]), steps};
+  const float scale = *static_cast<const float *>(params[9]);
+  return GqaStep(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                 static_cast<const float *>(params[2]), static_cast<float *>(params[4]),
+                 static_cast<float *>(params[5]), paged, rows, scale, heads, kv_heads, dim,
+                 static_cast<float *>(params[11]));
+}
+
+extern "C" int PagedMlaStep(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 13 && nparam != 15) return 1;
+  const bool normed = nparam == 15;
+  const int output = nparam - 1;
+  if (!IsDtype(dtypes[0], "float32") || !IsDtype(dtypes[10], "float32") || !IsDtype(dtypes[output], "float32"))
+    return 2;
+  if (ndims[0] != 3 || ndims[10] != 3 || ndims[output] != 3 || ndims[4] != 3 || ndims[5] != 3) return 3;
+  const int64_t batch = shapes[0][0], steps = shapes[0][1], width = shapes[0][2];
+  const int64_t rank = shapes[4][2], rope = shapes[5][2], heads = shapes[10][0], per_head = shapes[10][1];
+  if (rank <= 0 || rope <= 0 || rope % 2 != 0 || heads <= 0 || shapes[10][2] != rank) return 3;
+  const int64_t query_width = width - rank - rope;
+  if (query_width <= 0 || query_width % heads != 0 || query_width / heads < rope) return 3;
+  const MlaShape shape{heads, query_width / heads - rope, rope, per_head - (query_width / heads - rope), rank};
+  if (shape.value <= 0) return 3;
+  if (!RopeFits(ndims, shapes, dtypes, batch, steps, rope / 2)) return 3;
+  const int status = CheckPaged(params, ndims, shapes, dtypes, 3, 11, batch, steps);
+  if (status != 0) return status;
+  if (shapes[output][0] != batch || shapes[output][1] != steps || shapes[output][2] != heads * shape.value) return 3;
+  const float *latent_norm = nullptr;
+  float eps = 0.0f;
+  if (normed) {
+    if (!IsDtype(dtypes[12], "float32") || !IsDtype(dtypes[13], "float32")) return 2;
+    if (ndims[12] != 1 || shapes[12][0] != rank || ndims[13] != 1 || shapes[13][0] != 1) return 3;
+    latent_norm = static_cast<const float *>(params[12]);
+    eps = *static_cast<const float *>(params[13]);
+  }
+  const Paged paged = PagedOf(params, shapes, batch);
+  if (!LengthsFit(paged)) return 4;
+  const StepRows rows{static_cast<const int32_t *>(params[3]), static_cast<const int32_t *>(params[7]), steps};
+  const float scale = *static_cast<const float *>(params[9]);
+  return MlaStep(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                 static_cast<const float *>(params[2]), static_cast<float *>(params[4]),
+                 static_cast<float *>(params[5]), paged, rows, scale, static_cast<const float *>(params[10]),
+                 latent_norm, eps, shape, static_cast<float *>(params[output]));
 }

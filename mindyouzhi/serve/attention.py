@@ -10,7 +10,9 @@ the two forms the implementations want).  ``gather`` is plain MindSpore ops (gat
 mask, softmax: ``mindyouzhi.ops.reference``), portable and the reference; ``custom`` is the AOT
 CPU kernel (``mindyouzhi.ops.paged_attention``), which walks the block table without copying; on an
 Ascend device ``custom``/``auto`` select the fused operators instead (``ops/dispatch.py``, not run).
-Prefill chunks always use the plain-op form (many queries per sequence).
+Prefill chunks always use the plain-op form (many queries per sequence).  With a bf16 runner,
+``custom`` also selects the fused decode steps of ``serve/paged_model`` (RoPE, cache write and this
+kernel's attention in one call; ``ops/paged_attention.step_ops``).
 
 Compiled-graph shapes differ by implementation.  The plain-op path's cost grows with the gathered
 block-table width, so it runs on exactly the blocks needed, under a dynamic-shape graph (one

@@ -14,12 +14,15 @@ attention implementation (``attention.DecodeAttention.dynamic_shapes``).
 A runner with ``precision="bf16"`` gets the bf16 layer steps (``_gqa_layer_step_bf16`` /
 ``_mla_layer_step_bf16``: norm + concatenated projections and the MLP as fused bf16 kernels) in
 static-shape graphs only, and its decode step runs as one graph over all layers and the head
-(``compiled_decode_model``).
+(``compiled_decode_model``).  With the custom decode attention, that graph's layers are the fused
+steps (``_gqa_layer_step_fused`` / ``_mla_layer_step_fused``): RoPE, cache write and attention as
+one kernel call that writes the pools in place, five kernel calls per layer in all.
 """
 from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import numpy as np
 import mindspore as ms
@@ -29,7 +32,7 @@ from mindyouzhi.models import functional as F
 from mindyouzhi.models.decoder import mla_dims
 from mindyouzhi.models.rope import apply_rotate_half
 from mindyouzhi.ops.dispatch import kernels
-from mindyouzhi.ops.paged_attention import scale_tensor
+from mindyouzhi.ops.paged_attention import pool_addresses, scale_tensor
 
 from .attention import GATHER, GATHER_STATIC, DecodeAttention
 from .kv_pool import NULL_BLOCK, KVPool, verify_in_place
@@ -103,11 +106,11 @@ def _gqa_layer_step(attend, norm, x, cos, sin, slots, k_pool, v_pool, tables, po
 
 
 # -- the same layer steps in bf16: the norms fused into the projections that read them ----------------
-# ``kernels`` = (norm_dense, swiglu_down, dense) of ``mindyouzhi.ops.bf16``.  MindSpore pays a fixed
-# cost per operator on CPU that outweighs a decode batch's arithmetic, so the input norm and the
-# Q/K/V (or Q/latent) projections are one kernel call over their concatenated matrices, RoPE turns
-# queries and keys together, and the MLP is two calls (norm + gate|up, then SiLU·up + down +
-# residual).  The arithmetic is the bf16 forward's: bf16 operands, float32 accumulation, norms and
+# ``kernels`` = (norm_dense, swiglu_down, dense, dense_add) of ``mindyouzhi.ops.bf16``.  MindSpore
+# pays a fixed cost per operator on CPU that outweighs a decode batch's arithmetic, so the input
+# norm and the Q/K/V (or Q/latent) projections are one kernel call over their concatenated
+# matrices, RoPE turns queries and keys together, and the MLP is two calls (norm + gate|up, then
+# SiLU·up + down + residual).  The arithmetic is the bf16 forward's: bf16 operands, float32 accumulation, norms and
 # activations in float32.  Weights: see ``bf16_layer_weights``.
 def _gqa_layer_step_bf16(kernels, attend, x, cos, sin, slots, k_pool, v_pool, tables, positions, lens, scale,
                          heads, kv_heads, head_dim, eps, *w):
@@ -153,6 +156,40 @@ def _mla_layer_step_bf16(kernels, attend, x, cos, sin, slots, latent_pool, k_pe_
     return _mlp_bf16(kernels, h, eps, ln2, w_gu, b_gu, down, bd)
 
 
+# -- the bf16 decode steps with the attention half fused ---------------------------------------------
+# One kernel call (``ops.paged_attention.step_ops``) from the projection output to the attention
+# output: RoPE of queries and keys, the new entries written into the pools in place, paged attention
+# (MLA: absorbed, W_UK and W_UV applied in the kernel).  Then the output projection and the residual
+# are one call, and the MLP two: five operators per layer instead of ~30.  The pools must be inputs
+# of the graph itself — the kernel checks it (``addresses``) — so nothing else may touch them here.
+# Only for layers without q/k norms (GQA), in static-shape decode graphs.
+def _gqa_layer_step_fused(kernels, step, x, cos, sin, slots, k_pool, v_pool, tables, positions, lens, scale,
+                          addresses, heads, kv_heads, head_dim, eps, *w):
+    ln1, ln2, w_qkv, b_qkv, w_gu, b_gu, down, bd, wo, bo, _, _ = w  # q_norm, k_norm: absent
+    qkv = _norm_project(kernels, x, ln1, w_qkv, b_qkv, eps)
+    out = step(qkv, cos, sin, slots, k_pool, v_pool, tables, positions, lens, scale, addresses)
+    return _output_and_mlp(kernels, x, out, wo, bo, eps, ln2, w_gu, b_gu, down, bd)
+
+
+def _mla_layer_step_fused(kernels, step, x, cos, sin, slots, latent_pool, k_pe_pool, tables, positions, lens, scale,
+                          addresses, heads, nope, rope, v_dim, rank, eps, *w):
+    ln1, ln2, w_qa, b_qa, w_gu, b_gu, down, bd, wb, wo, bo, latent_norm = w
+    qa = _norm_project(kernels, x, ln1, w_qa, b_qa, eps)
+    if latent_norm is None:
+        out = step(qa, cos, sin, slots, latent_pool, k_pe_pool, tables, positions, lens, scale, wb, addresses)
+    else:
+        out = step(qa, cos, sin, slots, latent_pool, k_pe_pool, tables, positions, lens, scale, wb, addresses,
+                   latent_norm, eps)
+    return _output_and_mlp(kernels, x, out, wo, bo, eps, ln2, w_gu, b_gu, down, bd)
+
+
+def _output_and_mlp(kernels, x, attention_out, wo, bo, eps, ln2, w_gu, b_gu, down, bd):
+    h = kernels[3](attention_out, wo, x)
+    if bo is not None:
+        h = h + bo
+    return _mlp_bf16(kernels, h, eps, ln2, w_gu, b_gu, down, bd)
+
+
 def _norm_project(kernels, x, norm, w, b, eps):
     """RMSNorm then the concatenated projection ``w`` (+ its bias): one kernel call."""
     out = kernels[0](x, norm, w, eps)
@@ -164,10 +201,11 @@ def _mlp_bf16(kernels, h, eps, ln2, w_gu, b_gu, down, bd):
     return out if bd is None else out + bd
 
 
-def bf16_layer_weights(kind: str, weights: dict) -> tuple:
+def bf16_layer_weights(kind: str, weights: dict, heads: int) -> tuple:
     """A layer's weight arguments for the bf16 steps: matrices read by one kernel concatenated
     (rows of Q|K|V or Q|latent+k_pe, gate|up) and packed to bf16 bits once; biases concatenated
-    alike (zeros where one is absent, None when all are); norms and the absorbed W_UK/W_UV float32."""
+    alike (zeros where one is absent, None when all are); norms and the absorbed W_UK/W_UV float32
+    (kv_b_proj as [heads, nope + v_dim, rank], the per-head layout the fused MLA step reads)."""
     from mindyouzhi.ops.bf16 import bf16_bits
 
     def host(name):
@@ -194,7 +232,8 @@ def bf16_layer_weights(kind: str, weights: dict) -> tuple:
     mlp = (*joined(("mlp.gate_proj", "mlp.up_proj")), packed("mlp.down_proj.weight"), weights.get("mlp.down_proj.bias"))
     output = (packed("self_attn.o_proj.weight"), weights.get("self_attn.o_proj.bias"))
     if kind == "mla":
-        return (*first, *attention, *mlp, weights["self_attn.kv_b_proj.weight"], *output,
+        kv_b = host("self_attn.kv_b_proj.weight")
+        return (*first, *attention, *mlp, Tensor(kv_b.reshape(heads, -1, kv_b.shape[1])), *output,
                 weights.get("self_attn.kv_a_layernorm.weight"))
     return (*first, *attention, *mlp, *output, weights.get("self_attn.q_norm.weight"), weights.get("self_attn.k_norm.weight"))
 
@@ -218,9 +257,7 @@ def compiled_layer_step(kind: str, attention: DecodeAttention, precision: str = 
     elif precision == "bf16":
         if attention.dynamic_shapes:
             raise ValueError("the bf16 layer steps are AOT kernels, which do not run in dynamic-shape graphs")
-        from mindyouzhi.ops import bf16
-
-        fused = (bf16.graph_norm_dense(), bf16.graph_swiglu_down(), bf16.graph_dense())
+        fused = _bf16_kernels()
         layer = _mla_layer_step_bf16 if kind == "mla" else _gqa_layer_step_bf16
 
         def step(x, cos, sin, slots, pool_a, pool_b, tables, positions, lens, scale, *args):
@@ -230,35 +267,64 @@ def compiled_layer_step(kind: str, attention: DecodeAttention, precision: str = 
     return ms.jit(step, dynamic=1 if attention.dynamic_shapes else 0)
 
 
+def _bf16_kernels() -> tuple:
+    from mindyouzhi.ops import bf16
+
+    return bf16.graph_norm_dense(), bf16.graph_swiglu_down(), bf16.graph_dense(), bf16.graph_dense_add()
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_decode_model(layout: tuple, attention: DecodeAttention):
     """The whole bf16 decode step as one compiled graph: embedding → every layer (``layout``: per
-    layer its kind, number of weight arguments and which of them are None — see
-    ``compiled_layer_step``) → final norm and LM head of the one new row.
+    layer its kind, whether it runs the fused step, its number of weight arguments and which of
+    them are None — see ``compiled_layer_step``) → final norm and LM head of the one new row.
     One launch per step instead of one per layer plus three (MindSpore's per-graph launch cost on
     CPU is of the order of a small layer's arithmetic); the graph is built per layout and batch
-    bucket, once per process."""
-    from mindyouzhi.ops import bf16
-
-    fused = (bf16.graph_norm_dense(), bf16.graph_swiglu_down(), bf16.graph_dense())
+    bucket, once per process.  Each layer's pools are inputs of this graph, as the fused steps
+    require, and nothing but its own step reads or writes them."""
+    fused = _bf16_kernels()
     norm_dense = fused[0]
+    gqa_step = mla_step = None  # graph code cannot read tuple attributes: unpacked here
+    if any(step_fused for _, step_fused, _, _ in layout):
+        from mindyouzhi.ops.paged_attention import step_ops
+
+        gqa_step, mla_step = step_ops()
 
     def model(ids, embed_table, final_norm, head, eps, gqa_cos, gqa_sin, mla_cos, mla_sin, slots, tables, positions,
               lens, *flat):
         x = ops.gather(embed_table, ids, 0)
         at = 0
-        for kind, count, _ in layout:
-            pool_a, pool_b, scale, args = flat[at], flat[at + 1], flat[at + 2], flat[at + 3:at + 3 + count]
-            at += 3 + count
-            if kind == "mla":
+        for kind, step_fused, count, _ in layout:
+            pool_a, pool_b, scale, addresses = flat[at:at + 4]
+            args = flat[at + 4:at + 4 + count]
+            at += 4 + count
+            if kind == "mla" and step_fused:
+                x = _mla_layer_step_fused(fused, mla_step, x, mla_cos, mla_sin, slots, pool_a, pool_b, tables,
+                                          positions, lens, scale, addresses, *args)
+            elif kind == "mla":
                 x = _mla_layer_step_bf16(fused, attention.mla, x, mla_cos, mla_sin, slots, pool_a, pool_b, tables,
                                          positions, lens, scale, *args)
+            elif step_fused:
+                x = _gqa_layer_step_fused(fused, gqa_step, x, gqa_cos, gqa_sin, slots, pool_a, pool_b, tables,
+                                          positions, lens, scale, addresses, *args)
             else:
                 x = _gqa_layer_step_bf16(fused, attention.gqa, x, gqa_cos, gqa_sin, slots, pool_a, pool_b, tables,
                                          positions, lens, scale, *args)
         return norm_dense(x[:, 0], final_norm, head, eps)
 
     return ms.jit(model)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_steps_work() -> bool:
+    """Whether the fused decode steps pass their probe; if not, says why on stderr (once) and the
+    decode layers keep their separate operators."""
+    from mindyouzhi.ops.paged_attention import step_unavailable
+
+    reason = step_unavailable()
+    if reason is not None:
+        print(f"note: bf16 decode without the fused attention step ({reason})", file=sys.stderr)
+    return reason is None
 
 
 @ms.jit
@@ -271,7 +337,10 @@ def _pick_row(hidden, row):
 class PagedModel:
     """Runs a ``ModelRunner``'s weights over a ``KVPool``; stateless apart from the pool contents."""
 
-    def __init__(self, runner, pool: KVPool, decode_attention: DecodeAttention = GATHER, prefill_chunk: int = 512):
+    def __init__(self, runner, pool: KVPool, decode_attention: DecodeAttention = GATHER, prefill_chunk: int = 512,
+                 fused_decode: bool = True):
+        """``fused_decode=False`` keeps the bf16 decode layers on separate operators (the path the
+        fused steps are tested against); it changes nothing at fp32."""
         verify_in_place()
         self.runner = runner
         self.pool = pool
@@ -289,8 +358,12 @@ class PagedModel:
         self._layers = []
         eps_tensor = Tensor(np.asarray([eps], np.float32))
         if static and getattr(runner, "_bf16_step_weights", None) is None:  # packed once per runner
-            runner._bf16_step_weights = [bf16_layer_weights("mla" if config.is_mla(i) else "gqa", weights)
+            runner._bf16_step_weights = [bf16_layer_weights("mla" if config.is_mla(i) else "gqa", weights,
+                                                            config.num_attention_heads)
                                          for i, weights in enumerate(runner.layer_weights)]
+        # The fused decode steps need the bf16 decode graph and the CPU attention kernel (on an
+        # Ascend device the pools are not host memory), and a build that hands them the pools.
+        self.fused_decode = fused_decode and static and self.decode_attention.name == "custom" and _fused_steps_work()
         for index, weights in enumerate(runner.layer_weights):
             if config.is_mla(index):
                 heads, nope, rope, v_dim, rank = dims = mla_dims(config, index)
@@ -304,7 +377,10 @@ class PagedModel:
             else:
                 args = (*dims, eps, *(weights.get(name) for name in names))
             absent = tuple(position for position, arg in enumerate(args) if arg is None)
-            self._layers.append((kind, pool.tensors[index], scale_tensor(scale), args, absent))
+            # q/k norms (args[-2:] of a GQA layer) stay on the per-op path.
+            step_fused = self.fused_decode and (kind == "mla" or (args[-2] is None and args[-1] is None))
+            addresses = pool_addresses(*pool.arrays[index])
+            self._layers.append((kind, pool.tensors[index], scale_tensor(scale), args, absent, step_fused, addresses))
         cos, sin, mla_cos, mla_sin = runner.rope(self.max_positions)
         kinds = {kind for kind, *_ in self._layers}
         tables = {"gqa": (cos, sin), "mla": (mla_cos, mla_sin)}  # MLA layers rotate with their own table
@@ -318,7 +394,7 @@ class PagedModel:
         rope = {kind: (Tensor(cos[positions]), Tensor(sin[positions])) for kind, (cos, sin) in self._rope.items()}
         shared = (Tensor(slots, ms.int32),)
         paging = (Tensor(tables, ms.int32), Tensor(positions, ms.int32), Tensor(seq_lens, ms.int32))
-        for kind, pools, scale, args, absent in self._layers:
+        for kind, pools, scale, args, absent, _, _ in self._layers:
             step = compiled_layer_step(kind, attention, self.precision, absent)
             x = step(x, *rope[kind], *shared, *pools, *paging, scale, *args)
         return x
@@ -372,12 +448,14 @@ class PagedModel:
 
     def _decode_whole(self, ids, positions, slots, tables, seq_lens) -> np.ndarray:
         """The bf16 decode step in one graph (``compiled_decode_model``) → logits [B, V]."""
-        layout = tuple((kind, len(args), absent) for kind, _, _, args, absent in self._layers)
+        layout = tuple((kind, step_fused, len(args), absent)
+                       for kind, _, _, args, absent, step_fused, _ in self._layers)
         model = compiled_decode_model(layout, self.decode_attention)
         rope = {kind: (Tensor(cos[positions]), Tensor(sin[positions])) for kind, (cos, sin) in self._rope.items()}
         gqa = rope.get("gqa", rope.get("mla"))
         mla = rope.get("mla", gqa)
-        flat = [value for _, pools, scale, args, _ in self._layers for value in (*pools, scale, *args)]
+        flat = [value for _, pools, scale, args, _, _, addresses in self._layers
+                for value in (*pools, scale, addresses, *args)]
         logits = model(Tensor(ids, ms.int32), *self.runner.head_weights(), *gqa, *mla, Tensor(slots, ms.int32),
                        Tensor(tables, ms.int32), Tensor(positions, ms.int32), Tensor(seq_lens, ms.int32), *flat)
         return logits.asnumpy()
