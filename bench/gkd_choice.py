@@ -1,7 +1,7 @@
 """bench/gkd_choice: choose the pipeline's GKD settings on validation text (issue 23).
 
     .venv/bin/python bench/gkd_choice.py --run RUN [--recipe recipes/youzhi_smollm2_cpu.yaml]
-        [--steps 10] [--variants NAME,…] [--dev-windows 4] [--dev-seq-len 2048]
+        [--steps 10] [--variants "NAME;…"] [--dev-windows 4] [--dev-seq-len 2048]
 
 ``RUN`` is a pipeline run directory whose ``convert`` and ``annotate`` stages are done: every variant
 starts from that run's converted model and reads its teacher-annotated conversations
@@ -47,6 +47,7 @@ def variants(wiki: Path, mix_windows: int) -> dict[str, dict]:
         "balanced, all tokens + wiki": {"annotated_loss": "all", "mix": mix},
         "balanced, all tokens + wiki, lr 2e-4": {"annotated_loss": "all", "mix": mix, "learning_rate": 2.0e-4},
         "balanced, all tokens + wiki, fp32": {"annotated_loss": "all", "mix": mix, "cpu_precision": "fp32"},
+        "balanced, all tokens + wiki, lr 4e-4": {"annotated_loss": "all", "mix": mix, "learning_rate": 4.0e-4},
     }
 
 
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="pipeline run directory (convert and annotate done)")
     parser.add_argument("--recipe", type=Path, default=common.REPO / "recipes" / "youzhi_smollm2_cpu.yaml")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--variants", default=None, help="comma-separated names (default: all)")
+    parser.add_argument("--variants", default=None, help="names separated by semicolons (default: all)")
     parser.add_argument("--dev-windows", type=int, default=4)
     parser.add_argument("--dev-seq-len", type=int, default=2048)
     parser.add_argument("--mix-windows", type=int, default=400, help=f"wiki.valid windows × {MIX_SEQ} mixed in")
@@ -124,7 +125,7 @@ def main() -> None:
     teacher = Path(load_pipeline_recipe(args.recipe)["original"])
     windows = dev_windows(load_tokenizer(student), wiki, args.dev_windows, args.dev_seq_len, args.mix_windows)
     chosen = variants(wiki, args.mix_windows)
-    names = args.variants.split(",") if args.variants else list(chosen)
+    names = args.variants.split(";") if args.variants else list(chosen)
     unknown = [n for n in names if n not in chosen]
     if unknown:
         sys.exit(f"error: --variants: unknown {unknown[0]!r} (known: {', '.join(chosen)})")
