@@ -117,6 +117,46 @@ def test_transformers_deepseek_v3_reproduces_converted_model(models, kind, tmp_p
     assert all(m == {"format": "pt"} for m in metadata)
 
 
+@pytest.mark.parametrize("kind", ["llama_no_norm", "qwen2_kv_bias"])
+def test_export_balances_the_factor_scales_a_conversion_leaves(models, kind, tmp_path):
+    """A converted model whose q_proj carries 100× the scale and kv_b_proj's key block 1/100 (the
+    same function) exports with comparable scales, and transformers still reproduces it."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    _, converted, _ = models
+    skewed = tmp_path / "skewed"
+    shutil.copytree(converted[kind], skewed)
+    config = json.loads((skewed / "config.json").read_text())
+    heads, rank = config["num_attention_heads"], 24
+    nope, rope = config["head_dim"], config["mla"]["rope_dim"]
+    tensors = load_file(skewed / "model.safetensors")
+    for layer in range(config["num_hidden_layers"]):
+        attn = f"model.layers.{layer}.self_attn."
+        q = tensors[attn + "q_proj.weight"].reshape(heads, nope + rope, -1)
+        q[:, :nope] *= 100.0
+        kv_b = tensors[attn + "kv_b_proj.weight"].reshape(heads, -1, rank)
+        kv_b[:, :nope] /= 100.0
+        if attn + "q_proj.bias" in tensors:
+            tensors[attn + "q_proj.bias"].reshape(heads, -1)[:, :nope] *= 100.0
+    save_file(tensors, skewed / "model.safetensors", metadata={"format": "pt"})
+    ours = ModelRunner.from_dir(skewed, with_tokenizer=False).logits(IDS)
+    np.testing.assert_allclose(ours, ModelRunner.from_dir(converted[kind], with_tokenizer=False).logits(IDS),
+                               atol=1e-4, rtol=0)
+    export_deepseek_v3(skewed, tmp_path / "ds")
+    np.testing.assert_allclose(transformers_logits(tmp_path / "ds", IDS), ours, atol=1e-4, rtol=0)
+
+    def key_ratio(store, layer):
+        attn = f"model.layers.{layer}.self_attn."
+        q = store.get(attn + "q_proj.weight").reshape(heads, nope + rope, -1)[:, :nope]
+        kv_b = store.get(attn + "kv_b_proj.weight").reshape(heads, -1, rank)[:, :nope]
+        return float(np.sqrt(np.mean(q ** 2) / np.mean(kv_b ** 2)))
+
+    source, exported = SafetensorsStore(skewed), SafetensorsStore(tmp_path / "ds")
+    assert key_ratio(source, 1) > 1000 and key_ratio(exported, 1) < 30
+
+
 @pytest.mark.shared
 def test_stories260k_exports_exactly(shared_dir, tmp_path):
     models_dir = shared_dir / "models" / "stories260K"

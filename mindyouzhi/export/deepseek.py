@@ -24,6 +24,7 @@ from mindyouzhi.convert_weights.hf_tokenizer import derived_tokenizer_files
 from mindyouzhi.convert_weights.safetensors_io import SafetensorsFile, SafetensorsStore, ShardedWriter
 from mindyouzhi.errors import UserError
 from mindyouzhi.io_utils import atomic_output_dir, check_output_dir, write_json_atomic
+from mindyouzhi.models.balance import BalancedStore
 
 from .deepseek_config import deepseek_v3_config
 from .deepseek_tensors import deepseek_v3_shapes, deepseek_v3_tensors
@@ -65,7 +66,10 @@ def export_deepseek_v3(model_dir: str | os.PathLike, out: str | os.PathLike, ove
     plan = plan_export(model_dir, fmt)
     # Every export loads in AutoTokenizer, whatever tokenizer files the source model came with.
     derived = derived_tokenizer_files(model_dir, plan.config.max_position_embeddings)
-    store = SafetensorsStore(model_dir)  # header parse only; tensors are read lazily below
+    # header parse only; tensors are read lazily below, every MLA layer with its factor pairs at equal
+    # scales (exact; a conversion can leave q_proj entries ~10⁴× kv_b_proj's, which fp16 serving
+    # and any optimizer that fine-tunes the export handle badly: docs/training.md)
+    store = BalancedStore(SafetensorsStore(model_dir), plan.config)
     with atomic_output_dir(out, overwrite) as tmp:
         shapes = deepseek_v3_shapes(plan)
         tensors = deepseek_v3_tensors(plan, store)

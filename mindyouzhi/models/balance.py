@@ -89,3 +89,44 @@ def balance_mla_layer(weights: dict[str, np.ndarray], heads: int, nope: int, rop
     if ba is not None:
         out["self_attn.kv_a_proj_with_mqa.bias"] = ba.astype(dtype)
     return out
+
+
+BALANCED_TENSORS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.kv_a_proj_with_mqa.weight",
+                    "self_attn.kv_a_proj_with_mqa.bias", "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight")
+
+
+class BalancedStore:
+    """A read-only view of a model's tensor store (``keys``/``shape``/``get``/``in``) in which every
+    MLA layer's attention tensors come balanced (``balance_mla_layer``); one layer is kept at a time,
+    and ``get`` returns a fresh array each call (callers may modify it)."""
+
+    def __init__(self, store, config):
+        self.store = store
+        self.config = config
+        self._layer: int | None = None
+        self._balanced: dict[str, np.ndarray] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.store
+
+    def keys(self):
+        return self.store.keys()
+
+    def shape(self, name: str):
+        return self.store.shape(name)
+
+    def get(self, name: str, dtype=np.float32) -> np.ndarray:
+        parts = name.split(".", 3)
+        if len(parts) < 4 or parts[:2] != ["model", "layers"] or parts[3] not in BALANCED_TENSORS:
+            return self.store.get(name, dtype)
+        layer = int(parts[2])
+        if not self.config.is_mla(layer):
+            return self.store.get(name, dtype)
+        if layer != self._layer:
+            from .decoder import layer_prefix, mla_dims
+
+            prefix = layer_prefix(layer)
+            local = {key: self.store.get(prefix + key) for key in BALANCED_TENSORS if prefix + key in self.store}
+            self._balanced = balance_mla_layer(local, *mla_dims(self.config, layer), self.config.mla.latent_norm)
+            self._layer = layer
+        return np.array(self._balanced[parts[3]], dtype=dtype)
