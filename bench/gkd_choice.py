@@ -140,7 +140,7 @@ def main() -> None:
             rows[label] = {"model": str(directory), "dev_ppl": perplexity(directory, windows)}
             common.save("gkd_choice", results)
         print(f"{label}: dev ppl {rows[label]['dev_ppl']:.3f}", flush=True)
-    base, gap = rows["student before GKD"]["dev_ppl"], None
+    base = rows["student before GKD"]["dev_ppl"]
     gap = base - rows["teacher"]["dev_ppl"]
     work_root = common.CACHE / "gkd_choice"
     for name in names:

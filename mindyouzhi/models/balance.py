@@ -98,7 +98,8 @@ BALANCED_TENSORS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_at
 class BalancedStore:
     """A read-only view of a model's tensor store (``keys``/``shape``/``get``/``in``) in which every
     MLA layer's attention tensors come balanced (``balance_mla_layer``); one layer is kept at a time,
-    and ``get`` returns a fresh array each call (callers may modify it)."""
+    and ``get`` returns a fresh array each call (callers may modify it).  Training reads a fresh
+    student through it, and ``export`` writes from it."""
 
     def __init__(self, store, config):
         self.store = store

@@ -117,18 +117,13 @@ class CausalLM(nn.Cell):
     ``name_prefix`` is put before every parameter name (``"teacher."`` → ``teacher.model.layers.0.…``):
     two models in one graph (the GKD teacher next to the student) then have distinct names by
     construction, and MindSpore never renames either (it rewrites *all* names to attribute paths
-    when it finds a duplicate, ``nn/cell.py: check_names_and_refresh_name``).
+    when it finds a duplicate, ``nn/cell.py: check_names_and_refresh_name``)."""
 
-    ``balance_mla`` rescales every MLA layer's factor pairs to equal entry scales as they are read
-    (``balance.balance_mla_layer``: the same function, better conditioned for training)."""
-
-    def __init__(self, config: ModelConfig, source, where: str = "checkpoint", name_prefix: str = "",
-                 balance_mla: bool = False):
+    def __init__(self, config: ModelConfig, source, where: str = "checkpoint", name_prefix: str = ""):
         super().__init__()
         self.config = config
         glob = read_global_weights(source, config, where)
-        layers = [DecoderLayer(config, i, self._layer_weights(source, config, i, where, balance_mla))
-                  for i in range(config.num_hidden_layers)]
+        layers = [DecoderLayer(config, i, read_layer_weights(source, config, i, where)) for i in range(config.num_hidden_layers)]
         self.model = _Body(config, glob["model.embed_tokens.weight"], glob["model.norm.weight"], layers)
         self.tied = config.tie_word_embeddings
         if self.tied:
@@ -138,15 +133,6 @@ class CausalLM(nn.Cell):
         self.name_prefix = name_prefix
         if name_prefix:
             self.update_parameters_name(name_prefix)
-
-    @staticmethod
-    def _layer_weights(source, config: ModelConfig, layer: int, where: str, balance_mla: bool) -> dict:
-        weights = read_layer_weights(source, config, layer, where)
-        if balance_mla and config.is_mla(layer):
-            from .balance import balance_mla_layer
-
-            weights = balance_mla_layer(weights, *mla_dims(config, layer), config.mla.latent_norm)
-        return weights
 
     def head(self, hidden):
         hidden = self.model.norm(hidden)

@@ -135,6 +135,7 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------------
     def run(self) -> dict:
         from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
+        from mindyouzhi.models.balance import BalancedStore
         from mindyouzhi.models.config import ModelConfig
         from mindyouzhi.models.decoder import CausalLM, RopeTables
         from mindyouzhi.models.layers import causal_mask, to_tensor
@@ -206,8 +207,10 @@ class Trainer:
         else:
             # a fresh run balances the MLA factor scales (exact; AdamW's per-entry step needs it), a
             # resumed one reads its own checkpoint, already balanced, as saved
-            balance = resume_from is None and recipe.model["balance_mla"]
-            net = CausalLM(config, SafetensorsStore(model_dir), where=str(model_dir), balance_mla=balance)
+            store = SafetensorsStore(model_dir)
+            if resume_from is None and recipe.model["balance_mla"]:
+                store = BalancedStore(store, config)
+            net = CausalLM(config, store, where=str(model_dir))
         params = self._trainable(net)
         opt_section = recipe.optimizer
         optimizer = AdamW(params, tuple(opt_section["betas"]), opt_section["eps"], opt_section["weight_decay"])
