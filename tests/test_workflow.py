@@ -72,7 +72,7 @@ def _run(recipe: Path, out: Path, *extra: str):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_pipeline_end_to_end_resumes_and_reruns_what_changed(inputs, tmp_path):
+def test_pipeline_end_to_end_resumes_and_reruns_what_changed(inputs, tmp_path, monkeypatch):
     before = _tree_digest(inputs["root"])
     recipe = _recipe(tmp_path, inputs["model"], inputs["text"], inputs["fpb"], inputs["sft"])
     out = tmp_path / "run"
@@ -122,6 +122,17 @@ def test_pipeline_end_to_end_resumes_and_reruns_what_changed(inputs, tmp_path):
 
     again = _run(recipe, out)
     assert set(again["stages"].values()) == {"skipped"}
+    # A held-out task scored differently (code, not the recipe) makes the eval stages stale, nothing else.
+    from mindyouzhi.workflow import run as pipeline
+    from mindyouzhi.workflow.recipe import load_pipeline_recipe
+
+    state_run = pipeline.PipelineRun(load_pipeline_recipe(recipe), out)
+    fingerprints = {stage.name: state_run.fingerprint(stage) for stage in pipeline.stages()}
+    assert all(state_run.done(stage) for stage in pipeline.stages() if stage.when(state_run))
+    monkeypatch.setattr(pipeline, "heldout_tasks", lambda run: [{"task": "another-scorer"}])
+    stale = {stage.name for stage in pipeline.stages() if state_run.fingerprint(stage) != fingerprints[stage.name]}
+    assert stale == {f"eval-{row}" for row in pipeline.ROWS}, stale
+    monkeypatch.undo()
     # A stage killed while running (state "started", same inputs) runs again and keeps its outputs.
     state = json.loads((out / "pipeline.json").read_text())
     state["stages"]["eval-gkd"]["status"] = "started"

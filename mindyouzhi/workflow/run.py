@@ -50,6 +50,9 @@ class Stage:
     run: Callable[["PipelineRun"], dict]
     outputs: tuple[str, ...] = ()      # what it writes, relative to the run directory
     when: Callable[["PipelineRun"], bool] = field(default=lambda run: True)
+    # What the stage builds in code from the recipe (e.g. the eval suite's held-out tasks and their
+    # scorers): part of the fingerprint, so a new scorer re-runs the stage on the next run.
+    derived: Callable[["PipelineRun"], object] = field(default=lambda run: None)
 
 
 class PipelineRun:
@@ -99,6 +102,9 @@ class PipelineRun:
     def fingerprint(self, stage: Stage) -> str:
         parts = [self.recipe.digest(*stage.sections)] + [self.state["stages"].get(need, {}).get("fingerprint", "")
                                                           for need in stage.needs]
+        derived = stage.derived(self)
+        if derived is not None:
+            parts.append(json.dumps(derived, sort_keys=True, default=str))
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
     def done(self, stage: Stage) -> bool:
@@ -326,7 +332,7 @@ def heldout_tasks(run: PipelineRun) -> list[dict]:
         tasks.append({"task": "fpb", "data": str(held / "fpb.txt"), "name": "FPB held-out (ll)",
                       "scoring": "calibrated"})
     if (held / "amounts.jsonl").is_file():
-        tasks.append({"task": "gen-jsonl", "data": str(held / "amounts.jsonl"), "name": "RMB amounts held-out",
+        tasks.append({"task": "rmb-amounts", "data": str(held / "amounts.jsonl"), "name": "RMB amounts held-out",
                       "chat": True, "max_new_tokens": 64})
     if (held / "banking.jsonl").is_file():
         tasks.append({"task": "gen-jsonl", "data": str(held / "banking.jsonl"), "name": "Banking intent/slots held-out",
@@ -413,7 +419,7 @@ EVAL_ORDER = ("original", "gkd+sft", "gkd", "ours", "transmla")
 def stages() -> list[Stage]:
     evals = [Stage(f"eval-{row}", ("original", "eval", "data"), tuple(n for n in (ROWS[row], "data") if n),
                    (lambda r, row=row: evaluate_row(r, row)), (f"eval/{row}",),
-                   when=(lambda r, row=row: row in r.rows())) for row in EVAL_ORDER]
+                   when=(lambda r, row=row: row in r.rows()), derived=heldout_tasks) for row in EVAL_ORDER]
     return [
         Stage("convert", ("original", "convert"), (), stage_convert, ("models/convert", "work/convert")),
         Stage("convert-transmla", ("original", "convert", "baseline"), (), stage_convert_transmla,

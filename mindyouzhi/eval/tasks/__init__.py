@@ -2,7 +2,7 @@
 
 One module per format family: ``exam_csv`` (C-Eval, FinEval, FinanceIQ), ``cflue`` (knowledge) and
 ``cflue_app`` (applications), ``classification`` (Financial PhraseBank, SST-5), ``hellaswag``,
-``ifeval``, ``math500``, ``crossner``, ``jsonl`` (generic multiple choice and generation).  A task's ``load(data, options)`` returns scorer-ready items; scoring and
+``ifeval``, ``math500``, ``crossner``, ``amounts`` (RMB amount conversions), ``jsonl`` (generic multiple choice and generation).  A task's ``load(data, options)`` returns scorer-ready items; scoring and
 aggregation live in ``mindyouzhi.eval.bench``.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from functools import partial
 
 from mindyouzhi.errors import UserError
 
+from .amounts import aggregate_amounts, load_amounts, score_amount
 from .base import ChoiceItem, GenerationItem, Item, TaskOptions, TaskSpec
 from .cflue import load_cflue
 from .cflue_app import aggregate_cflue_app, load_cflue_app, score_cflue_app
@@ -56,6 +57,10 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("cflue-app", "generation", "score", 0, load_cflue_app,
                  "CFLUE application.json: classification accuracy, extraction F1, ROUGE-L, BLEU per task",
                  grouped_by="task", score=score_cflue_app, aggregate=aggregate_cflue_app, group_metric="score"),
+        TaskSpec("rmb-amounts", "generation", "amount_correct", 0, load_amounts,
+                 "RMB amount conversions (gen-jsonl records): the first amount of the asked kind (大写 or digits) "
+                 "has the gold's value", grouped_by="group", score=score_amount, aggregate=aggregate_amounts,
+                 group_metric="amount_correct"),
         TaskSpec("mcq-jsonl", "choice", "accuracy", 0, load_mcq,
                  "generic multiple-choice JSONL, answer letter log-likelihood", letter_answers=True),
         TaskSpec("gen-jsonl", "generation", "exact_match", 0, load_generation,

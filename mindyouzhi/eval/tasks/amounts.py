@@ -1,0 +1,89 @@
+"""RMB amounts (``rmb-amounts``): an amount conversion is right when its *value* is right.
+
+Records are ``gen-jsonl`` records (``prompt``, ``answer``, optional ``id``/``group``), e.g. the
+held-out split the pipeline writes from ``data amounts generate``.  The gold answers follow the
+style of their prompt — ``0.26``, ``RMB 82,108,000.70``, ``¥3348.14``, ``88706000.79元``,
+``价税合计（大写）：捌佰伍拾贰万玖仟贰佰贰拾柒元贰角`` — which a model cannot guess, so exact match
+(still reported) mostly measures the formatting convention.  The primary metric,
+``amount_correct``, reads the gold's amount and its direction (an uppercase gold asks for 大写,
+any other for Arabic digits) and takes the **first** amount of that kind in the response:
+
+* uppercase: the first run of 大写 characters must be a spelling the PBoC rules accept
+  (:func:`mindyouzhi.datagen.amounts.to_lower`: 零 where required, 整 rules, traditional forms)
+  of the gold's value — an invalid spelling is wrong even if a later one is right;
+* Arabic: the first number (``¥``/``RMB``/``元`` and thousands separators allowed, at most two
+  decimals) must equal the gold's value in cents.
+
+An answer that echoes the prompt's amount in the prompt's own form contains no amount of the
+asked kind and is wrong.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from mindyouzhi.errors import UserError
+
+from .base import GenerationItem, TaskOptions, data_error
+from .jsonl import load_generation
+
+
+def _read(text: str, upper: bool) -> Optional[int]:
+    """Cents of the first amount of the asked kind in ``text`` (None: none, or the first is malformed)."""
+    from mindyouzhi.datagen.amount_tasks import ARABIC_RE, UPPER_RE
+    from mindyouzhi.datagen.amounts import parse_arabic, to_lower
+
+    match = (UPPER_RE if upper else ARABIC_RE).search(text)
+    if match is None:
+        return None
+    try:
+        span = match.group()
+        return to_lower(span) if upper else parse_arabic(span.replace("人民币", "").replace("RMB ", "RMB"))
+    except UserError:
+        return None
+
+
+def gold_amount(gold: str) -> tuple[bool, int]:
+    """(uppercase asked, cents) of a gold answer; ValueError when it holds no amount."""
+    from mindyouzhi.datagen.amount_tasks import UPPER_RE
+
+    upper = UPPER_RE.search(gold) is not None
+    cents = _read(gold, upper)
+    if cents is None:
+        raise ValueError(f"no {'uppercase' if upper else 'Arabic'} amount in the gold answer {gold!r}")
+    return upper, cents
+
+
+def load_amounts(data: Path, options: TaskOptions) -> list[GenerationItem]:
+    items = load_generation(data, options)
+    for item in items:
+        if not isinstance(item.gold, str):
+            raise data_error(data, item.item_id, "rmb-amounts: the gold answer must be a string holding one amount")
+        try:
+            gold_amount(item.gold)
+        except ValueError as exc:
+            raise data_error(data, item.item_id, f"rmb-amounts: {exc}") from None
+    return items
+
+
+def score_amount(response: str, item: GenerationItem) -> dict:
+    upper, cents = gold_amount(item.gold)
+    predicted = _read(response, upper)
+    return {"gold": item.gold, "direction": "to_upper" if upper else "to_lower", "predicted_cents": predicted,
+            "correct": predicted == cents, "exact": response.strip() == item.gold.strip()}
+
+
+def aggregate_amounts(rows: Sequence[dict]):
+    def mean(flags) -> float:
+        flags = list(flags)
+        return round(sum(map(float, flags)) / len(flags), 6) if flags else 0.0
+
+    groups: dict[str, dict] = {}
+    for name in sorted({row["group"] for row in rows}):
+        members = [row for row in rows if row["group"] == name]
+        groups[name] = {"n": len(members), "amount_correct": mean(row["correct"] for row in members),
+                        "exact_match": mean(row["exact"] for row in members)}
+    metrics = {"amount_correct": mean(row["correct"] for row in rows),
+               "exact_match": mean(row["exact"] for row in rows),
+               "amount_found": mean(row["predicted_cents"] is not None for row in rows)}
+    return metrics, groups, {}
