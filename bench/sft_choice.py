@@ -69,7 +69,7 @@ def dev_split(run_dir: Path, recipe, count: int, work: Path) -> dict[str, Path]:
 
     train_side, _ = finance_data.split_fpb(Path(spec["fpb"]["path"]), float(spec["fpb"].get("held_out", 0.3)), seed)
     unused = [s for s in train_side if finance_data.fpb_prompt(s.sentence) not in trained]
-    unused.sort(key=lambda s: finance_data._hash_unit(s.sentence, seed + 2))
+    unused.sort(key=lambda s: finance_data.hash_unit(s.sentence, seed + 2))
     _, items = finance_data.fpb_records(unused[:count])
     if len(items) < count:  # without a `data compress` budget every training sentence is trained on
         print(f"note: {len(items)} FPB dev sentences (fewer than {count} left out of training)", flush=True)

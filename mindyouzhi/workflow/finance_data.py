@@ -30,7 +30,9 @@ from mindyouzhi.errors import UserError
 FPB_PROMPT = "{instruction}\n\nSentence: {sentence}\nSentiment:"
 
 
-def _hash_unit(text: str, seed: int) -> float:
+def hash_unit(text: str, seed: int) -> float:
+    """A deterministic draw in [0, 1) for ``text`` under ``seed`` (splits and orders that do not
+    depend on file order)."""
     digest = hashlib.sha256(f"{seed}:{text}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2 ** 64
 
@@ -61,8 +63,8 @@ def split_fpb(path: Path, held_out: float, seed: int) -> tuple[list, list]:
         raise UserError(f"data.fpb.held_out {held_out}: expected a share between 0 and 1")
     train, test = [], []
     for sentence in read_sentences(Path(path), FPB):
-        (test if _hash_unit(sentence.sentence, seed) < held_out else train).append(sentence)
-    test.sort(key=lambda sentence: _hash_unit(sentence.sentence, seed + 1))
+        (test if hash_unit(sentence.sentence, seed) < held_out else train).append(sentence)
+    test.sort(key=lambda sentence: hash_unit(sentence.sentence, seed + 1))
     return train, test
 
 
