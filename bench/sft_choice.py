@@ -1,6 +1,6 @@
 """bench/sft_choice: choose the pipeline's SFT settings on a finance dev split (issue 23).
 
-    .venv/bin/python bench/sft_choice.py --run RUN [--recipe recipes/youzhi_smollm2_cpu.yaml]
+    .venv/bin/python bench/sft_choice.py --run RUN [--recipe RUN/recipe.yaml]
         [--steps 30] [--variants "NAME;…"] [--dev-items 60] [--ppl-slack 1.05] [--dev-seq-len 2048]
 
 ``RUN`` is a pipeline run directory whose ``data`` and ``gkd`` stages are done: every variant starts
@@ -57,7 +57,7 @@ def dev_split(run_dir: Path, recipe, count: int, work: Path) -> dict[str, Path]:
 
     marker = work / "split.json"
     files = {"fpb": work / "fpb.jsonl", "amounts": work / "amounts.jsonl", "banking": work / "banking.jsonl"}
-    key = {"run": str(run_dir), "count": count}
+    key = split_key(run_dir, recipe, count)
     if marker.is_file() and json.loads(marker.read_text()) == key:
         return {name: path for name, path in files.items() if path.is_file() and path.stat().st_size}
     shutil.rmtree(work, ignore_errors=True)
@@ -68,7 +68,8 @@ def dev_split(run_dir: Path, recipe, count: int, work: Path) -> dict[str, Path]:
     trained = {record.get("instruction") for record in finance_data.read_jsonl(run_dir / "data" / "sft.jsonl")}
 
     train_side, _ = finance_data.split_fpb(Path(spec["fpb"]["path"]), float(spec["fpb"].get("held_out", 0.3)), seed)
-    unused = [s for s in train_side if finance_data.fpb_prompt(s.sentence) not in trained]
+    held_fpb = {item["prompt"] for item in finance_data.read_jsonl(held / "fpb.jsonl")}
+    unused = [s for s in train_side if finance_data.fpb_prompt(s.sentence) not in trained | held_fpb]
     unused.sort(key=lambda s: finance_data.hash_unit(s.sentence, seed + 2))
     _, items = finance_data.fpb_records(unused[:count])
     if len(items) < count:  # without a `data compress` budget every training sentence is trained on
@@ -89,6 +90,11 @@ def dev_split(run_dir: Path, recipe, count: int, work: Path) -> dict[str, Path]:
         finance_data.write_jsonl(files[name], items)
     marker.write_text(json.dumps(key))
     return {name: path for name, path in files.items() if path.stat().st_size}
+
+
+def split_key(run_dir: Path, recipe, count: int) -> dict:
+    """What the dev split depends on: the run, its data section and the item count."""
+    return {"run": str(run_dir), "data": recipe.digest("data"), "count": count}
 
 
 def suite(files: dict[str, Path], work: Path) -> Path:
@@ -130,7 +136,7 @@ def training_recipe(run_dir: Path, recipe, changes: dict, steps: int, out: Path)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="pipeline run directory (data and gkd done)")
-    parser.add_argument("--recipe", type=Path, default=common.REPO / "recipes" / "youzhi_smollm2_cpu.yaml")
+    parser.add_argument("--recipe", type=Path, default=None, help="default: the run's own RUN/recipe.yaml")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--variants", default=None, help="names separated by semicolons (default: all)")
     parser.add_argument("--dev-items", type=int, default=60, help="items of each finance dev task")
@@ -141,8 +147,8 @@ def main() -> None:
     from mindyouzhi.tokenizer import load_tokenizer
     from mindyouzhi.workflow.recipe import load_pipeline_recipe
 
-    recipe = load_pipeline_recipe(args.recipe)
     run_dir = args.run.resolve()
+    recipe = load_pipeline_recipe(args.recipe or run_dir / "recipe.yaml")
     start = run_dir / "train" / "gkd" / "final"
     if not start.is_dir():
         sys.exit(f"error: --run {run_dir}: no train/gkd/final (run the pipeline through its gkd stage)")
@@ -158,7 +164,9 @@ def main() -> None:
 
     results_path = common.RESULTS / "sft_choice.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results.update(run=str(run_dir), recipe=str(args.recipe), steps=args.steps,
+    if results.get("split") != split_key(run_dir, recipe, args.dev_items):
+        results = {}   # another run or dev split: earlier rows are not comparable
+    results.update(run=str(run_dir), recipe=str(recipe.path), split=split_key(run_dir, recipe, args.dev_items),
                    dev={"finance": {k: str(v) for k, v in files.items()}, "items": args.dev_items,
                         "wiki": {"file": str(wiki), "windows": list(windows.shape), "where": "tail"}})
     rows = results.setdefault("rows", {})
@@ -167,7 +175,7 @@ def main() -> None:
                                           **finance_scores(start, config, root / "eval-gkd")}
         common.save("sft_choice", results)
     for name in names:
-        settings = {"changes": VARIANTS[name], "steps": args.steps, "dev_items": args.dev_items}
+        settings = {"changes": VARIANTS[name], "steps": args.steps, "sft": recipe.digest("sft")}
         if rows.get(name, {}).get("settings") == settings:
             continue
         work = root / name.replace(" ", "_").replace("(", "").replace(")", "")

@@ -129,7 +129,8 @@ def test_pipeline_end_to_end_resumes_and_reruns_what_changed(inputs, tmp_path, m
     state_run = pipeline.PipelineRun(load_pipeline_recipe(recipe), out)
     fingerprints = {stage.name: state_run.fingerprint(stage) for stage in pipeline.stages()}
     assert all(state_run.done(stage) for stage in pipeline.stages() if stage.when(state_run))
-    monkeypatch.setattr(pipeline, "heldout_tasks", lambda run: [{"task": "another-scorer"}])
+    monkeypatch.setattr(pipeline, "heldout_tasks",
+                        lambda run: [{"task": "another-scorer", "data": str(out / "data" / "heldout" / "amounts.jsonl")}])
     stale = {stage.name for stage in pipeline.stages() if state_run.fingerprint(stage) != fingerprints[stage.name]}
     assert stale == {f"eval-{row}" for row in pipeline.ROWS}, stale
     monkeypatch.undo()

@@ -50,8 +50,9 @@ class Stage:
     run: Callable[["PipelineRun"], dict]
     outputs: tuple[str, ...] = ()      # what it writes, relative to the run directory
     when: Callable[["PipelineRun"], bool] = field(default=lambda run: True)
-    # What the stage builds in code from the recipe (e.g. the eval suite's held-out tasks and their
-    # scorers): part of the fingerprint, so a new scorer re-runs the stage on the next run.
+    # What the stage builds in code from the recipe (the eval stages: the held-out tasks, each with the
+    # task it is scored as): part of the fingerprint, so scoring a held-out split as another task
+    # re-runs the stage.  Edits inside a scorer's code are not seen (`--overwrite` or a new run).
     derived: Callable[["PipelineRun"], object] = field(default=lambda run: None)
 
 
@@ -340,6 +341,12 @@ def heldout_tasks(run: PipelineRun) -> list[dict]:
     return [dict(task, limit=limit) for task in tasks] if limit else tasks
 
 
+def _heldout_identity(run: PipelineRun) -> list[dict]:
+    """The held-out tasks as the eval fingerprint sees them: paths relative to the run directory (a
+    moved run stays valid)."""
+    return [dict(task, data=os.path.relpath(task["data"], run.out)) for task in heldout_tasks(run)]
+
+
 def suite_config(run: PipelineRun) -> Path:
     spec = run.recipe["eval"]
     tasks = [dict(task, group=task.get("group", "general")) for task in spec.get("tasks") or []]
@@ -419,7 +426,7 @@ EVAL_ORDER = ("original", "gkd+sft", "gkd", "ours", "transmla")
 def stages() -> list[Stage]:
     evals = [Stage(f"eval-{row}", ("original", "eval", "data"), tuple(n for n in (ROWS[row], "data") if n),
                    (lambda r, row=row: evaluate_row(r, row)), (f"eval/{row}",),
-                   when=(lambda r, row=row: row in r.rows()), derived=heldout_tasks) for row in EVAL_ORDER]
+                   when=(lambda r, row=row: row in r.rows()), derived=_heldout_identity) for row in EVAL_ORDER]
     return [
         Stage("convert", ("original", "convert"), (), stage_convert, ("models/convert", "work/convert")),
         Stage("convert-transmla", ("original", "convert", "baseline"), (), stage_convert_transmla,

@@ -40,11 +40,27 @@ def item(gold: str) -> GenerationItem:
     ("人民币肆仟零捌拾亿伍仟万壹仟元捌角柒分", "人民币肆仟零捌拾亿伍仟万壹仟元捌角", False),
     # The first uppercase run decides: a wrong one is not rescued by a right one later.
     ("壹佰元整", "壹佰零元整，即壹佰元整", False),
+    # ... but a restated unit without a digit is not an amount.
+    ("伍仟元整", "5000元整的大写是伍仟元整", True),
+    # Traditional forms are accepted, and read whole: 萬/億 are part of the amount.
+    ("陆元整", "陸元整", True),
+    ("壹元整", "壹圓整", True),
+    ("伍仟元整", "壹萬伍仟元整", False),
+    ("伍佰元整", "叁億伍佰元整", False),
+    # A number is read whole: more digits, a third decimal or a sign make it another (or no) amount.
+    ("¥3348.14", "3348.149", False),
+    ("0.26", "0.260", False),
+    ("0.26", "-0.26", False),
+    ("0.26", "0.26.", True),
 ])
 def test_amount_value_scoring(gold, response, correct):
-    row = score_amount(response, item(gold))
-    assert row["correct"] is correct
-    assert row["exact"] is (response.strip() == gold)
+    assert score_amount(response, item(gold))["correct"] is correct
+
+
+def test_exact_match_is_reported_beside_the_value():
+    assert score_amount(" 0.26 ", item("0.26"))["exact"] is True
+    row = score_amount("0.26元", item("0.26"))
+    assert row["exact"] is False and row["correct"] is True
 
 
 def test_gold_direction_and_value():

@@ -8,17 +8,18 @@ style of their prompt — ``0.26``, ``RMB 82,108,000.70``, ``¥3348.14``, ``8870
 ``amount_correct``, reads the gold's amount and its direction (an uppercase gold asks for 大写,
 any other for Arabic digits) and takes the **first** amount of that kind in the response:
 
-* uppercase: the first run of 大写 characters must be a spelling the PBoC rules accept
+* uppercase: the first run of 大写 characters holding a digit must be a spelling the PBoC rules accept
   (:func:`mindyouzhi.datagen.amounts.to_lower`: 零 where required, 整 rules, traditional forms)
   of the gold's value — an invalid spelling is wrong even if a later one is right;
-* Arabic: the first number (``¥``/``RMB``/``元`` and thousands separators allowed, at most two
-  decimals) must equal the gold's value in cents.
+* Arabic: the first number, read whole (``¥``/``RMB`` and thousands separators allowed; a sign,
+  a third decimal or a misplaced comma make it malformed), must equal the gold's value in cents.
 
 An answer that echoes the prompt's amount in the prompt's own form contains no amount of the
 asked kind and is wrong.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,26 +29,34 @@ from .base import GenerationItem, TaskOptions, data_error
 from .jsonl import load_generation
 
 
+# An uppercase amount: a run of the characters the rules allow (traditional forms included) holding
+# at least one digit, so a restated "…元整的大写是" does not count as the answer.
+_UPPER = re.compile(r"(?:人民币)?[零壹贰貳叁肆伍陆陸柒捌玖拾佰仟万萬亿億元圓角分整正]*"
+                    r"[零壹贰貳叁肆伍陆陸柒捌玖][零壹贰貳叁肆伍陆陸柒捌玖拾佰仟万萬亿億元圓角分整正]*")
+# An Arabic number taken whole — sign, every digit, comma and decimal — so that "3348.149", "0.260"
+# or "-0.26" are read as what they are (and refused by the parser), never as a prefix that matches.
+_ARABIC = re.compile(r"(?:[¥￥]|人民币|RMB\s?)?-?\d[\d,]*(?:\.\d+)?")
+
+
 def _read(text: str, upper: bool) -> Optional[int]:
     """Cents of the first amount of the asked kind in ``text`` (None: none, or the first is malformed)."""
-    from mindyouzhi.datagen.amount_tasks import ARABIC_RE, UPPER_RE
     from mindyouzhi.datagen.amounts import parse_arabic, to_lower
 
-    match = (UPPER_RE if upper else ARABIC_RE).search(text)
+    match = (_UPPER if upper else _ARABIC).search(text)
     if match is None:
         return None
+    span = match.group()
     try:
-        span = match.group()
-        return to_lower(span) if upper else parse_arabic(span.replace("人民币", "").replace("RMB ", "RMB"))
+        if upper:
+            return to_lower(span)
+        return parse_arabic(span.rstrip(",").replace("人民币", "").replace("RMB ", "RMB"))
     except UserError:
         return None
 
 
 def gold_amount(gold: str) -> tuple[bool, int]:
     """(uppercase asked, cents) of a gold answer; ValueError when it holds no amount."""
-    from mindyouzhi.datagen.amount_tasks import UPPER_RE
-
-    upper = UPPER_RE.search(gold) is not None
+    upper = _UPPER.search(gold) is not None
     cents = _read(gold, upper)
     if cents is None:
         raise ValueError(f"no {'uppercase' if upper else 'Arabic'} amount in the gold answer {gold!r}")
