@@ -1,7 +1,7 @@
 """bench/quality_protocol: one model's quality protocol — dev choices on validation text, then the test table.
 
     .venv/bin/python bench/quality_protocol.py --model smollm2|qwen-coder-0.5b|stories260k|DIR
-        [--part dev|test|all] [--ranks 96,160] [--test-windows N] [--use-dev-choices] [--smoke]
+        [--part dev|test|all] [--ranks 96,160] [--test-windows N] [--use-dev-choices] [--dev-stage 1|2] [--smoke]
 
 Three disjoint pieces of WikiText-2, never mixed:
 
@@ -19,7 +19,9 @@ Part ``dev``: starting from the defaults, one option at a time, each value of ev
 (``--nope-rotation``), the low rank (``--lowrank``, ``--key-weight``), the statistics streams
 (``--statistics``), the calibration draw (``--calib-sampling``) at the dev fold and rank; the search
 context (``--search-context``) and window length (``--search-seq-len``) with the default adaptive
-search — converted by the real ``mindyouzhi convert`` in a child process and scored on dev.  The
+search — converted by the real ``mindyouzhi convert`` in a child process and scored on dev.  With
+``--dev-stage 1`` only stage 1 is converted (``--stage 1`` at ``--fold``) and only the options stage 1
+reads are tried: where a model loses most in stage 1, this is the cheap way to see why.  The
 result lists, per option, the dev perplexity of every value and whether the default wins.
 
 Part ``test``: per rank, the original model; TransMLA's choices in our code (``TRANSMLA_CHOICES``
@@ -80,6 +82,11 @@ def quality_options() -> dict[str, list]:
         "statistics": default_first(DEFAULT_STATISTICS, STATISTICS),
         "calib_sampling": default_first(DEFAULT_CALIB_SAMPLING, CALIB_SAMPLING),
     }
+
+
+# What stage 1 (RoRoPE + FreqFold) reads: its key basis, the position-free components' rotation and
+# the calibration draw; the low rank, its key weight and the statistics streams are stage 2's.
+STAGE1_OPTIONS = ("rorope", "nope_rotation", "calib_sampling")
 
 
 def search_options(budget: dict) -> dict[str, list]:
@@ -177,12 +184,17 @@ class Protocol:
 
     # --- part dev ---------------------------------------------------------------------------
     def dev_choices(self) -> dict:
-        """Per option: the dev ppl of each value (others at their defaults) and the winner."""
+        """Per option: the dev ppl of each value (others at their defaults) and the winner.  With
+        ``--dev-stage 1``: stage 1 only (fold ``--fold``), the options stage 1 reads."""
         rank, fold = self.dev_rank, self.args.fold
+        if self.args.dev_stage == 1:
+            options = {k: v for k, v in quality_options().items() if k in STAGE1_OPTIONS}
+            bases = ((f"dev stage 1 f={fold}", options, {"freqfold": fold, "stage": 1}),)
+        else:
+            bases = ((f"dev f={fold} r{rank}", quality_options(), {"freqfold": fold, "kv_lora_rank": rank}),
+                     (f"dev adaptive r{rank}", search_options(self.budget), {"kv_lora_rank": rank}))
         choices = {}
-        for base, options in ((f"dev f={fold} r{rank}", quality_options()),
-                              (f"dev adaptive r{rank}", search_options(self.budget))):
-            fixed = {"freqfold": fold if "adaptive" not in base else None, "kv_lora_rank": rank}
+        for base, options, fixed in bases:
             for option, values in options.items():
                 scores = {}
                 for value in values:  # the default's row is shared by every option
@@ -190,7 +202,7 @@ class Protocol:
                     label = base + "".join(f" {k}={v}" for k, v in changed.items())
                     scores[str(value)] = self.convert(label, self.dev, "dev", **fixed, **changed)["ppl"]
                 choices[option] = _choice(values, scores)
-        self.results["dev_choices"] = choices
+        self.results["dev_choices" + ("_stage1" if self.args.dev_stage == 1 else "")] = choices
         common.save(self.results_name, self.results)
         return choices
 
@@ -231,10 +243,12 @@ def _search_summary(search: dict) -> dict:
 def markdown(results: dict) -> str:
     lines = [f"# Quality protocol: {results['model']}", "",
              f"rope_dim {results['rope_dim']}; budgets {results['budget']}; data {results['data']}", ""]
-    choices = results.get("dev_choices")
-    if choices:
-        lines += ["## Dev choices (validation text only)", "", "| option | dev ppl per value | default | chosen |",
-                  "|---|---|---|---|"]
+    for key, title in (("dev_choices", "final conversion"), ("dev_choices_stage1", "stage 1")):
+        choices = results.get(key)
+        if not choices:
+            continue
+        lines += [f"## Dev choices, {title} (validation text only)", "",
+                  "| option | dev ppl per value | default | chosen |", "|---|---|---|---|"]
         for option, choice in choices.items():
             values = ", ".join(f"{k}: {v:.3f}" for k, v in choice["dev_ppl"].items())
             lines.append(f"| `{option}` | {values} | {choice['default']} | **{choice['chosen']}** |")
@@ -261,6 +275,8 @@ def main() -> None:
                         "stories260k 16,32)")
     parser.add_argument("--dev-rank", type=int, default=None, help="default: the first of --ranks")
     parser.add_argument("--fold", type=int, default=4, help="the dev conversions' fold and TransMLA's")
+    parser.add_argument("--dev-stage", type=int, choices=[1, 2], default=2,
+                        help="part dev at stage 1 only (its options, fold --fold) or the final conversion")
     parser.add_argument("--rope-dim", type=int, default=None, help="default: 32 (SmolLM2, Qwen), head_dim/2 for a DIR")
     parser.add_argument("--test-windows", type=int, default=None)
     parser.add_argument("--use-dev-choices", action="store_true", help="test rows of ours with part dev's winners")
