@@ -31,7 +31,7 @@ each with its wall time and peak RSS (the child's own, from its report).  With `
 the "ours" rows use part dev's winners instead of the defaults.
 
 Results: ``bench/results/quality_<model>.json`` (saved after every row; a rerun skips the rows it
-holds for the same arguments) and ``bench/results/quality_<model>.md`` (the tables).  ``--smoke``
+holds for the same arguments and code defaults) and ``bench/results/quality_<model>.md`` (the tables).  ``--smoke``
 shrinks every budget (for a tiny model: a check that the driver runs, no figure to quote).
 """
 from __future__ import annotations
@@ -153,8 +153,10 @@ class Protocol:
                     "calib_seq_len": self.budget["calib_seq_len"], "search_tokens": self.budget["search_tokens"],
                     "search_seq_len": self.budget["search_seq_len"], **options}
         settings = {k: v for k, v in settings.items() if v is not None}
+        # the code's defaults are part of what a row measured: a row made under other defaults is stale
+        defaults = {k: str(v[0]) for k, v in {**quality_options(), **search_options(self.budget)}.items()}
         done = self.results["rows"].get(label)
-        if done is not None and done.get("settings") == settings and done.get("split") == split:
+        if done is not None and (done.get("settings"), done.get("split"), done.get("defaults")) == (settings, split, defaults):
             return done
         out = self.work / "out"
         shutil.rmtree(out, ignore_errors=True)
@@ -164,7 +166,8 @@ class Protocol:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
         wall, _, stdout = common.child_peak(cmd)
         report = json.loads(stdout)
-        row = {"split": split, "settings": settings, "ppl": self.perplexity(out, windows), "wall_seconds": wall,
+        row = {"split": split, "settings": settings, "defaults": defaults, "ppl": self.perplexity(out, windows),
+               "wall_seconds": wall,
                "peak_rss_bytes": report["peak_rss_bytes"], "fold_plan": report["fold_plan"],
                "timings": report["timings_seconds"], "search": _search_summary(report.get("search") or {})}
         shutil.rmtree(out, ignore_errors=True)

@@ -121,11 +121,13 @@ def run_model(name, args, calib_path, test_path):
     search = text_windows(tokenizer, calib_path, args.search_tokens, 512, 43, "--search-data")
     test = windows(token_stream(tokenizer, test_path, "--eval-data"), eval_len, args.eval_windows, test_path)
     grams = GramCache()
-    compute_original_grams(config, store, calib, grams)
     evaluate = lambda runner: perplexity(runner, test).ppl  # noqa: E731
     original = evaluate(ModelRunner.from_dir(model_dir, with_tokenizer=False))
     evaluator = HybridEvaluator(config, store, search, "stage1")
-    outcome = run_adaptive_search(evaluator, CandidateFactory(evaluator, grams, rope_dim, None), folds, None,
+    factory = CandidateFactory(evaluator, grams, rope_dim, None)
+    compute_original_grams(config, store, calib, grams, plan=factory.plan([None] * config.num_hidden_layers),
+                           choice_fold=max(folds))
+    outcome = run_adaptive_search(evaluator, factory, folds, None,
                                   {"bench": name}, uniform_guard=True, trajectories=args.trajectories)
     plans = {f"uniform f={f}": [f] * config.num_hidden_layers for f in folds}
     plans["adaptive"] = outcome.plan

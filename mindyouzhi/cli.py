@@ -119,9 +119,10 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, stre
 @click.option("--rorope", default="score", show_default=True, type=click.Choice(["score", "key"]),
               help="stage-1 basis: score = the components carrying the most score energy E[(q·k)²] keep RoPE "
                    "(default), key = TransMLA's key PCA")
-@click.option("--nope-rotation", default="mean", show_default=True, type=click.Choice(["mean", "none"]),
+@click.option("--nope-rotation", default="auto", show_default=True, type=click.Choice(["auto", "mean", "none"]),
               help="position-free key components: mean = scored with the relative rotation they lose, averaged "
-                   "under each head's attention (default), none = as if at distance 0 (TransMLA)")
+                   "under each head's attention; none = as if at distance 0 (TransMLA); auto = per head, whichever "
+                   "of the two reproduces the head's attention output better on calibration windows (default)")
 @click.option("--lowrank", default="output", show_default=True, type=click.Choice(["output", "bkv", "care"]),
               help="stage-2 compression: output = query/W_o-aware (default), bkv = TransMLA's balanced PCA, "
                    "care = covariance-aware SVD of the per-head keys and values")

@@ -33,9 +33,10 @@ def analyze_layers(model_dir: Path, search_data: Path, calib: Path, out: Path, r
     search_windows = text_windows(tokenizer, search_data, search_tokens, search_seq_len, seed + 1, "--search-data")
     store = SafetensorsStore(model_dir)
     grams = GramCache()
-    compute_original_grams(config, store, calib_windows, grams, batch_size, str(model_dir))
     evaluator = HybridEvaluator(config, store, search_windows, "stage1", batch_size, where=str(model_dir))
     factory = CandidateFactory(evaluator, grams, rope_dim, None)
+    compute_original_grams(config, store, calib_windows, grams, batch_size, str(model_dir),
+                           factory.plan([None] * config.num_hidden_layers), max(folds))
     study = layer_sensitivity(evaluator, factory, folds)
     result = {
         "model": str(model_dir), "rope_dim": rope_dim, "folds": folds,

@@ -301,7 +301,10 @@ def convert(options: ConvertOptions) -> dict:
                          "calib_sha256": hashes["calib"]["sha256"], "calib_tokens": options.calib_tokens,
                          "calib_seq_len": options.calib_seq_len, "calib_sampling": sampling,
                          "text_field": options.text_field, "seed": options.seed, "forward_precision": precision,
-                         "windows_sha256": _array_hash(calib)}
+                         "windows_sha256": _array_hash(calib),
+                         # the profiles (--nope-rotation auto: chosen per head at the largest candidate fold)
+                         "nope_rotation": options.nope_rotation, "rorope": options.rorope, "rope_dim": rope_dim,
+                         "folds": options.folds}
     work = options.work_dir or options.out.parent / f".{options.out.name}.work"
     named = options.work_dir is not None or work.is_symlink()  # a link the user made is theirs: one subdir of it
     with locked_work_dir(work, options.out, options.restart, named=named, remove_on_success=True,
@@ -329,8 +332,11 @@ def convert(options: ConvertOptions) -> dict:
                 t0 = time.perf_counter()  # the paper's context: candidates from the original model's statistics
                 reuse_or_reset(work / "grams", grams_fingerprint, "calibration statistics")
                 grams = GramCache(work / "grams")
+                search_plan = ConversionPlan(rope_dim, [None] * config.num_hidden_layers, rank, options.stage,
+                                             rope_all=options.rope_all, rorope=options.rorope,
+                                             nope_rotation=options.nope_rotation)
                 compute_original_grams(config, store, calib, grams, options.batch_size, str(options.model),
-                                       profiles=options.nope_rotation == "mean", precision=precision)
+                                       search_plan, max(candidates), precision)
                 timings["calibration"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             evaluator = HybridEvaluator(config, store, search_windows, options.criterion, options.batch_size,

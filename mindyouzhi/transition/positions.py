@@ -27,8 +27,8 @@ from mindyouzhi.errors import UserError
 from mindyouzhi.models.config import ModelConfig
 from mindyouzhi.models.rope import cos_sin, inverse_frequencies
 
-NOPE_ROTATION = ("mean", "none")
-DEFAULT_NOPE_ROTATION = "mean"
+NOPE_ROTATION = ("auto", "mean", "none")
+DEFAULT_NOPE_ROTATION = "auto"
 # Calibration windows whose attention gives the distance profile (the first ones drawn, which
 # are a random subset): the profile is a per-head mean over thousands of queries, and 16 × 256
 # tokens cost about 0.1 s per layer on the 2-core machine.
@@ -47,6 +47,42 @@ def _rotate_half(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def _dense(x: np.ndarray, weights: dict, name: str) -> np.ndarray:
+    out = x @ np.asarray(weights[f"{name}.weight"], np.float32).T
+    if f"{name}.bias" in weights:
+        out = out + np.asarray(weights[f"{name}.bias"], np.float32)
+    return out
+
+
+def _causal_softmax(scores: np.ndarray) -> np.ndarray:
+    length = scores.shape[-1]
+    scores = scores + np.triu(np.full((length, length), -np.inf, np.float32), 1)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def _sample(hidden: np.ndarray, layer: dict, config: ModelConfig, windows: int) -> list[np.ndarray]:
+    """The first ``windows`` windows of a layer's inputs, RMS-normed as its attention sees them."""
+    from .calibration import rms_normed
+
+    return [rms_normed(w, layer["input_layernorm.weight"], config.rms_norm_eps) for w in np.asarray(hidden[:windows])]
+
+
+def source_attention(x: np.ndarray, layer: dict, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The source GQA attention of one normed window ``x`` [S, D]: probabilities [H, S, S] and
+    per-head outputs [H, S, head_dim] (before ``o_proj``)."""
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    length = x.shape[0]
+    inv_freq, factor = inverse_frequencies(config, length)
+    cos, sin = cos_sin(inv_freq, np.arange(length), factor)
+    q = _rotate_half(_dense(x, layer, "self_attn.q_proj").reshape(length, heads, dim).transpose(1, 0, 2), cos, sin)
+    k = _rotate_half(_dense(x, layer, "self_attn.k_proj").reshape(length, kv_heads, dim).transpose(1, 0, 2), cos, sin)
+    v = _dense(x, layer, "self_attn.v_proj").reshape(length, kv_heads, dim).transpose(1, 0, 2)
+    k, v = (np.repeat(t, heads // kv_heads, axis=0) for t in (k, v))
+    probs = _causal_softmax(q @ k.transpose(0, 2, 1) / np.float32(np.sqrt(dim)))
+    return probs, probs @ v
+
+
 def distance_profile(hidden: np.ndarray, layer: dict, config: ModelConfig,
                      windows: int = PROFILE_WINDOWS) -> np.ndarray:
     """[H, S]: the mean over queries of the attention probability each head puts at distance Δ.
@@ -54,32 +90,80 @@ def distance_profile(hidden: np.ndarray, layer: dict, config: ModelConfig,
     ``hidden`` are a layer's inputs (before its RMSNorm), [n, S, D]; the first ``windows`` windows
     are used.  Causal source attention with the source RoPE; every query's row sums to 1.
     """
-    from .calibration import rms_normed
+    sample = _sample(hidden, layer, config, windows)
+    length = sample[0].shape[0]
+    rows, cols = np.tril_indices(length)
+    mass = np.zeros((config.num_attention_heads, len(rows)))
+    for x in sample:
+        mass += source_attention(x, layer, config)[0][:, rows, cols]
+    profile = np.stack([np.bincount(rows - cols, weights=m, minlength=length) for m in mass])
+    return profile / (len(sample) * length)
+
+
+def stage1_head_outputs(x: np.ndarray, attention: dict, config: ModelConfig, rope_width: int,
+                        rope_frequencies: np.ndarray) -> np.ndarray:
+    """Per-head outputs [H, S, head_dim] of a stage-1 attention (local names, ``rorope.stage1_attention``'s
+    layout: per head ``[nope q | rope q]`` query rows, latent ``[nope keys | values | rope key]``)."""
+    heads, dim = config.num_attention_heads, config.head_dim
+    length = x.shape[0]
+    inv_freq, factor = inverse_frequencies(config, length)
+    cos, sin = cos_sin(inv_freq[rope_frequencies], np.arange(length), factor)
+    local = {f"self_attn.{k}": v for k, v in attention.items()}
+    q = _dense(x, local, "self_attn.q_proj").reshape(length, heads, dim + rope_width).transpose(1, 0, 2)
+    kv = _dense(x, local, "self_attn.kv_a_proj_with_mqa")
+    latent, k_pe = kv[:, :-rope_width], _rotate_half(kv[:, -rope_width:], cos, sin)
+    up = (latent @ np.asarray(attention["kv_b_proj.weight"], np.float32).T).reshape(length, heads, 2 * dim)
+    k_nope, v = up[..., :dim].transpose(1, 0, 2), up[..., dim:].transpose(1, 0, 2)
+    scores = q[..., :dim] @ k_nope.transpose(0, 2, 1) + _rotate_half(q[..., dim:], cos, sin) @ k_pe.T
+    return _causal_softmax(scores / np.float32(np.sqrt(dim + rope_width))) @ v
+
+
+def at_zero_distance(profile: np.ndarray) -> np.ndarray:
+    """A profile that puts every head's mass at Δ = 0: the expected rotation is then TransMLA's
+    identity (times the RoPE attention factor²)."""
+    delta = np.zeros_like(profile)
+    delta[:, 0] = 1.0
+    return delta
+
+
+def choose_heads(profile: np.ndarray, hidden: np.ndarray, layer: dict, config: ModelConfig, gram: np.ndarray,
+                 fold: int, rope_dim: int, rorope: str, windows: int = PROFILE_WINDOWS) -> np.ndarray:
+    """``--nope-rotation auto``: per head, the expected rotation (``profile``'s row) or Δ = 0, whichever
+    stage-1 layer reproduces the head's source attention output (through its ``o_proj`` block) better
+    on the first ``windows`` calibration windows; returns the profile with the Δ = 0 heads' rows
+    replaced by δ₀.  A head's map touches only its own query rows, so the heads are chosen apart."""
+    from mindyouzhi.models.decoder import mla_frequency_indices
+
+    from .layers import hybrid_config, split_attention
+    from .rorope import stage1_attention
 
     heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    sample = np.asarray(hidden[:windows], np.float32)
-    count, length = sample.shape[:2]
-    inv_freq, factor = inverse_frequencies(config, length)
-    cos, sin = cos_sin(inv_freq, np.arange(length), factor)
-    rows, cols = np.tril_indices(length)
-    future = np.triu(np.full((length, length), -np.inf, np.float32), 1)
-    mass = np.zeros((heads, len(rows)))
-    for window in sample:
-        x = rms_normed(window, layer["input_layernorm.weight"], config.rms_norm_eps)
-        q = x @ np.asarray(layer["self_attn.q_proj.weight"], np.float32).T
-        k = x @ np.asarray(layer["self_attn.k_proj.weight"], np.float32).T
-        if "self_attn.q_proj.bias" in layer:
-            q = q + layer["self_attn.q_proj.bias"]
-            k = k + layer["self_attn.k_proj.bias"]
-        q = _rotate_half(q.reshape(length, heads, dim).transpose(1, 0, 2), cos, sin)
-        k = _rotate_half(k.reshape(length, kv_heads, dim).transpose(1, 0, 2), cos, sin)
-        k = np.repeat(k, heads // kv_heads, axis=0)
-        scores = q @ k.transpose(0, 2, 1) / np.float32(np.sqrt(dim)) + future
-        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        weights /= weights.sum(axis=-1, keepdims=True)
-        mass += weights[:, rows, cols]
-    profile = np.stack([np.bincount(rows - cols, weights=m, minlength=length) for m in mass])
-    return profile / (count * length)
+    candidates = (profile, at_zero_distance(profile))
+    attn = split_attention(layer)[0]
+    built = [stage1_attention(attn, gram, heads, kv_heads, dim, rope_dim, fold, False, rorope, nope_query_map(p, config))
+             for p in candidates]
+    frequencies = mla_frequency_indices(hybrid_config(config, [fold], [None], rope_dim))
+    o_proj = np.asarray(layer["self_attn.o_proj.weight"], np.float32).reshape(-1, heads, dim).transpose(1, 2, 0)
+    errors = np.zeros((len(candidates), heads))
+    for x in _sample(hidden, layer, config, windows):
+        reference = source_attention(x, layer, config)[1]
+        for c, result in enumerate(built):
+            attention = {k: np.asarray(v, np.float32) for k, v in result.attention.items()}
+            diff = (reference - stage1_head_outputs(x, attention, config, result.rope_width, frequencies)) @ o_proj
+            errors[c] += np.einsum("hsd,hsd->h", diff, diff)
+    use_mean = errors[0] <= errors[1]
+    return np.where(use_mean[:, None], profile, candidates[1])
+
+
+def rotation_profile(config: ModelConfig, nope_rotation: str, rope_all: bool, hidden: np.ndarray, layer: dict,
+                     gram: np.ndarray, fold: int, rope_dim: int, rorope: str) -> Optional[np.ndarray]:
+    """The profile a layer's statistics carry for ``--nope-rotation`` (None: TransMLA's Δ = 0 layer)."""
+    if nope_rotation == "none" or rope_all:
+        return None
+    profile = distance_profile(hidden, layer, config)
+    if nope_rotation == "auto":
+        profile = choose_heads(profile, hidden, layer, config, gram, fold, rope_dim, rorope)
+    return profile
 
 
 def expected_rotation(profile: np.ndarray, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
