@@ -1,7 +1,8 @@
 """bench/quality_protocol: one model's quality protocol — dev choices on validation text, then the test table.
 
     .venv/bin/python bench/quality_protocol.py --model smollm2|qwen-coder-0.5b|stories260k|DIR
-        [--part dev|test|all] [--ranks 96,160] [--test-windows N] [--use-dev-choices] [--dev-stage 1|2] [--smoke]
+        [--part dev|test|all] [--ranks 96,160] [--test-windows N] [--use-dev-choices] [--dev-stage 1|2]
+        [--options NAME,..] [--extra k=v,k=v ...] [--smoke]
 
 Three disjoint pieces of WikiText-2, never mixed:
 
@@ -22,7 +23,8 @@ context (``--search-context``) and window length (``--search-seq-len``) with the
 search — converted by the real ``mindyouzhi convert`` in a child process and scored on dev.  With
 ``--dev-stage 1`` only stage 1 is converted (``--stage 1`` at ``--fold``) and only the options stage 1
 reads are tried: where a model loses most in stage 1, this is the cheap way to see why.  The
-result lists, per option, the dev perplexity of every value and whether the default wins.
+result lists, per option, the dev perplexity of every value and whether the default wins.  ``--options``
+limits the sweep to some options; ``--extra k=v,k=v`` adds a row with several settings changed together.
 
 Part ``test``: per rank, the original model; TransMLA's choices in our code (``TRANSMLA_CHOICES``
 of bench/transition.py, fold 4); our best uniform fold (``--freqfold uniform``: chosen on the
@@ -197,15 +199,23 @@ class Protocol:
             bases = ((f"dev f={fold} r{rank}", quality_options(), {"freqfold": fold, "kv_lora_rank": rank}),
                      (f"dev adaptive r{rank}", search_options(self.budget), {"kv_lora_rank": rank}))
         choices = {}
+        only = set(self.args.options.split(",")) if self.args.options else None
         for base, options, fixed in bases:
             for option, values in options.items():
+                if only is not None and option not in only:
+                    continue
                 scores = {}
                 for value in values:  # the default's row is shared by every option
                     changed = {} if value == values[0] else {option: value}
                     label = base + "".join(f" {k}={v}" for k, v in changed.items())
                     scores[str(value)] = self.convert(label, self.dev, "dev", **fixed, **changed)["ppl"]
                 choices[option] = _choice(values, scores)
-        self.results["dev_choices" + ("_stage1" if self.args.dev_stage == 1 else "")] = choices
+            for extra in self.args.extra or []:  # settings beyond one option at a time: "name=value,name=value"
+                changed = dict(item.split("=", 1) for item in extra.split(","))
+                label = base + "".join(f" {k}={v}" for k, v in changed.items())
+                choices[f"extra: {extra}"] = {"dev_ppl": {extra: self.convert(label, self.dev, "dev", **fixed, **changed)["ppl"]}}
+        key = "dev_choices" + ("_stage1" if self.args.dev_stage == 1 else "")
+        self.results[key] = {**self.results.get(key, {}), **choices}
         common.save(self.results_name, self.results)
         return choices
 
@@ -214,7 +224,7 @@ class Protocol:
         test = hf_rows_test_windows(self.tokenizer, self.test_count, self.budget["seq_len"])
         ours = {}
         if self.args.use_dev_choices:
-            ours = {k: v["chosen"] for k, v in self.results.get("dev_choices", {}).items()}
+            ours = {k: v["chosen"] for k, v in self.results.get("dev_choices", {}).items() if "chosen" in v}
         if "test original" not in self.results["rows"]:
             started = time.perf_counter()
             self.save_row("test original", {"split": "test", "ppl": self.perplexity(self.model_dir, test),
@@ -254,7 +264,7 @@ def markdown(results: dict) -> str:
                   "| option | dev ppl per value | default | chosen |", "|---|---|---|---|"]
         for option, choice in choices.items():
             values = ", ".join(f"{k}: {v:.3f}" for k, v in choice["dev_ppl"].items())
-            lines.append(f"| `{option}` | {values} | {choice['default']} | **{choice['chosen']}** |")
+            lines.append(f"| `{option}` | {values} | {choice.get('default', '')} | **{choice.get('chosen', '')}** |")
         lines.append("")
     rows = {k: v for k, v in results["rows"].items() if v.get("split") == "test"}
     if rows:
@@ -280,6 +290,9 @@ def main() -> None:
     parser.add_argument("--fold", type=int, default=4, help="the dev conversions' fold and TransMLA's")
     parser.add_argument("--dev-stage", type=int, choices=[1, 2], default=2,
                         help="part dev at stage 1 only (its options, fold --fold) or the final conversion")
+    parser.add_argument("--options", default=None, help="part dev: only these options (comma-separated names)")
+    parser.add_argument("--extra", action="append", help="part dev: one more row with these settings together, "
+                        "e.g. calib_seq_len=2048,nope_rotation=none (repeatable)")
     parser.add_argument("--rope-dim", type=int, default=None, help="default: 32 (SmolLM2, Qwen), head_dim/2 for a DIR")
     parser.add_argument("--test-windows", type=int, default=None)
     parser.add_argument("--use-dev-choices", action="store_true", help="test rows of ours with part dev's winners")

@@ -244,11 +244,11 @@ def project(runs: list[dict], stream_per_1k: float, seq_len: int, tokens: int = 
 
     Per layer t(k) = F + P·min(k, k_profile) + S·k (k in thousands of tokens): S the calibration
     stream's Gram + forward, measured directly (``token_cost``); P the attention-distance profile,
-    which reads only the first ``PROFILE_WINDOWS`` windows (k_profile); F the fixed work.  The runs'
+    which reads only the first ``PROFILE_TOKENS`` tokens in whole windows (k_profile); F the fixed work.  The runs'
     slope between budgets below k_profile is P + S, their intercept F.  With one budget, P = 0."""
-    from mindyouzhi.transition.positions import PROFILE_WINDOWS
+    from mindyouzhi.transition.positions import PROFILE_TOKENS
 
-    k_profile = PROFILE_WINDOWS * seq_len / 1024
+    k_profile = max(1, PROFILE_TOKENS // seq_len) * seq_len / 1024
     below = [r for r in runs if r["calib_tokens"] / 1024 <= k_profile] or runs
     if len({r["calib_tokens"] for r in below}) < 2:
         fixed, slope = below[0]["seconds_per_layer"] - stream_per_1k * below[0]["calib_tokens"] / 1024, stream_per_1k

@@ -29,10 +29,11 @@ from mindyouzhi.models.rope import cos_sin, inverse_frequencies
 
 NOPE_ROTATION = ("auto", "mean", "none")
 DEFAULT_NOPE_ROTATION = "auto"
-# Calibration windows whose attention gives the distance profile (the first ones drawn, which
-# are a random subset): the profile is a per-head mean over thousands of queries, and 16 × 256
-# tokens cost about 0.1 s per layer on the 2-core machine.
-PROFILE_WINDOWS = 16
+# Calibration tokens whose attention gives the distance profile (and auto's choice): the first
+# windows drawn (a random subset), 4,096 tokens' worth — 16 windows of 256 — whatever their length.
+# The profile is a per-head mean over thousands of queries; 16 × 256 tokens cost about 0.1 s per
+# layer on the 2-core machine (attention grows with the window length).
+PROFILE_TOKENS = 4096
 
 
 def check_nope_rotation(value: str) -> str:
@@ -61,10 +62,12 @@ def _causal_softmax(scores: np.ndarray) -> np.ndarray:
     return weights / weights.sum(axis=-1, keepdims=True)
 
 
-def _sample(hidden: np.ndarray, layer: dict, config: ModelConfig, windows: int) -> list[np.ndarray]:
-    """The first ``windows`` windows of a layer's inputs, RMS-normed as its attention sees them."""
+def _sample(hidden: np.ndarray, layer: dict, config: ModelConfig, windows: Optional[int]) -> list[np.ndarray]:
+    """The first ``windows`` windows of a layer's inputs (default: ``PROFILE_TOKENS``' worth), RMS-normed
+    as its attention sees them."""
     from .calibration import rms_normed
 
+    windows = windows or max(1, PROFILE_TOKENS // hidden.shape[1])
     return [rms_normed(w, layer["input_layernorm.weight"], config.rms_norm_eps) for w in np.asarray(hidden[:windows])]
 
 
@@ -84,7 +87,7 @@ def source_attention(x: np.ndarray, layer: dict, config: ModelConfig) -> tuple[n
 
 
 def distance_profile(hidden: np.ndarray, layer: dict, config: ModelConfig,
-                     windows: int = PROFILE_WINDOWS) -> np.ndarray:
+                     windows: Optional[int] = None) -> np.ndarray:
     """[H, S]: the mean over queries of the attention probability each head puts at distance Δ.
 
     ``hidden`` are a layer's inputs (before its RMSNorm), [n, S, D]; the first ``windows`` windows
@@ -127,7 +130,7 @@ def at_zero_distance(profile: np.ndarray) -> np.ndarray:
 
 
 def choose_heads(profile: np.ndarray, hidden: np.ndarray, layer: dict, config: ModelConfig, gram: np.ndarray,
-                 fold: int, rope_dim: int, rorope: str, windows: int = PROFILE_WINDOWS) -> np.ndarray:
+                 fold: int, rope_dim: int, rorope: str, windows: Optional[int] = None) -> np.ndarray:
     """``--nope-rotation auto``: per head, the expected rotation (``profile``'s row) or Δ = 0, whichever
     stage-1 layer reproduces the head's source attention output (through its ``o_proj`` block) better
     on the first ``windows`` calibration windows; returns the profile with the Δ = 0 heads' rows
