@@ -125,8 +125,7 @@ def run_model(name, args, calib_path, test_path):
     original = evaluate(ModelRunner.from_dir(model_dir, with_tokenizer=False))
     evaluator = HybridEvaluator(config, store, search, "stage1")
     factory = CandidateFactory(evaluator, grams, rope_dim, None)
-    compute_original_grams(config, store, calib, grams, plan=factory.plan([None] * config.num_hidden_layers),
-                           choice_fold=max(folds))
+    compute_original_grams(config, store, calib, grams, nope_rotation="mean")
     outcome = run_adaptive_search(evaluator, factory, folds, None,
                                   {"bench": name}, uniform_guard=True, trajectories=args.trajectories)
     plans = {f"uniform f={f}": [f] * config.num_hidden_layers for f in folds}

@@ -2,7 +2,7 @@
 
 The distance profile is checked against the attention probabilities of HF ``transformers`` (eager),
 the rotation algebra against an independent RoPE written here, the stage-1 plumbing against
-TransMLA's Δ = 0 layer, and ``auto``'s per-head outputs against the MLA layer the model runs.
+TransMLA's Δ = 0 layer, and ``auto``'s scores against the perplexity of the models it chooses between.
 """
 import json
 
@@ -15,10 +15,9 @@ from mindyouzhi.cli import main
 from mindyouzhi.convert_weights.safetensors_io import SafetensorsStore
 from mindyouzhi.models.config import ModelConfig
 from mindyouzhi.models.decoder import read_layer_weights
-from mindyouzhi.transition.calibration import GramCache, LayerRunner, layer_gram, rms_normed
-from mindyouzhi.transition.layers import convert_stage1, full_rank, hybrid_config, split_attention
-from mindyouzhi.transition.positions import (at_zero_distance, choose_heads, distance_profile, expected_rotation,
-                                            source_attention, stage1_head_outputs)
+from mindyouzhi.transition.calibration import GramCache, layer_gram
+from mindyouzhi.transition.layers import convert_stage1
+from mindyouzhi.transition.positions import distance_profile, expected_rotation
 from mindyouzhi.transition.rorope import rotate_queries
 
 HEADS, HEAD_DIM, THETA = 4, 16, 10000.0
@@ -116,111 +115,56 @@ def test_gram_cache_keeps_profiles_next_to_grams(tmp_path):
 
 
 def test_cli_reports_the_choice_and_none_keeps_the_partial_rope_layer(tmp_path):
-    """mean/none/auto write the same keys and values; auto's query rows are, head by head, mean's or none's."""
+    """mean and none differ only in the query rows; auto (the default) scores both plans and writes the
+    better one exactly (calibration windows here: a fixed fold runs no search)."""
     model = tiny_convertible(tmp_path, "llama")
     calib = write_text(tmp_path / "calib.txt", 3000, seed=0)
     reports = {}
     for choice in ("mean", "none", "auto"):
         args = ["convert", "--model", str(model), "--out", str(tmp_path / choice), "--calib", str(calib),
                 "--calib-tokens", "1024", "--calib-seq-len", "64", "--rope-dim", "8", "--freqfold", "2",
-                "--stage", "1", "--json"] + ([] if choice == "auto" else ["--nope-rotation", choice])
+                "--stage", "1", "--search-tokens", "512", "--json"] + ([] if choice == "auto" else ["--nope-rotation", choice])
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
         reports[choice] = json.loads(result.stdout)
         assert reports[choice]["nope_rotation"] == choice
     stores = {c: SafetensorsStore(tmp_path / c) for c in reports}
-    config = ModelConfig.from_dir(tmp_path / "auto")
     name = "model.layers.0.self_attn.q_proj.weight"
     assert np.abs(stores["mean"].get(name) - stores["none"].get(name)).max() > 1e-3
-    # layer 0 (from layer 1 on, each run's statistics stream through its own converted layers)
-    rows = {c: stores[c].get(name).reshape(config.num_attention_heads, -1) for c in reports}
-    picked = []
-    for head, row in enumerate(rows["auto"]):
-        same = [c for c in ("mean", "none") if np.array_equal(row, rows[c][head])]
-        assert same, f"head {head}: auto's query rows are neither mean's nor none's"
-        picked.append(same[0])
     kv = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
-    for c in ("none", "auto"):
-        np.testing.assert_array_equal(stores["mean"].get(kv), stores[c].get(kv))
-    assert "mean" in picked  # the tiny model's heads do not all pick Δ = 0
+    np.testing.assert_array_equal(stores["mean"].get(kv), stores["none"].get(kv))
+    choice = reports["auto"]["nope_rotation_choice"]
+    assert choice["fold"] == 2 and choice["windows"] == [8, 64] and set(choice["scores"]) == {"mean", "none"}
+    assert choice["scores"]["mean"] != choice["scores"]["none"]
+    chosen = min(choice["scores"], key=choice["scores"].get)
+    assert choice["chosen"] == chosen
+    for key in stores["auto"].keys():
+        np.testing.assert_array_equal(stores["auto"].get(key), stores[chosen].get(key))
     bad = CliRunner().invoke(main, ["convert", "--model", str(model), "--out", str(tmp_path / "bad"), "--calib",
                                     str(calib), "--nope-rotation", "median"])
     assert bad.exit_code == 2 and "--nope-rotation" in bad.output
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.fixture(scope="module")
-def qwen_layer(tmp_path_factory):
-    """A biased tiny layer, its inputs (16 windows × 32) and Gram."""
-    model_dir = build_hf_model("qwen2", tmp_path_factory.mktemp("qwen2") / "qwen2")
-    config = ModelConfig.from_dir(model_dir)
-    layer = read_layer_weights(SafetensorsStore(model_dir), config, 0)
-    hidden = np.random.default_rng(3).normal(size=(16, 32, config.hidden_size)).astype(np.float32)
-    return config, layer, hidden, layer_gram(hidden, layer, config.rms_norm_eps)[0]
+def test_auto_scores_the_plans_it_chooses_between(tmp_path):
+    """Each score of the choice is the perplexity of that rotation's written model on the same windows."""
+    from mindyouzhi.eval.ppl import perplexity
+    from mindyouzhi.models.runner import ModelRunner
+    from mindyouzhi.tokenizer import load_tokenizer
+    from mindyouzhi.transition.calibration import calibration_windows
 
-
-@pytest.mark.parametrize("profile_kind", ["zero", "measured"])
-def test_stage1_head_outputs_are_the_mla_layer_the_model_runs(qwen_layer, profile_kind):
-    """Σ_h o_h W_o,hᵀ (+ o bias) of ``stage1_head_outputs`` = the attention of the stage-1 MLA layer run by
-    the model code (its MLP zeroed), with the Δ = 0 rows and with a measured profile."""
-    config, layer, hidden, gram = qwen_layer
-    profile = distance_profile(hidden, layer, config)
-    if profile_kind == "zero":
-        profile = at_zero_distance(profile)
-    fold, rope_dim = 2, 8
-    stage1 = convert_stage1(config, layer, gram, fold, rope_dim, profile=profile)
-    weights = dict(stage1.weights)
-    weights["mlp.down_proj.weight"] = np.zeros_like(weights["mlp.down_proj.weight"])
-    hybrid = hybrid_config(config, [fold] * config.num_hidden_layers, [full_rank(config, rope_dim)] * 2, rope_dim,
-                           stage=1)
-    ran = LayerRunner(hidden.shape[1], 4, "fp32").run(hybrid, 0, weights, hidden[:2])
-    frequencies = np.arange(rope_dim // 2) * (config.head_dim // rope_dim)
-    attention = split_attention(stage1.weights)[0]
-    o_proj = np.asarray(layer["self_attn.o_proj.weight"], np.float32)
-    for window in range(2):
-        x = rms_normed(hidden[window], layer["input_layernorm.weight"], config.rms_norm_eps)
-        heads = stage1_head_outputs(x, attention, config, stage1.rope_width, frequencies)  # [H, S, d]
-        out = heads.transpose(1, 0, 2).reshape(x.shape[0], -1) @ o_proj.T
-        np.testing.assert_allclose(hidden[window] + out, ran[window], atol=2e-4, rtol=0)
-
-
-def test_source_attention_outputs_equal_transformers(tmp_path):
-    """The per-head outputs ``auto`` compares against: HF's attention output before o_proj (eager, biased)."""
-    import torch
-    import transformers
-
-    model_dir = build_hf_model("qwen2", tmp_path / "qwen2")
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
-    captured = {}
-    attention = model.model.layers[0].self_attn
-    attention.o_proj.register_forward_hook(lambda module, inputs, output: captured.update(pre=inputs[0]))
-    ids = np.random.default_rng(4).integers(4, 124, size=(1, 24))
-    with torch.no_grad():
-        out = model(torch.tensor(ids), output_hidden_states=True)
-    config = ModelConfig.from_dir(model_dir)
-    layer = read_layer_weights(SafetensorsStore(model_dir), config, 0)
-    x = rms_normed(out.hidden_states[0].numpy()[0], layer["input_layernorm.weight"], config.rms_norm_eps)
-    heads = source_attention(x, layer, config)[1]
-    reference = captured["pre"].numpy()[0].reshape(24, config.num_attention_heads, -1).transpose(1, 0, 2)
-    np.testing.assert_allclose(heads, reference, atol=2e-5, rtol=0)
-
-
-def test_auto_chooses_heads_apart(qwen_layer):
-    """Each head's row is the measured profile's or δ₀'s, and the spliced layer gives every head exactly the
-    output of the pure layer it took its row from (a head's map touches only its own query rows)."""
-    config, layer, hidden, gram = qwen_layer
-    profile = distance_profile(hidden, layer, config)
-    chosen = choose_heads(profile, hidden, layer, config, gram, 2, 8, "score")
-    zero = at_zero_distance(profile)
-    frequencies = np.arange(4) * (config.head_dim // 8)
-    x = rms_normed(hidden[0], layer["input_layernorm.weight"], config.rms_norm_eps)
-    outputs = {}
-    for label, p in (("auto", chosen), ("mean", profile), ("zero", zero)):
-        stage1 = convert_stage1(config, layer, gram, 2, 8, profile=p)
-        outputs[label] = stage1_head_outputs(x, split_attention(stage1.weights)[0], config, stage1.rope_width,
-                                             frequencies)
-    for head in range(config.num_attention_heads):
-        pure = "mean" if np.array_equal(chosen[head], profile[head]) else "zero"
-        assert pure == "mean" or np.array_equal(chosen[head], zero[head])
-        np.testing.assert_allclose(outputs["auto"][head], outputs[pure][head], atol=1e-6, rtol=0)
+    model = tiny_convertible(tmp_path, "llama")
+    calib = write_text(tmp_path / "calib.txt", 3000, seed=0)
+    common = ["--calib", str(calib), "--calib-tokens", "1024", "--calib-seq-len", "64", "--rope-dim", "8",
+              "--freqfold", "4", "--kv-lora-rank", "24", "--search-tokens", "256", "--forward-precision", "fp32", "--json"]
+    auto = CliRunner().invoke(main, ["convert", "--model", str(model), "--out", str(tmp_path / "auto"), *common])
+    assert auto.exit_code == 0, auto.output
+    choice = json.loads(auto.stdout)["nope_rotation_choice"]
+    windows, _ = calibration_windows(load_tokenizer(model), calib, 1024, 64, 42, None)
+    for rotation in ("mean", "none"):
+        out = tmp_path / rotation
+        result = CliRunner().invoke(main, ["convert", "--model", str(model), "--out", str(out), *common,
+                                           "--nope-rotation", rotation])
+        assert result.exit_code == 0, result.output
+        ppl = perplexity(ModelRunner.from_dir(out, with_tokenizer=False), windows[:4]).ppl
+        assert choice["scores"][rotation] == pytest.approx(ppl, rel=1e-4)

@@ -17,7 +17,7 @@ from mindyouzhi.tokenizer import load_tokenizer
 from mindyouzhi.transition import search as search_mod
 from mindyouzhi.transition.calibration import GramCache, text_windows
 from mindyouzhi.transition.layers import convert_stage1, full_rank, hybrid_config
-from mindyouzhi.transition.pipeline import ConversionPlan, compute_original_grams
+from mindyouzhi.transition.pipeline import compute_original_grams
 from mindyouzhi.transition.search import (CandidateFactory, HybridEvaluator, SearchState, UniformStatistics,
                                           greedy_last_to_first, run_adaptive_search)
 
@@ -51,8 +51,7 @@ def setup(tmp_path_factory):
     tokenizer = load_tokenizer(model)
     grams = GramCache()
     calib_windows = text_windows(tokenizer, calib, 1024, 64, 42, "--calib")
-    compute_original_grams(config, store, calib_windows, grams, plan=ConversionPlan(8, [None, None], None, 1),
-                           choice_fold=4)
+    compute_original_grams(config, store, calib_windows, grams, nope_rotation="mean")
     windows = text_windows(tokenizer, search, 512, 64, 43, "--search-data")
     return dict(root=root, model=model, calib=calib, search=search, config=config, store=store, grams=grams,
                 windows=windows, calib_windows=calib_windows)
@@ -66,7 +65,7 @@ def test_cached_prefix_evaluation_equals_full_forward_of_the_hybrid(setup):
     weights = dict(read_global_weights(store, config))
     weights.update({f"model.layers.0.{k}": v for k, v in read_layer_weights(store, config, 0).items()})
     stage1 = convert_stage1(config, read_layer_weights(store, config, 1), np.asarray(setup["grams"][1]), 4, 8,
-                            profile=setup["grams"].profile(1))  # the factory's default --nope-rotation auto
+                            profile=setup["grams"].profile(1))  # the statistics carry mean's profiles
     weights.update({f"model.layers.1.{k}": v for k, v in stage1.weights.items()})
     hybrid = hybrid_config(config, [None, 4], [None, full_rank(config, 8)], 8, stage=1)
     full = perplexity(ModelRunner.from_weights(hybrid, weights), setup["windows"], batch_size=4).ppl

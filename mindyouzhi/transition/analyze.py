@@ -35,8 +35,7 @@ def analyze_layers(model_dir: Path, search_data: Path, calib: Path, out: Path, r
     grams = GramCache()
     evaluator = HybridEvaluator(config, store, search_windows, "stage1", batch_size, where=str(model_dir))
     factory = CandidateFactory(evaluator, grams, rope_dim, None)
-    compute_original_grams(config, store, calib_windows, grams, batch_size, str(model_dir),
-                           factory.plan([None] * config.num_hidden_layers), max(folds))
+    compute_original_grams(config, store, calib_windows, grams, batch_size, str(model_dir), "mean")
     study = layer_sensitivity(evaluator, factory, folds)
     result = {
         "model": str(model_dir), "rope_dim": rope_dim, "folds": folds,

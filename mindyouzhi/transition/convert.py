@@ -37,7 +37,7 @@ from .rorope import DEFAULT_RORO, RORO_METHODS
 from .pipeline import DEFAULT_STATISTICS, ConversionPlan, check_convertible, compute_original_grams, convert_streaming, copy_side_files
 from .plots import plot_plan, plot_trajectory
 from .search import (CRITERIA, DEFAULT_SEARCH_CONTEXT, DEFAULT_SHORTLIST, CandidateFactory, HybridEvaluator,
-                     UniformStatistics, best_uniform, run_adaptive_search)
+                     UniformStatistics, best_uniform, choose_nope_rotation, run_adaptive_search)
 
 
 @dataclass
@@ -293,6 +293,10 @@ def convert(options: ConvertOptions) -> dict:
         search_windows = text_windows(tokenizer, data_files["search"], options.search_tokens, options.search_seq_len,
                                       options.seed + 1, "--search-data" if options.search_data else "--calib",
                                       options.text_field, tokens_flag="--search-tokens")
+    # --nope-rotation auto scores its two plans on the search windows, or (no search) on calibration windows
+    rotation_windows = search_windows
+    if rotation_windows is None and options.nope_rotation == "auto":
+        rotation_windows = calib[:max(1, options.search_tokens // options.calib_seq_len)]
     eval_windows = _eval_windows(options, tokenizer) if options.eval_data is not None else None
     timings["calibration_tokenize"] = time.perf_counter() - t0
     store = SafetensorsStore(options.model)
@@ -302,15 +306,28 @@ def convert(options: ConvertOptions) -> dict:
                          "calib_seq_len": options.calib_seq_len, "calib_sampling": sampling,
                          "text_field": options.text_field, "seed": options.seed, "forward_precision": precision,
                          "windows_sha256": _array_hash(calib),
-                         # the profiles (--nope-rotation auto: chosen per head at the largest candidate fold)
-                         "nope_rotation": options.nope_rotation, "rorope": options.rorope, "rope_dim": rope_dim,
-                         "folds": options.folds}
+                         "nope_rotation": options.nope_rotation}  # the profiles
     work = options.work_dir or options.out.parent / f".{options.out.name}.work"
     named = options.work_dir is not None or work.is_symlink()  # a link the user made is theirs: one subdir of it
     with locked_work_dir(work, options.out, options.restart, named=named, remove_on_success=True,
-                         scratch=("hidden", "candidates")) as work:  # spilled by the search, rebuilt by every run
+                         scratch=("hidden", "candidates", "rotation")) as work:  # spilled, rebuilt by every run
         search_info: dict = {}
         statistics = None  # a search's: the statistics of the layers it scored
+        evaluator = None
+        rotation_choice = None
+        if options.nope_rotation == "auto" and (options.rope_all or (fixed_plan is not None and
+                                                                     all(f is None for f in fixed_plan))):
+            options = replace(options, nope_rotation="none")  # no position-free component to rotate
+        if options.nope_rotation == "auto":
+            t0 = time.perf_counter()
+            evaluator = HybridEvaluator(config, store, rotation_windows, options.criterion, options.batch_size,
+                                        spill_dir=work / "hidden", where=str(options.model), precision=precision)
+            rotation_choice = _choose_rotation(options, config, store, evaluator, calib, rope_dim, rank, candidates,
+                                               layers, fixed_plan, precision, work, grams_fingerprint)
+            options = replace(options, nope_rotation=rotation_choice["chosen"])
+            timings["nope_rotation"] = time.perf_counter() - t0
+            if fixed_plan is not None:
+                evaluator = None
         if fixed_plan is not None:
             plan_folds = [f if i in layers else None for i, f in enumerate(fixed_plan)]
         else:
@@ -332,15 +349,13 @@ def convert(options: ConvertOptions) -> dict:
                 t0 = time.perf_counter()  # the paper's context: candidates from the original model's statistics
                 reuse_or_reset(work / "grams", grams_fingerprint, "calibration statistics")
                 grams = GramCache(work / "grams")
-                search_plan = ConversionPlan(rope_dim, [None] * config.num_hidden_layers, rank, options.stage,
-                                             rope_all=options.rope_all, rorope=options.rorope,
-                                             nope_rotation=options.nope_rotation)
                 compute_original_grams(config, store, calib, grams, options.batch_size, str(options.model),
-                                       search_plan, max(candidates), precision)
+                                       "none" if options.rope_all else options.nope_rotation, precision)
                 timings["calibration"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            evaluator = HybridEvaluator(config, store, search_windows, options.criterion, options.batch_size,
-                                        spill_dir=work / "hidden", where=str(options.model), precision=precision)
+            if evaluator is None:  # (the rotation choice's evaluator already scores these windows)
+                evaluator = HybridEvaluator(config, store, search_windows, options.criterion, options.batch_size,
+                                            spill_dir=work / "hidden", where=str(options.model), precision=precision)
             timings["search_prefix"] = time.perf_counter() - t0
             # the candidates are the layers written: stage-1 layers when --stage 1 is written
             factory = CandidateFactory(evaluator, grams, rope_dim, rank if options.stage == 2 else None, options.lowrank,
@@ -396,6 +411,9 @@ def convert(options: ConvertOptions) -> dict:
                 timings["evaluation"] = time.perf_counter() - t0
             report = _report(options, config, result, plan, rank, candidates, search_info, ppl, hashes, timings, started,
                              sampling, fallback)
+            if rotation_choice is not None:
+                report["nope_rotation"] = "auto"
+                report["nope_rotation_choice"] = rotation_choice
             if search_info.get("trajectory"):
                 plot_trajectory(search_info["trajectory"], search_info["original"], tmp / "search_trajectory.png",
                                 ylabel=f"search criterion ({options.criterion})",
@@ -405,6 +423,35 @@ def convert(options: ConvertOptions) -> dict:
                 plot_plan(plan_folds, tmp / "fold_plan.png", {"rope_dim": rope_dim, "kv_lora_rank": rank or "full"})
             write_json_atomic(tmp / "report.json", report)
     return report
+
+
+def _choose_rotation(options, config, store, evaluator, calib, rope_dim, rank, candidates, layers, fixed_plan,
+                     precision, work: Path, grams_fingerprint: dict) -> dict:
+    """``--nope-rotation auto`` (``search.choose_nope_rotation``) at the fold the plan uses most (a fixed
+    plan) or the middle candidate fold (a search), over the layers it converts."""
+    from collections import Counter
+
+    if fixed_plan is not None:
+        folds = [f for f in fixed_plan if f is not None]
+        fold, selected = Counter(folds).most_common(1)[0][0], {i for i, f in enumerate(fixed_plan) if f is not None}
+    else:
+        fold, selected = sorted(candidates)[len(candidates) // 2], set(layers)
+    stage_rank = rank if options.stage == 2 else None
+
+    def factory_for(rotation: str) -> CandidateFactory:
+        return CandidateFactory(evaluator, GramCache(), rope_dim, stage_rank, options.lowrank, options.key_weight,
+                                options.rorope, rotation, spill_dir=work / "rotation" / rotation, rope_all=options.rope_all)
+
+    def statistics_for(rotation: str) -> UniformStatistics:
+        return UniformStatistics(calib, options.statistics, precision, options.batch_size,
+                                 work / "rotation" / f"{rotation}-statistics")
+
+    fingerprint = {"grams": digest(grams_fingerprint), "fold": fold, "layers": sorted(selected), "rank": stage_rank,
+                   "rope_dim": rope_dim, "lowrank": options.lowrank, "key_weight": options.key_weight,
+                   "rorope": options.rorope, "statistics": options.statistics, "criterion": options.criterion,
+                   "windows_sha256": _array_hash(evaluator.inputs), "rope_all": options.rope_all}
+    return choose_nope_rotation(evaluator, factory_for, statistics_for, fold, selected, work / "nope_rotation.json",
+                                fingerprint)
 
 
 def _json(obj) -> str:

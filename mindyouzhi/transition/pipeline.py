@@ -29,7 +29,7 @@ from .calibration import GramCache, LayerRunner, layer_gram
 from .folds import check_fold, collapse
 from .layers import convert_stage1, convert_stage2, full_rank, hybrid_config
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK
-from .positions import DEFAULT_NOPE_ROTATION, rotation_profile
+from .positions import PLAN_NOPE_ROTATION, rotation_profile
 from .rorope import DEFAULT_RORO
 
 WEIGHT_FILES = ("config.json", "report.json", "model.safetensors.index.json")
@@ -57,7 +57,7 @@ class ConversionPlan:
     key_weight: float = DEFAULT_KEY_WEIGHT
     statistics: str = DEFAULT_STATISTICS
     rorope: str = DEFAULT_RORO
-    nope_rotation: str = DEFAULT_NOPE_ROTATION
+    nope_rotation: str = PLAN_NOPE_ROTATION
     forward_precision: str = "fp32"  # of the statistics streams' projections: "fp32" | "bf16" (LAYER_PRECISIONS)
 
     def layer_rank(self, config: ModelConfig, layer: int) -> Optional[int]:
@@ -177,13 +177,12 @@ class StatisticsStream:
         self.a = embeddings[calib] if plan.statistics == "two-stream" else None
         self.through = plan.final_config(config) if plan.statistics == "sequential" else plan.stage1_config(config)
 
-    def statistics(self, index: int, original: dict, fold: int) -> LayerStatistics:
+    def statistics(self, index: int, original: dict) -> LayerStatistics:
         eps = self.config.rms_norm_eps
         gram, normed = layer_gram(self.b, original, eps, keep_normed=self.plan.latent_norm)
         stage1_hidden = self.b if self.a is None else self.a
         stage1_gram = gram if self.a is None else layer_gram(self.a, original, eps)[0]
-        profile = rotation_profile(self.config, self.plan.nope_rotation, self.plan.rope_all, stage1_hidden, original,
-                                   stage1_gram, fold, self.plan.rope_dim, self.plan.rorope)
+        profile = rotation_profile(self.config, self.plan.nope_rotation, self.plan.rope_all, stage1_hidden, original)
         return LayerStatistics(stage1_gram, gram, profile, normed)
 
     def advance(self, index: int, original: dict, layer: ConvertedLayer) -> None:
@@ -202,7 +201,7 @@ def stream_conversion(config: ModelConfig, store: SafetensorsStore, plan: Conver
     for index in range(config.num_hidden_layers):
         original = read_layer_weights(store, config, index, where)
         fold = plan.fold_plan[index]
-        stats = stream.statistics(index, original, fold) if fold is not None else None
+        stats = stream.statistics(index, original) if fold is not None else None
         layer = convert_layer(config, index, original, fold, stats, plan)
         yield index, stats, layer
         if index + 1 < config.num_hidden_layers:  # the last layer's outputs feed no statistics
@@ -245,12 +244,11 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
 
 
 def compute_original_grams(config: ModelConfig, store: SafetensorsStore, calib: np.ndarray, grams: GramCache,
-                           batch_size: int = 8, where: str = "checkpoint", plan: Optional[ConversionPlan] = None,
-                           choice_fold: int = 4, precision: str = "fp32") -> None:
-    """Statistics of every layer (Gram, and the attention-distance profile ``plan.nope_rotation``
-    asks for; none without a plan) from one streamed pass of the original model, its projections in
-    ``precision``; the layout ``load_statistics`` reads.  ``auto`` chooses its heads with the layer
-    folded by ``choice_fold`` (the statistics serve every candidate fold)."""
+                           batch_size: int = 8, where: str = "checkpoint", nope_rotation: str = "none",
+                           precision: str = "fp32") -> None:
+    """Statistics of every layer (Gram, and the attention-distance profile with ``nope_rotation``
+    ``mean``) from one streamed pass of the original model, its projections in ``precision``; the
+    layout ``load_statistics`` reads."""
     runner = LayerRunner(calib.shape[1], batch_size, precision)
     hidden = store.get("model.embed_tokens.weight")[calib]
     bar = progress_bar(config.num_hidden_layers, "calibrating", "layer")
@@ -258,9 +256,8 @@ def compute_original_grams(config: ModelConfig, store: SafetensorsStore, calib: 
         weights = read_layer_weights(store, config, index, where)
         if index not in grams:
             grams[index] = layer_gram(hidden, weights, config.rms_norm_eps)[0]
-        if plan is not None and grams.profile(index) is None:
-            profile = rotation_profile(config, plan.nope_rotation, plan.rope_all, hidden, weights, grams[index],
-                                       choice_fold, plan.rope_dim, plan.rorope)
+        if grams.profile(index) is None:
+            profile = rotation_profile(config, nope_rotation, False, hidden, weights)
             if profile is not None:
                 grams.set_profile(index, profile)
         if index + 1 < config.num_hidden_layers:

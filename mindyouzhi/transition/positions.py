@@ -28,7 +28,8 @@ from mindyouzhi.models.config import ModelConfig
 from mindyouzhi.models.rope import cos_sin, inverse_frequencies
 
 NOPE_ROTATION = ("auto", "mean", "none")
-DEFAULT_NOPE_ROTATION = "auto"
+DEFAULT_NOPE_ROTATION = "auto"  # convert's: resolved to mean or none by scoring both (search.choose_nope_rotation)
+PLAN_NOPE_ROTATION = "mean"  # a ConversionPlan's or CandidateFactory's when not told (they take a resolved one)
 # Calibration tokens whose attention gives the distance profile (and auto's choice): the first
 # windows drawn (a random subset), 4,096 tokens' worth — 16 windows of 256 — whatever their length.
 # The profile is a per-head mean over thousands of queries; 16 × 256 tokens cost about 0.1 s per
@@ -71,19 +72,16 @@ def _sample(hidden: np.ndarray, layer: dict, config: ModelConfig, windows: Optio
     return [rms_normed(w, layer["input_layernorm.weight"], config.rms_norm_eps) for w in np.asarray(hidden[:windows])]
 
 
-def source_attention(x: np.ndarray, layer: dict, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The source GQA attention of one normed window ``x`` [S, D]: probabilities [H, S, S] and
-    per-head outputs [H, S, head_dim] (before ``o_proj``)."""
+def source_attention(x: np.ndarray, layer: dict, config: ModelConfig) -> np.ndarray:
+    """The source GQA attention probabilities [H, S, S] of one normed window ``x`` [S, D]."""
     heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     length = x.shape[0]
     inv_freq, factor = inverse_frequencies(config, length)
     cos, sin = cos_sin(inv_freq, np.arange(length), factor)
     q = _rotate_half(_dense(x, layer, "self_attn.q_proj").reshape(length, heads, dim).transpose(1, 0, 2), cos, sin)
     k = _rotate_half(_dense(x, layer, "self_attn.k_proj").reshape(length, kv_heads, dim).transpose(1, 0, 2), cos, sin)
-    v = _dense(x, layer, "self_attn.v_proj").reshape(length, kv_heads, dim).transpose(1, 0, 2)
-    k, v = (np.repeat(t, heads // kv_heads, axis=0) for t in (k, v))
-    probs = _causal_softmax(q @ k.transpose(0, 2, 1) / np.float32(np.sqrt(dim)))
-    return probs, probs @ v
+    k = np.repeat(k, heads // kv_heads, axis=0)
+    return _causal_softmax(q @ k.transpose(0, 2, 1) / np.float32(np.sqrt(dim)))
 
 
 def distance_profile(hidden: np.ndarray, layer: dict, config: ModelConfig,
@@ -98,75 +96,18 @@ def distance_profile(hidden: np.ndarray, layer: dict, config: ModelConfig,
     rows, cols = np.tril_indices(length)
     mass = np.zeros((config.num_attention_heads, len(rows)))
     for x in sample:
-        mass += source_attention(x, layer, config)[0][:, rows, cols]
+        mass += source_attention(x, layer, config)[:, rows, cols]
     profile = np.stack([np.bincount(rows - cols, weights=m, minlength=length) for m in mass])
     return profile / (len(sample) * length)
 
 
-def stage1_head_outputs(x: np.ndarray, attention: dict, config: ModelConfig, rope_width: int,
-                        rope_frequencies: np.ndarray) -> np.ndarray:
-    """Per-head outputs [H, S, head_dim] of a stage-1 attention (local names, ``rorope.stage1_attention``'s
-    layout: per head ``[nope q | rope q]`` query rows, latent ``[nope keys | values | rope key]``)."""
-    heads, dim = config.num_attention_heads, config.head_dim
-    length = x.shape[0]
-    inv_freq, factor = inverse_frequencies(config, length)
-    cos, sin = cos_sin(inv_freq[rope_frequencies], np.arange(length), factor)
-    local = {f"self_attn.{k}": v for k, v in attention.items()}
-    q = _dense(x, local, "self_attn.q_proj").reshape(length, heads, dim + rope_width).transpose(1, 0, 2)
-    kv = _dense(x, local, "self_attn.kv_a_proj_with_mqa")
-    latent, k_pe = kv[:, :-rope_width], _rotate_half(kv[:, -rope_width:], cos, sin)
-    up = (latent @ np.asarray(attention["kv_b_proj.weight"], np.float32).T).reshape(length, heads, 2 * dim)
-    k_nope, v = up[..., :dim].transpose(1, 0, 2), up[..., dim:].transpose(1, 0, 2)
-    scores = q[..., :dim] @ k_nope.transpose(0, 2, 1) + _rotate_half(q[..., dim:], cos, sin) @ k_pe.T
-    return _causal_softmax(scores / np.float32(np.sqrt(dim + rope_width))) @ v
-
-
-def at_zero_distance(profile: np.ndarray) -> np.ndarray:
-    """A profile that puts every head's mass at Δ = 0: the expected rotation is then TransMLA's
-    identity (times the RoPE attention factor²)."""
-    delta = np.zeros_like(profile)
-    delta[:, 0] = 1.0
-    return delta
-
-
-def choose_heads(profile: np.ndarray, hidden: np.ndarray, layer: dict, config: ModelConfig, gram: np.ndarray,
-                 fold: int, rope_dim: int, rorope: str, windows: Optional[int] = None) -> np.ndarray:
-    """``--nope-rotation auto``: per head, the expected rotation (``profile``'s row) or Δ = 0, whichever
-    stage-1 layer reproduces the head's source attention output (through its ``o_proj`` block) better
-    on the first ``windows`` calibration windows; returns the profile with the Δ = 0 heads' rows
-    replaced by δ₀.  A head's map touches only its own query rows, so the heads are chosen apart."""
-    from mindyouzhi.models.decoder import mla_frequency_indices
-
-    from .layers import hybrid_config, split_attention
-    from .rorope import stage1_attention
-
-    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    candidates = (profile, at_zero_distance(profile))
-    attn = split_attention(layer)[0]
-    built = [stage1_attention(attn, gram, heads, kv_heads, dim, rope_dim, fold, False, rorope, nope_query_map(p, config))
-             for p in candidates]
-    frequencies = mla_frequency_indices(hybrid_config(config, [fold], [None], rope_dim))
-    o_proj = np.asarray(layer["self_attn.o_proj.weight"], np.float32).reshape(-1, heads, dim).transpose(1, 2, 0)
-    errors = np.zeros((len(candidates), heads))
-    for x in _sample(hidden, layer, config, windows):
-        reference = source_attention(x, layer, config)[1]
-        for c, result in enumerate(built):
-            attention = {k: np.asarray(v, np.float32) for k, v in result.attention.items()}
-            diff = (reference - stage1_head_outputs(x, attention, config, result.rope_width, frequencies)) @ o_proj
-            errors[c] += np.einsum("hsd,hsd->h", diff, diff)
-    use_mean = errors[0] <= errors[1]
-    return np.where(use_mean[:, None], profile, candidates[1])
-
-
-def rotation_profile(config: ModelConfig, nope_rotation: str, rope_all: bool, hidden: np.ndarray, layer: dict,
-                     gram: np.ndarray, fold: int, rope_dim: int, rorope: str) -> Optional[np.ndarray]:
-    """The profile a layer's statistics carry for ``--nope-rotation`` (None: TransMLA's Δ = 0 layer)."""
-    if nope_rotation == "none" or rope_all:
-        return None
-    profile = distance_profile(hidden, layer, config)
-    if nope_rotation == "auto":
-        profile = choose_heads(profile, hidden, layer, config, gram, fold, rope_dim, rorope)
-    return profile
+def rotation_profile(config: ModelConfig, nope_rotation: str, rope_all: bool, hidden: np.ndarray,
+                     layer: dict) -> Optional[np.ndarray]:
+    """The profile a layer's statistics carry for ``--nope-rotation`` (None: TransMLA's Δ = 0 layer).
+    ``auto`` is resolved to ``mean`` or ``none`` before any layer is converted (``search.choose_nope_rotation``)."""
+    if nope_rotation not in ("mean", "none"):
+        raise ValueError(f"nope_rotation {nope_rotation!r} must be resolved to mean or none first")
+    return distance_profile(hidden, layer, config) if nope_rotation == "mean" and not rope_all else None
 
 
 def expected_rotation(profile: np.ndarray, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:

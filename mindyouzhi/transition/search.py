@@ -55,7 +55,7 @@ from .calibration import GramCache, LayerRunner
 from .layers import split_attention
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK
 from .pipeline import DEFAULT_STATISTICS, ConversionPlan, convert_layer, load_statistics, save_statistics, stream_conversion
-from .positions import DEFAULT_NOPE_ROTATION
+from .positions import PLAN_NOPE_ROTATION
 from .rorope import DEFAULT_RORO
 
 CRITERIA = ("stage1", "final", "kl")
@@ -242,7 +242,7 @@ class CandidateFactory:
     lowrank: str = DEFAULT_LOWRANK
     key_weight: float = DEFAULT_KEY_WEIGHT
     rorope: str = DEFAULT_RORO
-    nope_rotation: str = DEFAULT_NOPE_ROTATION
+    nope_rotation: str = PLAN_NOPE_ROTATION
     spill_dir: Optional[Path] = None
     rope_all: bool = False
     _cache: dict = field(default_factory=dict)  # (layer, fold) → SearchLayer
@@ -721,6 +721,25 @@ def best_uniform(evaluator: HybridEvaluator, factory: CandidateFactory, candidat
     search = _Search(evaluator, factory, candidates, SearchState({}, list(candidates)), None, selected, uniform)
     best = search.score_uniform_plans()
     return best, dict(search.state.uniform), factory.grams
+
+
+def choose_nope_rotation(evaluator: HybridEvaluator, factory_for: Callable[[str], CandidateFactory],
+                         statistics_for: Callable[[str], UniformStatistics], fold: int, selected: Optional[set[int]],
+                         state_path: Path, fingerprint: dict) -> dict:
+    """``--nope-rotation auto``: the rotation of the position-free components (``mean`` or ``none``)
+    whose uniform plan at ``fold`` scores better on the evaluator's windows, each plan converted as it
+    would be written (``factory_for(rotation)``, its own calibration stream ``statistics_for(rotation)``).
+    A tie keeps ``mean``.  The scores are kept in ``state_path`` (a killed run does not score again)."""
+    state = read_json(state_path, "the rotation choice") if state_path.is_file() else {}
+    scores = state.get("scores", {}) if state.get("fingerprint") == fingerprint else {}
+    for rotation in ("mean", "none"):
+        if rotation not in scores:
+            _, plan_scores, _ = best_uniform(evaluator, factory_for(rotation), [fold], selected, statistics_for(rotation))
+            scores[rotation] = plan_scores[fold]
+            write_json_atomic(state_path, {"fingerprint": fingerprint, "scores": scores})
+    chosen = min(("mean", "none"), key=lambda r: scores[r])
+    return {"chosen": chosen, "fold": fold, "criterion": evaluator.criterion, "scores": scores,
+            "windows": [int(evaluator.inputs.shape[0]), int(evaluator.inputs.shape[1]) + 1]}
 
 
 def layer_sensitivity(evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int]) -> dict:
