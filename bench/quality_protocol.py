@@ -155,11 +155,13 @@ class Protocol:
                     "calib_seq_len": self.budget["calib_seq_len"], "search_tokens": self.budget["search_tokens"],
                     "search_seq_len": self.budget["search_seq_len"], **options}
         settings = {k: v for k, v in settings.items() if v is not None}
-        # the code's defaults are part of what a row measured: a row made under other defaults is stale
+        # what a row measured is its settings over the code's defaults: a row made under other defaults
+        # for an option it did not set is stale
         defaults = {k: str(v[0]) for k, v in {**quality_options(), **search_options(self.budget)}.items()}
         done = self.results["rows"].get(label)
-        if done is not None and (done.get("settings"), done.get("split"), done.get("defaults")) == (settings, split, defaults):
-            return done
+        if done is not None and (done.get("settings"), done.get("split")) == (settings, split) and "defaults" in done:
+            if _effective(done["defaults"], settings) == _effective(defaults, settings):
+                return done
         out = self.work / "out"
         shutil.rmtree(out, ignore_errors=True)
         cmd = [common.cli(), "convert", "--model", str(self.model_dir), "--out", str(out), "--calib", str(self.pool),
@@ -240,6 +242,10 @@ class Protocol:
         self.convert(f"test stage 1 f={best_fold}", test, "test", freqfold=best_fold, stage=1,
                      **{k: v for k, v in ours.items() if k not in ("search_context", "search_seq_len")})
         return self.results["rows"]
+
+
+def _effective(defaults: dict, settings: dict) -> dict:
+    return {**defaults, **{k: str(v) for k, v in settings.items()}}
 
 
 def _choice(values: list, scores: dict) -> dict:

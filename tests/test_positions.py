@@ -168,3 +168,7 @@ def test_auto_scores_the_plans_it_chooses_between(tmp_path):
         assert result.exit_code == 0, result.output
         ppl = perplexity(ModelRunner.from_dir(out, with_tokenizer=False), windows[:4]).ppl
         assert choice["scores"][rotation] == pytest.approx(ppl, rel=1e-4)
+        if rotation == choice["chosen"]:  # written from the scored plan's statistics: the same model
+            written = SafetensorsStore(tmp_path / "auto")
+            for key in written.keys():
+                np.testing.assert_array_equal(written.get(key), SafetensorsStore(out).get(key))

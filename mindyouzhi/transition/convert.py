@@ -289,11 +289,13 @@ def convert(options: ConvertOptions) -> dict:
     calib, sampling = calibration_windows(tokenizer, options.calib, options.calib_tokens, options.calib_seq_len,
                                           options.seed, sampling, options.text_field)
     search_windows = None
-    if fixed_plan is None:  # tokenized before the work dir exists: a data error leaves nothing behind
+    # tokenized before the work dir exists: a data error leaves nothing behind.  --nope-rotation auto
+    # scores its two plans on the search windows (given --search-data even without a search), else on
+    # calibration windows.
+    if fixed_plan is None or (options.nope_rotation == "auto" and options.search_data is not None):
         search_windows = text_windows(tokenizer, data_files["search"], options.search_tokens, options.search_seq_len,
                                       options.seed + 1, "--search-data" if options.search_data else "--calib",
                                       options.text_field, tokens_flag="--search-tokens")
-    # --nope-rotation auto scores its two plans on the search windows, or (no search) on calibration windows
     rotation_windows = search_windows
     if rotation_windows is None and options.nope_rotation == "auto":
         rotation_windows = calib[:max(1, options.search_tokens // options.calib_seq_len)]
@@ -315,19 +317,25 @@ def convert(options: ConvertOptions) -> dict:
         statistics = None  # a search's: the statistics of the layers it scored
         evaluator = None
         rotation_choice = None
-        if options.nope_rotation == "auto" and (options.rope_all or (fixed_plan is not None and
-                                                                     all(f is None for f in fixed_plan))):
+        if options.nope_rotation == "auto" and (options.rope_all or (fixed_plan is not None and all(
+                f is None or i not in layers for i, f in enumerate(fixed_plan)))):
             options = replace(options, nope_rotation="none")  # no position-free component to rotate
         if options.nope_rotation == "auto":
             t0 = time.perf_counter()
             evaluator = HybridEvaluator(config, store, rotation_windows, options.criterion, options.batch_size,
                                         spill_dir=work / "hidden", where=str(options.model), precision=precision)
-            rotation_choice = _choose_rotation(options, config, store, evaluator, calib, rope_dim, rank, candidates,
-                                               layers, fixed_plan, precision, work, grams_fingerprint)
+            rotation_choice, chosen_statistics = _choose_rotation(options, config, store, evaluator, calib, rope_dim,
+                                                                  rank, candidates, layers, fixed_plan, precision, work,
+                                                                  grams_fingerprint)
             options = replace(options, nope_rotation=rotation_choice["chosen"])
             timings["nope_rotation"] = time.perf_counter() - t0
             if fixed_plan is not None:
                 evaluator = None
+                # a uniform fixed plan is the plan just scored: written from its statistics (no third stream)
+                folds = {f for i, f in enumerate(fixed_plan) if f is not None and i in layers}
+                if (folds == {rotation_choice["fold"]} and not options.latent_norm
+                        and (options.stage == 1 or options.criterion in ("final", "kl"))):
+                    statistics = chosen_statistics
         if fixed_plan is not None:
             plan_folds = [f if i in layers else None for i, f in enumerate(fixed_plan)]
         else:
@@ -432,8 +440,8 @@ def _choose_rotation(options, config, store, evaluator, calib, rope_dim, rank, c
     from collections import Counter
 
     if fixed_plan is not None:
-        folds = [f for f in fixed_plan if f is not None]
-        fold, selected = Counter(folds).most_common(1)[0][0], {i for i, f in enumerate(fixed_plan) if f is not None}
+        selected = {i for i, f in enumerate(fixed_plan) if f is not None and i in layers}
+        fold = Counter(fixed_plan[i] for i in selected).most_common(1)[0][0]
     else:
         fold, selected = sorted(candidates)[len(candidates) // 2], set(layers)
     stage_rank = rank if options.stage == 2 else None

@@ -729,17 +729,20 @@ def choose_nope_rotation(evaluator: HybridEvaluator, factory_for: Callable[[str]
     """``--nope-rotation auto``: the rotation of the position-free components (``mean`` or ``none``)
     whose uniform plan at ``fold`` scores better on the evaluator's windows, each plan converted as it
     would be written (``factory_for(rotation)``, its own calibration stream ``statistics_for(rotation)``).
-    A tie keeps ``mean``.  The scores are kept in ``state_path`` (a killed run does not score again)."""
+    A tie keeps ``mean``.  The scores are kept in ``state_path`` (a killed run does not score again).
+    Returns the choice and, when this run converted it, the chosen plan's statistics (else None)."""
     state = read_json(state_path, "the rotation choice") if state_path.is_file() else {}
     scores = state.get("scores", {}) if state.get("fingerprint") == fingerprint else {}
+    statistics: dict[str, GramCache] = {}
     for rotation in ("mean", "none"):
         if rotation not in scores:
-            _, plan_scores, _ = best_uniform(evaluator, factory_for(rotation), [fold], selected, statistics_for(rotation))
+            _, plan_scores, statistics[rotation] = best_uniform(evaluator, factory_for(rotation), [fold], selected,
+                                                                statistics_for(rotation))
             scores[rotation] = plan_scores[fold]
             write_json_atomic(state_path, {"fingerprint": fingerprint, "scores": scores})
     chosen = min(("mean", "none"), key=lambda r: scores[r])
-    return {"chosen": chosen, "fold": fold, "criterion": evaluator.criterion, "scores": scores,
-            "windows": [int(evaluator.inputs.shape[0]), int(evaluator.inputs.shape[1]) + 1]}
+    return ({"chosen": chosen, "fold": fold, "criterion": evaluator.criterion, "scores": scores,
+             "windows": [int(evaluator.inputs.shape[0]), int(evaluator.inputs.shape[1]) + 1]}, statistics.get(chosen))
 
 
 def layer_sensitivity(evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int]) -> dict:
