@@ -1,7 +1,7 @@
 """bench/quality_protocol: one model's quality protocol — dev choices on validation text, then the test table.
 
     .venv/bin/python bench/quality_protocol.py --model smollm2|qwen-coder-0.5b|stories260k|DIR
-        [--part dev|test|all] [--ranks 96,160] [--test-windows N] [--use-dev-choices] [--dev-stage 1|2]
+        [--part dev|test|test-stage1|all] [--ranks 96,160] [--test-windows N] [--use-dev-choices] [--dev-stage 1|2]
         [--options NAME,..] [--extra k=v,k=v ...] [--smoke]
 
 Three disjoint pieces of WikiText-2, never mixed:
@@ -239,9 +239,14 @@ class Protocol:
                                    **ours)
             best_fold = best_fold or uniform["fold_plan"][0]
             self.convert(f"test adaptive r{rank}", test, "test", kv_lora_rank=rank, **ours)
-        self.convert(f"test stage 1 f={best_fold}", test, "test", freqfold=best_fold, stage=1,
-                     **{k: v for k, v in ours.items() if k not in ("search_context", "search_seq_len")})
+        self.stage1_row(best_fold, test, ours)
         return self.results["rows"]
+
+    def stage1_row(self, fold: int, test: np.ndarray = None, ours: dict = None) -> dict:
+        if test is None:
+            test = hf_rows_test_windows(self.tokenizer, self.test_count, self.budget["seq_len"])
+        return self.convert(f"test stage 1 f={fold}", test, "test", freqfold=fold, stage=1,
+                            **{k: v for k, v in (ours or {}).items() if k not in ("search_context", "search_seq_len")})
 
 
 def _effective(defaults: dict, settings: dict) -> dict:
@@ -289,7 +294,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help=f"{', '.join(MODELS)} or a model directory")
-    parser.add_argument("--part", choices=["dev", "test", "all"], default="all")
+    parser.add_argument("--part", choices=["dev", "test", "test-stage1", "all"], default="all")
     parser.add_argument("--ranks", default=None, help="kv_lora_rank values of the test table (default 96,160; "
                         "stories260k 16,32)")
     parser.add_argument("--dev-rank", type=int, default=None, help="default: the first of --ranks")
@@ -307,6 +312,8 @@ def main() -> None:
     protocol = Protocol(args)
     if args.part in ("dev", "all"):
         print(common.dump(protocol.dev_choices()))
+    if args.part == "test-stage1":  # the stage-1 row alone, at --fold (the test table's is at its best uniform fold)
+        protocol.stage1_row(args.fold)
     if args.part in ("test", "all"):
         protocol.test_table()
     table = common.RESULTS / f"{protocol.results_name}.md"
