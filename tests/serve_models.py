@@ -30,7 +30,7 @@ def build_serve_models(root: Path) -> dict[str, Path]:
         result = CliRunner().invoke(main, [
             "convert", "--model", str(models["gqa"]), "--out", str(models[name]), "--calib", str(calib),
             "--calib-tokens", "1024", "--calib-seq-len", "64", "--rope-dim", str(ROPE), "--kv-lora-rank", str(RANK),
-            "--freqfold", "2", "--overwrite", *extra])
+            "--freqfold", "2", "--nope-rotation", "mean", "--overwrite", *extra])  # a fixed model (no auto choice)
         assert result.exit_code == 0, result.output
         config_path = models[name] / "tokenizer_config.json"
         config = json.loads(config_path.read_text())
