@@ -173,7 +173,8 @@ class Protocol:
         row = {"split": split, "settings": settings, "defaults": defaults, "ppl": self.perplexity(out, windows),
                "wall_seconds": wall,
                "peak_rss_bytes": report["peak_rss_bytes"], "fold_plan": report["fold_plan"],
-               "timings": report["timings_seconds"], "search": _search_summary(report.get("search") or {})}
+               "timings": report["timings_seconds"], "search": _search_summary(report.get("search") or {}),
+               "nope_rotation_choice": report.get("nope_rotation_choice")}
         shutil.rmtree(out, ignore_errors=True)
         self.save_row(label, row)
         return row
