@@ -276,7 +276,8 @@ def markdown(results: dict) -> str:
                   "| option | dev ppl per value | default | chosen |", "|---|---|---|---|"]
         for option, choice in choices.items():
             values = ", ".join(f"{k}: {v:.3f}" for k, v in choice["dev_ppl"].items())
-            lines.append(f"| `{option}` | {values} | {choice.get('default', '')} | **{choice.get('chosen', '')}** |")
+            chosen = f"**{choice['chosen']}**" if "chosen" in choice else ""
+            lines.append(f"| `{option}` | {values} | {choice.get('default', '')} | {chosen} |")
         lines.append("")
     rows = {k: v for k, v in results["rows"].items() if v.get("split") == "test"}
     if rows:
