@@ -434,9 +434,10 @@ def convert(options: ConvertOptions) -> dict:
 
 
 def _choose_rotation(options, config, store, evaluator, calib, rope_dim, rank, candidates, layers, fixed_plan,
-                     precision, work: Path, grams_fingerprint: dict) -> dict:
+                     precision, work: Path, grams_fingerprint: dict) -> tuple[dict, Optional[GramCache]]:
     """``--nope-rotation auto`` (``search.choose_nope_rotation``) at the fold the plan uses most (a fixed
-    plan) or the middle candidate fold (a search), over the layers it converts."""
+    plan) or the middle candidate fold (a search), over the layers it converts: (the choice, the chosen
+    plan's statistics when this run converted it)."""
     from collections import Counter
 
     if fixed_plan is not None:
