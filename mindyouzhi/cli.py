@@ -214,6 +214,11 @@ def _convert_summary(report: dict, out: Path) -> str:
                      f"{search['full_forward_equivalents']:.1f}, {search['evaluations']} evaluations")
     elif search.get("mode") == "uniform":
         lines.append(f"  uniform search: {search['uniform_scores']} → f={search['chosen']}")
+    choice = report.get("nope_rotation_choice")
+    if choice:
+        scores = ", ".join(f"{r} {s:.4f}" for r, s in choice["scores"].items())
+        lines.append(f"  position-free rotation: auto → {choice['chosen']} (uniform f={choice['fold']}, "
+                     f"{choice['criterion']} on {choice['windows'][0]} × {choice['windows'][1]}: {scores})")
     data = report.get("data") or {}
     calibration = report.get("calibration") or {}
     if calibration:

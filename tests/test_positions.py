@@ -134,6 +134,8 @@ def test_cli_reports_the_choice_and_none_keeps_the_partial_rope_layer(tmp_path):
     kv = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
     np.testing.assert_array_equal(stores["mean"].get(kv), stores["none"].get(kv))
     choice = reports["auto"]["nope_rotation_choice"]
+    human = CliRunner().invoke(main, args[:-1] + ["--overwrite"])  # the same conversion, summary for people
+    assert human.exit_code == 0 and f"position-free rotation: auto → {choice['chosen']} (uniform f=2" in human.output
     assert choice["fold"] == 2 and choice["windows"] == [8, 64] and set(choice["scores"]) == {"mean", "none"}
     assert choice["scores"]["mean"] != choice["scores"]["none"]
     chosen = min(choice["scores"], key=choice["scores"].get)
