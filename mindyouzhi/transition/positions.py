@@ -30,10 +30,10 @@ from mindyouzhi.models.rope import cos_sin, inverse_frequencies
 NOPE_ROTATION = ("auto", "mean", "none")
 DEFAULT_NOPE_ROTATION = "auto"  # convert's: resolved to mean or none by scoring both (search.choose_nope_rotation)
 PLAN_NOPE_ROTATION = "mean"  # a ConversionPlan's or CandidateFactory's when not told (they take a resolved one)
-# Calibration tokens whose attention gives the distance profile (and auto's choice): the first
-# windows drawn (a random subset), 4,096 tokens' worth — 16 windows of 256 — whatever their length.
-# The profile is a per-head mean over thousands of queries; 16 × 256 tokens cost about 0.1 s per
-# layer on the 2-core machine (attention grows with the window length).
+# Calibration tokens whose attention gives the distance profile: the first windows drawn (a random
+# subset), 4,096 tokens' worth — 16 windows of 256 — whatever their length.  The profile is a
+# per-head mean over thousands of queries; 16 × 256 tokens cost about 0.1 s per layer on the 2-core
+# machine (attention grows with the window length).
 PROFILE_TOKENS = 4096
 
 
@@ -49,56 +49,41 @@ def _rotate_half(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def _dense(x: np.ndarray, weights: dict, name: str) -> np.ndarray:
-    out = x @ np.asarray(weights[f"{name}.weight"], np.float32).T
-    if f"{name}.bias" in weights:
-        out = out + np.asarray(weights[f"{name}.bias"], np.float32)
-    return out
-
-
-def _causal_softmax(scores: np.ndarray) -> np.ndarray:
-    length = scores.shape[-1]
-    scores = scores + np.triu(np.full((length, length), -np.inf, np.float32), 1)
-    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return weights / weights.sum(axis=-1, keepdims=True)
-
-
-def _sample(hidden: np.ndarray, layer: dict, config: ModelConfig, windows: Optional[int]) -> list[np.ndarray]:
-    """The first ``windows`` windows of a layer's inputs (default: ``PROFILE_TOKENS``' worth), RMS-normed
-    as its attention sees them."""
-    from .calibration import rms_normed
-
-    windows = windows or max(1, PROFILE_TOKENS // hidden.shape[1])
-    return [rms_normed(w, layer["input_layernorm.weight"], config.rms_norm_eps) for w in np.asarray(hidden[:windows])]
-
-
-def source_attention(x: np.ndarray, layer: dict, config: ModelConfig) -> np.ndarray:
-    """The source GQA attention probabilities [H, S, S] of one normed window ``x`` [S, D]."""
-    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    length = x.shape[0]
-    inv_freq, factor = inverse_frequencies(config, length)
-    cos, sin = cos_sin(inv_freq, np.arange(length), factor)
-    q = _rotate_half(_dense(x, layer, "self_attn.q_proj").reshape(length, heads, dim).transpose(1, 0, 2), cos, sin)
-    k = _rotate_half(_dense(x, layer, "self_attn.k_proj").reshape(length, kv_heads, dim).transpose(1, 0, 2), cos, sin)
-    k = np.repeat(k, heads // kv_heads, axis=0)
-    return _causal_softmax(q @ k.transpose(0, 2, 1) / np.float32(np.sqrt(dim)))
-
-
 def distance_profile(hidden: np.ndarray, layer: dict, config: ModelConfig,
                      windows: Optional[int] = None) -> np.ndarray:
     """[H, S]: the mean over queries of the attention probability each head puts at distance Δ.
 
     ``hidden`` are a layer's inputs (before its RMSNorm), [n, S, D]; the first ``windows`` windows
-    are used.  Causal source attention with the source RoPE; every query's row sums to 1.
+    are used (default: ``PROFILE_TOKENS``' worth).  Causal source attention with the source RoPE; every
+    query's row sums to 1.
     """
-    sample = _sample(hidden, layer, config, windows)
-    length = sample[0].shape[0]
+    from .calibration import rms_normed
+
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    windows = windows or max(1, PROFILE_TOKENS // hidden.shape[1])
+    sample = np.asarray(hidden[:windows], np.float32)
+    count, length = sample.shape[:2]
+    inv_freq, factor = inverse_frequencies(config, length)
+    cos, sin = cos_sin(inv_freq, np.arange(length), factor)
     rows, cols = np.tril_indices(length)
-    mass = np.zeros((config.num_attention_heads, len(rows)))
-    for x in sample:
-        mass += source_attention(x, layer, config)[:, rows, cols]
+    future = np.triu(np.full((length, length), -np.inf, np.float32), 1)
+    mass = np.zeros((heads, len(rows)))
+    for window in sample:
+        x = rms_normed(window, layer["input_layernorm.weight"], config.rms_norm_eps)
+        q = x @ np.asarray(layer["self_attn.q_proj.weight"], np.float32).T
+        k = x @ np.asarray(layer["self_attn.k_proj.weight"], np.float32).T
+        if "self_attn.q_proj.bias" in layer:
+            q = q + layer["self_attn.q_proj.bias"]
+            k = k + layer["self_attn.k_proj.bias"]
+        q = _rotate_half(q.reshape(length, heads, dim).transpose(1, 0, 2), cos, sin)
+        k = _rotate_half(k.reshape(length, kv_heads, dim).transpose(1, 0, 2), cos, sin)
+        k = np.repeat(k, heads // kv_heads, axis=0)
+        scores = q @ k.transpose(0, 2, 1) / np.float32(np.sqrt(dim)) + future
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        mass += weights[:, rows, cols]
     profile = np.stack([np.bincount(rows - cols, weights=m, minlength=length) for m in mass])
-    return profile / (len(sample) * length)
+    return profile / (count * length)
 
 
 def rotation_profile(config: ModelConfig, nope_rotation: str, rope_all: bool, hidden: np.ndarray,
