@@ -260,7 +260,8 @@ def test_tok512_tokenizer_json_matches_run_c_on_wikitext(shared_dir, tmp_path):
 @pytest.mark.shared
 def test_stories260k_export_gives_mindyouzhi_perplexity_in_transformers(shared_dir, tmp_path):
     """Acceptance (issue 13): import → convert → export; AutoTokenizer + DeepseekV3ForCausalLM on
-    wiki.test.raw windows give mindyouzhi's ids and perplexity (relative difference ≤ 1e-3)."""
+    wiki.test.raw windows give mindyouzhi's ids and perplexity (asked: relative difference ≤ 1e-3; both
+    sides fp32 here, so ≤ 1e-5 — the default bf16 forward alone moves it by ~2e-3)."""
     import torch
     import transformers
 
@@ -275,7 +276,8 @@ def test_stories260k_export_gives_mindyouzhi_perplexity_in_transformers(shared_d
     export_deepseek_v3(tmp_path / "mla", tmp_path / "ds")
     seq_len, count = 256, 4
     result = runner.invoke(main, ["eval", "ppl", "--model", str(tmp_path / "mla"), "--data", str(wiki / "wiki.test.raw"),
-                                  "--seq-len", str(seq_len), "--max-windows", str(count), "--json"])
+                                  "--seq-len", str(seq_len), "--max-windows", str(count),
+                                  "--forward-precision", "fp32", "--json"])
     assert result.exit_code == 0, result.output
     ours = json.loads(result.stdout)
 
@@ -291,4 +293,4 @@ def test_stories260k_export_gives_mindyouzhi_perplexity_in_transformers(shared_d
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1),
                                             reduction="sum").item()
     theirs = math.exp(nll / (count * (seq_len - 1)))
-    assert ours["windows"] == count and abs(theirs / ours["ppl"] - 1) <= 1e-3, (theirs, ours["ppl"])
+    assert ours["windows"] == count and abs(theirs / ours["ppl"] - 1) <= 1e-5, (theirs, ours["ppl"])
