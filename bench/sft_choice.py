@@ -19,17 +19,20 @@ held-out test item the pipeline's tables score):
   split is (single conversions / single-turn dialogues whose prompt is not in training) and also
   against every held-out prompt.
 
-Judged on dev only: FPB as generation (exact match, the answer SFT teaches), RMB amounts
+Judged on dev only: FPB as generation (``label-jsonl`` accuracy: the label SFT teaches, case and
+punctuation ignored), RMB amounts
 (``amount_correct``: the value), banking (field accuracy), their mean; and the perplexity of the last
 4 × 2,048 tokens of ``wiki.valid.tokens`` (the dev tail of bench/gkd_choice.py: general text kept).
 The rule: the highest mean finance dev score among the variants whose dev perplexity is at most
 ``--ppl-slack`` (1.05) × the GKD model's.  Writes ``bench/results/sft_choice.json`` after every
-variant (a rerun skips the variants it holds with the same settings) and prints a table.
+variant (a rerun skips the variants it holds with the same settings; each variant's final model is
+kept, so a changed dev suite re-scores it instead of training again) and prints a table.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -48,7 +51,7 @@ VARIANTS = {  # name → changes to the pipeline's sft section
     "lr 2e-4": {"learning_rate": 2.0e-4},
     "lr 5e-4": {"learning_rate": 5.0e-4},
 }
-SCORES = {"FPB dev (gen)": "exact_match", "RMB amounts dev": "amount_correct", "Banking dev": "field_accuracy"}
+SCORES = {"FPB dev (gen)": "accuracy", "RMB amounts dev": "amount_correct", "Banking dev": "field_accuracy"}
 
 
 def dev_split(run_dir: Path, recipe, count: int, work: Path) -> dict[str, Path]:
@@ -98,13 +101,18 @@ def split_key(run_dir: Path, recipe, count: int) -> dict:
 
 
 def suite(files: dict[str, Path], work: Path) -> Path:
-    tasks = {"fpb": {"task": "gen-jsonl", "name": "FPB dev (gen)", "chat": True, "max_new_tokens": 8},
+    tasks = {"fpb": {"task": "label-jsonl", "name": "FPB dev (gen)", "chat": True, "max_new_tokens": 8},
              "amounts": {"task": "rmb-amounts", "name": "RMB amounts dev", "chat": True, "max_new_tokens": 64},
              "banking": {"task": "gen-jsonl", "name": "Banking dev", "chat": True, "max_new_tokens": 128}}
     tasks = [dict(tasks[name], data=str(path)) for name, path in files.items()]
     path = work / "suite.yaml"
     path.write_text(yaml.safe_dump({"defaults": {"batch_size": 16}, "tasks": tasks}, allow_unicode=True), "utf-8")
     return path
+
+
+def suite_digest(config: Path) -> str:
+    """What the finance scores depend on besides the model: the dev suite (tasks, scorers, files)."""
+    return hashlib.sha256(config.read_bytes()).hexdigest()[:16]
 
 
 def finance_scores(model: Path, config: Path, out: Path) -> dict:
@@ -170,25 +178,33 @@ def main() -> None:
                    dev={"finance": {k: str(v) for k, v in files.items()}, "items": args.dev_items,
                         "wiki": {"file": str(wiki), "windows": list(windows.shape), "where": "tail"}})
     rows = results.setdefault("rows", {})
-    if rows.get("GKD model (before SFT)", {}).get("model") != str(start):
-        rows["GKD model (before SFT)"] = {"model": str(start), "dev_ppl": perplexity(start, windows),
+    scoring = suite_digest(config)
+    before = rows.get("GKD model (before SFT)", {})
+    if (before.get("model"), before.get("suite")) != (str(start), scoring):
+        rows["GKD model (before SFT)"] = {"model": str(start), "suite": scoring, "dev_ppl": perplexity(start, windows),
                                           **finance_scores(start, config, root / "eval-gkd")}
         common.save("sft_choice", results)
     for name in names:
         settings = {"changes": VARIANTS[name], "steps": args.steps, "sft": recipe.digest("sft")}
-        if rows.get(name, {}).get("settings") == settings:
-            continue
         work = root / name.replace(" ", "_").replace("(", "").replace(")", "")
+        model = work / "out" / "final"
+        if rows.get(name, {}).get("settings") == settings:
+            if rows[name].get("suite") == scoring:
+                continue
+            if model.is_dir():  # the dev suite changed (a scorer, a task): score the kept model again
+                rows[name].update(suite=scoring, **finance_scores(model, config, work / "eval"))
+                common.save("sft_choice", results)
+                continue
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         trained = train(training_recipe(run_dir, recipe, VARIANTS[name], args.steps, work / "out"), work)
-        row = {"settings": settings, "wall_seconds": trained["wall_seconds"], "first_loss": trained["first_kl"],
+        row = {"settings": settings, "suite": scoring, "wall_seconds": trained["wall_seconds"], "first_loss": trained["first_kl"],
                "last_loss": trained["last_kl"]}
-        model = work / "out" / "final"
         row.update(dev_ppl=perplexity(model, windows), **finance_scores(model, config, work / "eval"))
         rows[name] = row
         common.save("sft_choice", results)
-        shutil.rmtree(work / "out", ignore_errors=True)
+        for checkpoint in (work / "out").glob("checkpoint-*"):  # the final model stays: a changed scorer re-scores it
+            shutil.rmtree(checkpoint, ignore_errors=True)
         print(f"{name}: finance dev mean {row['mean']:.3f}, dev ppl {row['dev_ppl']:.3f} ({row['wall_seconds']:.0f} s)",
               flush=True)
     limit = args.ppl_slack * rows["GKD model (before SFT)"]["dev_ppl"]

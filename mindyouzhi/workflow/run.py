@@ -328,7 +328,7 @@ def heldout_tasks(run: PipelineRun) -> list[dict]:
     limit = run.recipe["eval"].get("heldout_limit")   # first N held-out items of each task (all if unset)
     tasks = []
     if (held / "fpb.jsonl").is_file():
-        tasks.append({"task": "gen-jsonl", "data": str(held / "fpb.jsonl"), "name": "FPB held-out (gen)",
+        tasks.append({"task": "label-jsonl", "data": str(held / "fpb.jsonl"), "name": "FPB held-out (gen)",
                       "chat": True, "max_new_tokens": 8})
         tasks.append({"task": "fpb", "data": str(held / "fpb.txt"), "name": "FPB held-out (ll)",
                       "scoring": "calibrated"})

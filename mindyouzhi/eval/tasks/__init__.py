@@ -22,6 +22,7 @@ from .classification import FPB, SST5, load_classification
 from .exam_csv import load_exam
 from .hellaswag import load_hellaswag
 from .jsonl import load_generation, load_mcq
+from .labels import aggregate_labels, load_labels, score_label
 from .subjects import CEVAL_SUBJECTS, FINEVAL_SUBJECTS
 
 TASKS: dict[str, TaskSpec] = {
@@ -61,6 +62,10 @@ TASKS: dict[str, TaskSpec] = {
                  "RMB amount conversions (gen-jsonl records): the first amount of the asked kind (大写 or digits) "
                  "has the gold's value", grouped_by="group", score=score_amount, aggregate=aggregate_amounts,
                  group_metric="amount_correct"),
+        TaskSpec("label-jsonl", "generation", "accuracy", 0, load_labels,
+                 "closed-label classification by generation (gen-jsonl records, one label per gold): the first "
+                 "line is the label, ignoring case, quotes and punctuation", grouped_by="group", score=score_label,
+                 aggregate=aggregate_labels, group_metric="accuracy"),
         TaskSpec("mcq-jsonl", "choice", "accuracy", 0, load_mcq,
                  "generic multiple-choice JSONL, answer letter log-likelihood", letter_answers=True),
         TaskSpec("gen-jsonl", "generation", "exact_match", 0, load_generation,
