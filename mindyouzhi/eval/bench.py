@@ -34,6 +34,7 @@ from . import SCORING_MODES
 from .lm import ContinuationScorer, LanguageModel, generate_text, generate_texts, progress
 from .tasks import ChoiceItem, GenerationItem, TaskOptions, TaskSpec, get_task
 from .tasks.answers import extract_letters, score_generation
+from .tasks.base import by_group, rate
 
 DEFAULT_MAX_NEW_TOKENS = {"choice": 32, "generation": 256}
 
@@ -241,45 +242,33 @@ def _score_generations(lm, spec: TaskSpec, items: Sequence[GenerationItem], sett
     return rows, {"new_tokens": sum(generation.new_tokens for generation in generations)}
 
 
-def _mean(flags) -> float:
-    flags = list(flags)
-    return round(float(np.mean(flags)), 6) if flags else 0.0
-
-
-def _by_group(rows: Sequence[dict]) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(row["group"], []).append(row)
-    return dict(sorted(groups.items()))
-
-
 def _aggregate_choices(rows: Sequence[dict]):
     has_norm = bool(rows) and "correct_norm" in rows[0]
     groups = {}
-    for name, members in _by_group(rows).items():
-        groups[name] = {"n": len(members), "accuracy": _mean(row["correct"] for row in members)}
+    for name, members in by_group(rows).items():
+        groups[name] = {"n": len(members), "accuracy": rate(row["correct"] for row in members)}
         if has_norm:
-            groups[name]["acc_norm"] = _mean(row["correct_norm"] for row in members)
-    metrics = {"accuracy": _mean(row["correct"] for row in rows)}
+            groups[name]["acc_norm"] = rate(row["correct_norm"] for row in members)
+    metrics = {"accuracy": rate(row["correct"] for row in rows)}
     if has_norm:
-        metrics["acc_norm"] = _mean(row["correct_norm"] for row in rows)
-    metrics["macro_accuracy"] = _mean(group["accuracy"] for group in groups.values())
+        metrics["acc_norm"] = rate(row["correct_norm"] for row in rows)
+    metrics["macro_accuracy"] = rate(group["accuracy"] for group in groups.values())
     return metrics, groups, {}
 
 
 def _aggregate_generations(rows: Sequence[dict]):
-    groups = {name: {"n": len(members), "exact_match": _mean(row["exact"] for row in members)} for name, members in _by_group(rows).items()}
-    metrics = {"exact_match": _mean(row["exact"] for row in rows)}
+    groups = {name: {"n": len(members), "exact_match": rate(row["exact"] for row in members)} for name, members in by_group(rows).items()}
+    metrics = {"exact_match": rate(row["exact"] for row in rows)}
     extra = {}
     json_rows = [row for row in rows if "json_valid" in row]
     if json_rows:
-        metrics["json_valid"] = _mean(row["json_valid"] for row in json_rows)
+        metrics["json_valid"] = rate(row["json_valid"] for row in json_rows)
         per_field: dict[str, list[bool]] = {}
         for row in json_rows:
             for path, correct in row["fields"].items():
                 per_field.setdefault(path, []).append(correct)
-        metrics["field_accuracy"] = _mean(flag for flags in per_field.values() for flag in flags)
-        extra["fields"] = {path: {"n": len(flags), "accuracy": _mean(flags)} for path, flags in sorted(per_field.items())}
+        metrics["field_accuracy"] = rate(flag for flags in per_field.values() for flag in flags)
+        extra["fields"] = {path: {"n": len(flags), "accuracy": rate(flags)} for path, flags in sorted(per_field.items())}
     return metrics, groups, extra
 
 

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 from mindyouzhi.errors import UserError
 
-from .base import GenerationItem, TaskOptions, data_error
+from .base import GenerationItem, TaskOptions, by_group, data_error, rate
 from .jsonl import load_generation
 
 
@@ -83,16 +83,10 @@ def score_amount(response: str, item: GenerationItem) -> dict:
 
 
 def aggregate_amounts(rows: Sequence[dict]):
-    def mean(flags) -> float:
-        flags = list(flags)
-        return round(sum(map(float, flags)) / len(flags), 6) if flags else 0.0
-
-    groups: dict[str, dict] = {}
-    for name in sorted({row["group"] for row in rows}):
-        members = [row for row in rows if row["group"] == name]
-        groups[name] = {"n": len(members), "amount_correct": mean(row["correct"] for row in members),
-                        "exact_match": mean(row["exact"] for row in members)}
-    metrics = {"amount_correct": mean(row["correct"] for row in rows),
-               "exact_match": mean(row["exact"] for row in rows),
-               "amount_found": mean(row["predicted_cents"] is not None for row in rows)}
+    groups = {name: {"n": len(members), "amount_correct": rate(row["correct"] for row in members),
+                     "exact_match": rate(row["exact"] for row in members)}
+              for name, members in by_group(rows).items()}
+    metrics = {"amount_correct": rate(row["correct"] for row in rows),
+               "exact_match": rate(row["exact"] for row in rows),
+               "amount_found": rate(row["predicted_cents"] is not None for row in rows)}
     return metrics, groups, {}

@@ -72,6 +72,20 @@ class TaskSpec:
     classification: bool = False  # label-word choices: ``--scoring calibrated`` applies
 
 
+def rate(flags) -> float:
+    """The share of true flags, rounded to 6 digits as every aggregate reports it (0.0 when empty)."""
+    flags = list(flags)
+    return round(sum(map(float, flags)) / len(flags), 6) if flags else 0.0
+
+
+def by_group(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """Rows per ``group``, groups in sorted order."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    return dict(sorted(groups.items()))
+
+
 def data_error(path: Union[str, Path], where: str, message: str) -> UserError:
     location = f"{path}: {where}" if where else f"{path}"
     return UserError(f"{location}: {message}")

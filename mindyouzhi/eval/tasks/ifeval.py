@@ -33,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .base import GenerationItem, TaskOptions, data_error, json_objects, require_file, required_text
+from .base import GenerationItem, TaskOptions, data_error, json_objects, rate, require_file, required_text
 
 LESS_THAN, AT_LEAST = "less than", "at least"
 RELATIONS = (LESS_THAN, AT_LEAST)
@@ -398,22 +398,18 @@ def score_ifeval(response: str, item: GenerationItem) -> dict:
 
 
 def aggregate_ifeval(rows: Sequence[dict]):
-    def share(flags) -> float:
-        flags = list(flags)
-        return round(sum(flags) / len(flags), 6) if flags else 0.0
-
     metrics = {
-        "prompt_level_strict_acc": share(all(row["strict"]) for row in rows),
-        "inst_level_strict_acc": share(flag for row in rows for flag in row["strict"]),
-        "prompt_level_loose_acc": share(all(row["loose"]) for row in rows),
-        "inst_level_loose_acc": share(flag for row in rows for flag in row["loose"]),
+        "prompt_level_strict_acc": rate(all(row["strict"]) for row in rows),
+        "inst_level_strict_acc": rate(flag for row in rows for flag in row["strict"]),
+        "prompt_level_loose_acc": rate(all(row["loose"]) for row in rows),
+        "inst_level_loose_acc": rate(flag for row in rows for flag in row["loose"]),
     }
     per_id: dict[str, list[tuple[bool, bool]]] = {}
     for row in rows:
         for name, strict, loose in zip(row["instructions"], row["strict"], row["loose"]):
             per_id.setdefault(name, []).append((strict, loose))
     groups = {
-        name: {"n": len(flags), "strict": share(s for s, _ in flags), "loose": share(l for _, l in flags)}
+        name: {"n": len(flags), "strict": rate(s for s, _ in flags), "loose": rate(l for _, l in flags)}
         for name, flags in sorted(per_id.items())
     }
     return metrics, groups, {}

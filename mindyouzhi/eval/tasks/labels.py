@@ -17,7 +17,7 @@ import string
 from pathlib import Path
 from typing import Sequence
 
-from .base import GenerationItem, TaskOptions, data_error
+from .base import GenerationItem, TaskOptions, by_group, data_error, rate
 from .jsonl import load_generation
 
 _STRIP = string.whitespace + string.punctuation + "“”‘’「」『』《》（）【】，。、；：！？…·"
@@ -48,13 +48,8 @@ def score_label(response: str, item: GenerationItem) -> dict:
 
 
 def aggregate_labels(rows: Sequence[dict]):
-    def mean(flags) -> float:
-        flags = list(flags)
-        return round(sum(map(float, flags)) / len(flags), 6) if flags else 0.0
-
-    groups = {name: {"n": len(members), "accuracy": mean(row["correct"] for row in members)}
-              for name in sorted({row["group"] for row in rows})
-              for members in [[row for row in rows if row["group"] == name]]}
-    metrics = {"accuracy": mean(row["correct"] for row in rows), "exact_match": mean(row["exact"] for row in rows),
-               "label_valid": mean(row["label_valid"] for row in rows)}
+    groups = {name: {"n": len(members), "accuracy": rate(row["correct"] for row in members)}
+              for name, members in by_group(rows).items()}
+    metrics = {"accuracy": rate(row["correct"] for row in rows), "exact_match": rate(row["exact"] for row in rows),
+               "label_valid": rate(row["label_valid"] for row in rows)}
     return metrics, groups, {}
