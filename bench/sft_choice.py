@@ -6,7 +6,7 @@
 ``RUN`` is a pipeline run directory whose ``data`` and ``gkd`` stages are done: every variant starts
 from that run's GKD model (``train/gkd/final``) with the training recipe the pipeline's ``sft`` stage
 would write (``workflow.run.training_recipe``) plus the variant's changes, for ``--steps`` optimizer
-steps (warm-up ``steps // 10``), in its own directory under ``~/.cache/mindyouzhi/bench/sft_choice``
+steps or the variant's own ``max_steps`` (warm-up ``steps // 10``), in its own directory under ``~/.cache/mindyouzhi/bench/sft_choice``
 (the run directory is only read).
 
 **The dev split** (built once under ``sft_choice/dev``; no item of it is trained on, none is a
@@ -46,10 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from gkd_choice import dev_windows, perplexity, train  # noqa: E402
 
-VARIANTS = {  # name → changes to the pipeline's sft section
+VARIANTS = {  # name → changes to the pipeline's sft section (max_steps: instead of --steps)
     "as-run (lr 5e-5)": {},
     "lr 2e-4": {"learning_rate": 2.0e-4},
     "lr 5e-4": {"learning_rate": 5.0e-4},
+    "as-run, 120 steps": {"max_steps": 120},  # 4× the budget: whether RMB amounts need more steps
 }
 SCORES = {"FPB dev (gen)": "accuracy", "RMB amounts dev": "amount_correct", "Banking dev": "field_accuracy"}
 
@@ -185,7 +186,8 @@ def main() -> None:
                                           **finance_scores(start, config, root / "eval-gkd")}
         common.save("sft_choice", results)
     for name in names:
-        settings = {"changes": VARIANTS[name], "steps": args.steps, "sft": recipe.digest("sft")}
+        steps = VARIANTS[name].get("max_steps", args.steps)
+        settings = {"changes": VARIANTS[name], "steps": steps, "sft": recipe.digest("sft")}
         work = root / name.replace(" ", "_").replace("(", "").replace(")", "")
         model = work / "out" / "final"
         if rows.get(name, {}).get("settings") == settings:
@@ -197,7 +199,7 @@ def main() -> None:
                 continue
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        trained = train(training_recipe(run_dir, recipe, VARIANTS[name], args.steps, work / "out"), work)
+        trained = train(training_recipe(run_dir, recipe, VARIANTS[name], steps, work / "out"), work)
         row = {"settings": settings, "suite": scoring, "wall_seconds": trained["wall_seconds"], "first_loss": trained["first_kl"],
                "last_loss": trained["last_kl"]}
         row.update(dev_ppl=perplexity(model, windows), **finance_scores(model, config, work / "eval"))
