@@ -144,6 +144,34 @@ def test_rows_are_samples_of_the_transformers_distribution(tiny):
     assert generated_text.sample_rows(runner, prompts[1:2], 24, seeds[1:2])[0] == rows[1]  # batching changes nothing
 
 
+def test_bf16_rows_go_through_the_engines_attention_and_do_not_depend_on_batching(tiny, monkeypatch):
+    """Data-free sampling decodes with the serving engine's attention (the paged-attention kernel where
+    it builds: one compiled graph for every length; the plain ops compiled a bf16 graph per table width,
+    each with its own buffers — 3.5 GB on SmolLM2 at 85 rows), and a row is the same alone or in a batch."""
+    from mindyouzhi.models.runner import ModelRunner
+    from mindyouzhi.ops import bf16
+    from mindyouzhi.serve import paged_model
+    from mindyouzhi.serve.attention import GATHER_STATIC, select_attention
+
+    if bf16.unavailable():
+        pytest.skip(f"bf16 kernels unavailable: {bf16.unavailable()}")
+    seen = []
+
+    class Spy(paged_model.PagedModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.decode_attention)
+
+    monkeypatch.setattr(paged_model, "PagedModel", Spy)
+    runner = ModelRunner.from_dir(tiny["model"], precision="bf16")
+    prompts, seeds = [[5], [7, 8, 9], [1, 30]], [(3, 0), (3, 1), (3, 2)]
+    rows = generated_text.sample_rows(runner, prompts, 40, seeds)
+    assert generated_text.sample_rows(runner, prompts[1:2], 40, seeds[1:2])[0] == rows[1]
+    engine = select_attention()  # the kernel, or (where it cannot be built) the plain ops, static in bf16
+    expected = GATHER_STATIC if engine.dynamic_shapes else engine
+    assert seen and all(attention is expected for attention in seen)
+
+
 def test_convert_calibrates_on_generated_text_and_caches_it(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setattr(generated_text, "ROW_TOKENS", 64)
