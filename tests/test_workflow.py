@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from hf_fixtures import WORDS, write_text
 from mindyouzhi.cli import main
-from mindyouzhi.eval.bootstrap import bootstrap_metric, bootstrap_perplexity, paired_difference
+from mindyouzhi.eval.bootstrap import (bootstrap_metric, bootstrap_perplexity, paired_difference, perplexity_gap_closure,
+                                       score_gap_closure)
 from test_train_fixtures import add_chat_template, write_sft
 from hf_fixtures import tiny_convertible
 
@@ -240,6 +241,42 @@ def test_bootstrap_intervals_cover_and_pair():
         paired_difference(rows, better[:-1], accuracy)
     ppl = bootstrap_perplexity([100.0, 120.0, 80.0, 110.0], 50, replicates=300)
     assert ppl.value == pytest.approx(np.exp(410 / 200)) and ppl.low < ppl.value < ppl.high
+
+
+def test_gap_closure_intervals_pair_the_models_and_resample_tasks_independently():
+    rng = np.random.default_rng(1)
+    accuracy = lambda rs: float(np.mean([r["correct"] for r in rs]))  # noqa: E731
+
+    def model(p, n=300):
+        return [{"id": i, "correct": bool(rng.random() < p)} for i in range(n)]
+
+    original, ours = model(0.8), model(0.4)
+    # + GKD answering exactly as the original recovers all of the drop in every resample, exactly as
+    # the converted model recovers none: a paired bootstrap has no width there.
+    same = score_gap_closure([(original, ours, [dict(r) for r in original], accuracy)], replicates=200)
+    assert (same.value, same.low, same.high) == (1.0, 1.0, 1.0)
+    none = score_gap_closure([(original, ours, list(reversed(ours)), accuracy)], replicates=200)
+    assert (none.value, none.low, none.high) == (0.0, 0.0, 0.0)
+    half = model(0.6)
+    one = score_gap_closure([(original, ours, half, accuracy)], replicates=400)
+    expected = (accuracy(half) - accuracy(ours)) / (accuracy(original) - accuracy(ours))
+    assert one.value == pytest.approx(expected) and one.low < one.value < one.high and one.n == 300
+    # A second benchmark with the same items halves the variance only if it is drawn independently.
+    two = score_gap_closure([(original, ours, half, accuracy)] * 2, replicates=400)
+    assert two.value == pytest.approx(expected) and two.n == 600
+    assert (two.high - two.low) < 0.85 * (one.high - one.low)
+    with pytest.raises(ValueError):
+        score_gap_closure([(original, ours, half[:-1], accuracy)])
+
+    nll = [rng.normal(3.0, 0.1, 12) * 100 for _ in range(3)]
+    nll[0] -= 80   # the original: lowest perplexity; + GKD in between
+    nll[2] -= 40
+    closure = perplexity_gap_closure(*nll, 100, replicates=300)
+    ppl = [np.exp(x.sum() / 1200) for x in nll]
+    assert closure.value == pytest.approx((ppl[1] - ppl[2]) / (ppl[1] - ppl[0]))
+    assert closure.low < closure.value < closure.high and closure.n == 12
+    with pytest.raises(ValueError):
+        perplexity_gap_closure(nll[0], nll[1][:-1], nll[2], 100)
 
 
 def test_fpb_held_out_items_come_in_hash_order_so_a_prefix_is_a_fair_sample(tmp_path):

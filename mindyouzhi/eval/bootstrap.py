@@ -104,6 +104,71 @@ def paired_perplexity_ratio(nll_a: Sequence[float], nll_b: Sequence[float], wind
     return Interval(math.exp((b.sum() - a.sum()) / tokens.sum()), *_percentiles(samples, level), int(a.size))
 
 
+def _closure_interval(point: float, samples: np.ndarray, n: int, level: float) -> Interval:
+    """``samples`` holds each replicate's closure; a replicate whose drop vanished (≤ 0) has none
+    (NaN) and is left out — the share of a drop that is not there is undefined."""
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        raise ValueError("no replicate has a positive drop to close")
+    return Interval(point, *_percentiles(finite, level), n)
+
+
+def _share(reference: np.ndarray, degraded: np.ndarray, recovered: np.ndarray) -> np.ndarray:
+    """(recovered − degraded) / (reference − degraded) on higher-is-better scores, NaN where the drop ≤ 0."""
+    drop = reference - degraded
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(drop > 0, (recovered - degraded) / drop, np.nan)
+
+
+def score_gap_closure(tasks: Sequence[tuple[Sequence[dict], Sequence[dict], Sequence[dict], Metric]],
+                      replicates: int = DEFAULT_REPLICATES, seed: int = DEFAULT_SEED, level: float = 0.95,
+                      key: Callable[[dict], object] = lambda row: row["id"]) -> Interval:
+    """Interval of the share of a score drop a later model recovers, on the mean over tasks.
+
+    Each task is ``(reference_rows, degraded_rows, recovered_rows, metric)`` — e.g. the original, the
+    converted and the distilled model on the same items.  The share is
+    (mean(recovered) − mean(degraded)) / (mean(reference) − mean(degraded)), means over tasks.  Each
+    task's items are resampled with its own draws (tasks are independent samples), the same draw for
+    the three models (they answered the same items: paired).  ``n`` is the number of items in all.
+    """
+    if not tasks:
+        raise ValueError("no tasks to bootstrap")
+    rng = np.random.default_rng(seed)
+    points, samples, count = np.zeros(3), np.zeros((3, replicates)), 0
+    for reference, degraded, recovered, metric in tasks:
+        rows = [list(reference)]
+        for other in (degraded, recovered):
+            by_key = {key(row): row for row in other}
+            if len(by_key) != len(rows[0]) or any(key(row) not in by_key for row in rows[0]):
+                raise ValueError("score_gap_closure needs the same items (by id) for the three models")
+            rows.append([by_key[key(row)] for row in rows[0]])
+        draws = rng.integers(0, len(rows[0]), size=(replicates, len(rows[0])))
+        for model, model_rows in enumerate(rows):
+            points[model] += metric(model_rows)
+            samples[model] += [metric([model_rows[i] for i in draw]) for draw in draws]
+        count += len(rows[0])
+    point = _share(*points[:, None])[0]
+    return _closure_interval(float(point), _share(*samples), count, level)
+
+
+def perplexity_gap_closure(nll_reference: Sequence[float], nll_degraded: Sequence[float],
+                           nll_recovered: Sequence[float], window_tokens: Sequence[int] | int,
+                           replicates: int = DEFAULT_REPLICATES, seed: int = DEFAULT_SEED,
+                           level: float = 0.95) -> Interval:
+    """Interval of the share of a perplexity rise a later model removes, (ppl_degraded −
+    ppl_recovered) / (ppl_degraded − ppl_reference), the three models' windows resampled together."""
+    arrays = [np.asarray(x, np.float64) for x in (nll_reference, nll_degraded, nll_recovered)]
+    if arrays[0].size == 0 or any(a.shape != arrays[0].shape for a in arrays):
+        raise ValueError("perplexity_gap_closure needs the same windows for the three models")
+    nll = np.stack(arrays)
+    tokens = np.broadcast_to(np.asarray(window_tokens, np.float64), nll.shape[1:])
+    draws = _draws(nll.shape[1], replicates, seed)
+    ppl = np.exp(nll[:, draws].sum(axis=2) / tokens[draws].sum(axis=1))          # [3, replicates]
+    point = np.exp(nll.sum(axis=1) / tokens.sum())
+    return _closure_interval(float(_share(-point[0], -point[1], -point[2])), _share(-ppl[0], -ppl[1], -ppl[2]),
+                             int(nll.shape[1]), level)
+
+
 def task_metric(task: str, metric: str) -> Optional[Metric]:
     """The aggregate a registered task scores its rows with, reduced to one named metric."""
     from .bench import _aggregate_choices, _aggregate_generations

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from mindyouzhi.eval.bootstrap import (DEFAULT_REPLICATES, Interval, bootstrap_metric, bootstrap_perplexity,
-                                       paired_difference, task_metric)
+                                       paired_difference, perplexity_gap_closure, score_gap_closure, task_metric)
 
 # Chance level of the choice benchmarks (uniform guessing); generation tasks have 0.
 CHANCE = {"ceval": 0.25, "fineval": 0.25, "financeiq": 0.25, "hellaswag": 0.25, "fpb": 1 / 3, "sst5": 0.2}
@@ -51,10 +51,11 @@ def build_tables(run, rows: Optional[list[str]] = None) -> dict:
     capacity = run.state["stages"].get("capacity", {}).get("result") or {}
 
     # -- benchmarks -------------------------------------------------------------------------------
-    tasks = []
+    tasks, items = [], {}
     for index, task in enumerate(suites[rows[0]]["tasks"]):
         metric = task_metric(task["task"], task["metric"])
         per_row = {row: suites[row]["tasks"][index]["results"][row]["items"] for row in rows}
+        items[task["name"]] = (per_row, metric)
         intervals = {row: bootstrap_metric(per_row[row], metric, replicates) for row in rows}
         record = {"name": task["name"], "task": task["task"], "metric": task["metric"],
                   "group": groups.get(task["name"], "general"), "n": intervals[rows[0]].n,
@@ -82,7 +83,12 @@ def build_tables(run, rows: Optional[list[str]] = None) -> dict:
             entry["kl_tokens"] = kl["tokens"]
         quality[row] = entry
 
-    acceptance = _acceptance(rows, tasks, quality)
+    intervals = _closure_intervals(rows, tasks, items, evals, replicates)
+    acceptance = {}
+    for key, value in _acceptance(rows, tasks, quality).items():   # each share next to its interval
+        acceptance[key] = value
+        if f"{key}_interval" in intervals:
+            acceptance[f"{key}_interval"] = intervals[f"{key}_interval"]
     cache = {row: capacity[row] for row in rows if row in capacity}
     tables = {"rows": rows, "bootstrap_replicates": replicates, "quality": quality, "tasks": tasks,
               "capacity": cache, "acceptance": acceptance}
@@ -110,6 +116,31 @@ def _acceptance(rows: list[str], tasks: list[dict], quality: dict) -> dict:
             if out["sft_gain_heldout"] else None
         general = [task for task in tasks if task["group"] != "finance-heldout"]
         out["general_drops_beyond_interval"] = [task["name"] for task in general if task["sft_minus_gkd"]["high"] < 0]
+    return out
+
+
+def _closure_intervals(rows: list[str], tasks: list[dict], items: dict, evals: dict, replicates: int) -> dict:
+    """95 % intervals of the two shares GKD closes: the windows, or each counted benchmark's items,
+    resampled together for original, ours and + GKD (paired), benchmarks independently."""
+    out: dict = {}
+    if not {"original", "ours", "gkd"} <= set(rows):
+        return out
+    trio = ("original", "ours", "gkd")
+    ppl = [evals[row].get("ppl") or {} for row in trio]
+    if all(p.get("window_nll") for p in ppl) and len({p["seq_len"] for p in ppl}) == 1:
+        try:
+            out["gkd_ppl_gap_closed_interval"] = perplexity_gap_closure(
+                *(p["window_nll"] for p in ppl), ppl[0]["seq_len"] - 1, replicates).to_dict()
+        except ValueError:  # other windows per row, or no drop to close
+            pass
+    counted = [task for task in tasks if task["above_chance"] and task["group"] != "finance-heldout"]
+    if counted:
+        try:
+            out["gkd_score_gap_closed_interval"] = score_gap_closure(
+                [(*(items[task["name"]][0][row] for row in trio), items[task["name"]][1]) for task in counted],
+                replicates).to_dict()
+        except ValueError:
+            pass
     return out
 
 
