@@ -243,6 +243,29 @@ def test_bootstrap_intervals_cover_and_pair():
     assert ppl.value == pytest.approx(np.exp(410 / 200)) and ppl.low < ppl.value < ppl.high
 
 
+def test_data_stage_counts_what_the_budget_keeps_of_each_section(inputs, tmp_path):
+    """`data compress` decides the mix of a budgeted SFT set (the real run kept all 1,500 banking
+    records but 496 of 1,500 amounts): the data stage must say what it kept of each section."""
+    from mindyouzhi.workflow.recipe import load_pipeline_recipe
+    from mindyouzhi.workflow.run import PipelineRun, stage_data
+
+    recipe = yaml.safe_load(_recipe(tmp_path, inputs["model"], inputs["text"], inputs["fpb"], inputs["sft"]).read_text())
+    results = {}
+    for budget in (None, 20):
+        recipe["data"]["budget"] = budget
+        path = tmp_path / f"budget-{budget}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        run = PipelineRun(load_pipeline_recipe(path), tmp_path / f"run-{budget}", log=lambda line: None)
+        results[budget] = stage_data(run)
+    whole = results[None]
+    assert whole["sft_records_by_section"] == {"fpb": whole["fpb"]["train"], "amounts": whole["amounts"]["train"],
+                                               "banking": whole["banking"]["train"], "refusal": whole["refusal"]["train"],
+                                               "instructions": sum(whole["instructions"].values())}
+    kept = results[20]["sft_records_by_section"]
+    assert sum(kept.values()) == results[20]["sft_records"] == 20 and "unknown" not in kept
+    assert all(kept[section] <= count for section, count in whole["sft_records_by_section"].items() if section in kept)
+
+
 def test_gap_closure_intervals_pair_the_models_and_resample_tasks_independently():
     rng = np.random.default_rng(1)
     accuracy = lambda rs: float(np.mean([r["correct"] for r in rs]))  # noqa: E731

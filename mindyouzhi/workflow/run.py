@@ -13,6 +13,7 @@ files and the recipe are only read.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -189,6 +190,12 @@ def stage_data(run: PipelineRun) -> dict:
     held.mkdir(parents=True, exist_ok=True)
     pool: list[dict] = []
     summary: dict = {}
+    origin: dict[str, str] = {}   # record → the data section it came from (to count what compress keeps)
+
+    def take(section: str, records: list[dict]) -> None:
+        pool.extend(records)
+        for record in records:
+            origin.setdefault(_record_key(record), section)
 
     def generate(kind: list[str], name: str, count: int, generator_seed: int) -> Path:
         path = scratch / f"{name}.jsonl"
@@ -200,7 +207,7 @@ def stage_data(run: PipelineRun) -> dict:
         train, test = finance_data.split_fpb(Path(spec["fpb"]["path"]), float(spec["fpb"].get("held_out", 0.3)), seed)
         sft, _ = finance_data.fpb_records(train)
         _, items = finance_data.fpb_records(test)
-        pool += sft
+        take("fpb", sft)
         finance_data.write_jsonl(held / "fpb.jsonl", items)
         finance_data.write_fpb_lines(held / "fpb.txt", test)
         summary["fpb"] = {"train": len(sft), "held_out": len(items)}
@@ -212,17 +219,17 @@ def stage_data(run: PipelineRun) -> dict:
             # The held-out pool comes from another seed and is filtered against the training items.
             pool_path = generate(command, f"{name}-pool", 3 * test_count, seed + 1)
             sft, items = splitter(train_path, pool_path, test_count)
-            pool += sft
+            take(name, sft)
             finance_data.write_jsonl(held / f"{name}.jsonl", items)
             summary[name] = {"train": len(sft), "held_out": len(items)}
     if spec.get("refusal"):
         path = generate(["refusal"], "refusal", int(spec["refusal"]["train"]), seed)
         records = [{"instruction": r["question"], "output": r["answer"]} for r in finance_data.read_jsonl(path)]
-        pool += records
+        take("refusal", records)
         summary["refusal"] = {"train": len(records)}
     for source in spec.get("instructions") or []:
         records = finance_data.instruction_records(Path(source))
-        pool += records
+        take("instructions", records)
         summary.setdefault("instructions", {})[str(source)] = len(records)
     if not pool:
         raise UserError("recipe data: no training data configured (fpb, amounts, banking, refusal or instructions)")
@@ -235,9 +242,17 @@ def stage_data(run: PipelineRun) -> dict:
                 "--seed", str(seed), "--overwrite", parse_json=False)
     else:
         shutil.copyfile(pool_path, sft_path)
-    summary["sft_records"] = sum(1 for _ in finance_data.read_jsonl(sft_path))
+    kept = collections.Counter(origin.get(_record_key(record), "unknown")
+                               for record in finance_data.read_jsonl(sft_path))
+    summary["sft_records"] = sum(kept.values())
     summary["pool_records"] = len(pool)
+    summary["sft_records_by_section"] = dict(kept)   # what a `budget` left of each section
     return summary
+
+
+def _record_key(record: dict) -> str:
+    """A record's identity across `data compress`, which adds its `tags`."""
+    return json.dumps({k: v for k, v in record.items() if k != "tags"}, sort_keys=True, ensure_ascii=False)
 
 
 def stage_annotate(run: PipelineRun) -> dict:
