@@ -83,12 +83,7 @@ def build_tables(run, rows: Optional[list[str]] = None) -> dict:
             entry["kl_tokens"] = kl["tokens"]
         quality[row] = entry
 
-    intervals = _closure_intervals(rows, tasks, items, evals, replicates)
-    acceptance = {}
-    for key, value in _acceptance(rows, tasks, quality).items():   # each share next to its interval
-        acceptance[key] = value
-        if f"{key}_interval" in intervals:
-            acceptance[f"{key}_interval"] = intervals[f"{key}_interval"]
+    acceptance = _acceptance(rows, tasks, quality, items, evals, replicates)
     cache = {row: capacity[row] for row in rows if row in capacity}
     tables = {"rows": rows, "bootstrap_replicates": replicates, "quality": quality, "tasks": tasks,
               "capacity": cache, "acceptance": acceptance}
@@ -96,19 +91,36 @@ def build_tables(run, rows: Optional[list[str]] = None) -> dict:
     return tables
 
 
-def _acceptance(rows: list[str], tasks: list[dict], quality: dict) -> dict:
+def _acceptance(rows: list[str], tasks: list[dict], quality: dict, items: dict, evals: dict, replicates: int) -> dict:
+    """The figures the text claims; each share GKD closes with its interval (``*_interval``: original,
+    ours and + GKD resampled together on the same windows, or on the same items of each counted
+    benchmark, benchmarks drawn independently)."""
     out: dict = {}
-    if not {"original", "ours", "gkd"} <= set(rows):
+    trio = ("original", "ours", "gkd")
+    if not set(trio) <= set(rows):
         return out
     ppl = {row: quality[row].get("ppl", {}).get("value") for row in rows}
     if None not in (ppl["original"], ppl["ours"], ppl["gkd"]):
         out["gkd_ppl_gap_closed"] = _closure(-ppl["original"], -ppl["ours"], -ppl["gkd"])
+        windows = [evals[row]["ppl"] for row in trio]
+        if all(w.get("window_nll") for w in windows) and len({w["seq_len"] for w in windows}) == 1:
+            try:
+                out["gkd_ppl_gap_closed_interval"] = perplexity_gap_closure(
+                    *(w["window_nll"] for w in windows), windows[0]["seq_len"] - 1, replicates).to_dict()
+            except ValueError:  # other windows per row, or no drop to close
+                pass
     counted = [task for task in tasks if task["above_chance"] and task["group"] != "finance-heldout"]
     out["benchmarks_above_chance"] = [task["name"] for task in counted]
     if counted:
         mean = {row: sum(task["scores"][row]["value"] for task in counted) / len(counted) for row in rows}
         out["mean_score"] = mean
         out["gkd_score_gap_closed"] = _closure(mean["original"], mean["ours"], mean["gkd"])
+        try:
+            out["gkd_score_gap_closed_interval"] = score_gap_closure(
+                [(*(items[task["name"]][0][row] for row in trio), items[task["name"]][1]) for task in counted],
+                replicates).to_dict()
+        except ValueError:  # other items per row, or no drop to close
+            pass
     if "gkd+sft" in rows:
         out["sft_gain_heldout"] = {task["name"]: task["sft_minus_gkd"] for task in tasks
                                    if task["group"] == "finance-heldout"}
@@ -116,31 +128,6 @@ def _acceptance(rows: list[str], tasks: list[dict], quality: dict) -> dict:
             if out["sft_gain_heldout"] else None
         general = [task for task in tasks if task["group"] != "finance-heldout"]
         out["general_drops_beyond_interval"] = [task["name"] for task in general if task["sft_minus_gkd"]["high"] < 0]
-    return out
-
-
-def _closure_intervals(rows: list[str], tasks: list[dict], items: dict, evals: dict, replicates: int) -> dict:
-    """95 % intervals of the two shares GKD closes: the windows, or each counted benchmark's items,
-    resampled together for original, ours and + GKD (paired), benchmarks independently."""
-    out: dict = {}
-    if not {"original", "ours", "gkd"} <= set(rows):
-        return out
-    trio = ("original", "ours", "gkd")
-    ppl = [evals[row].get("ppl") or {} for row in trio]
-    if all(p.get("window_nll") for p in ppl) and len({p["seq_len"] for p in ppl}) == 1:
-        try:
-            out["gkd_ppl_gap_closed_interval"] = perplexity_gap_closure(
-                *(p["window_nll"] for p in ppl), ppl[0]["seq_len"] - 1, replicates).to_dict()
-        except ValueError:  # other windows per row, or no drop to close
-            pass
-    counted = [task for task in tasks if task["above_chance"] and task["group"] != "finance-heldout"]
-    if counted:
-        try:
-            out["gkd_score_gap_closed_interval"] = score_gap_closure(
-                [(*(items[task["name"]][0][row] for row in trio), items[task["name"]][1]) for task in counted],
-                replicates).to_dict()
-        except ValueError:
-            pass
     return out
 
 
