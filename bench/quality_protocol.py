@@ -1,7 +1,7 @@
 """bench/quality_protocol: one model's quality protocol — dev choices on validation text, then the test table.
 
     .venv/bin/python bench/quality_protocol.py --model smollm2|qwen-coder-0.5b|stories260k|DIR
-        [--part dev|test|test-stage1|all] [--ranks 96,160] [--test-windows N] [--use-dev-choices] [--dev-stage 1|2]
+        [--part dev|test|test-stage1|all] [--ranks 96,160] [--test-windows N] [--rows original,transmla,uniform,adaptive,stage1] [--use-dev-choices] [--dev-stage 1|2] [--dev-fixed]
         [--options NAME,..] [--extra k=v,k=v ...] [--smoke]
 
 Three disjoint pieces of WikiText-2, never mixed:
@@ -28,8 +28,8 @@ limits the sweep to some options; ``--extra k=v,k=v`` adds a row with several se
 
 Part ``test``: per rank, the original model; TransMLA's choices in our code (``TRANSMLA_CHOICES``
 of bench/transition.py, fold 4); our best uniform fold (``--freqfold uniform``: chosen on the
-search windows); our adaptive plan (the default ``convert``); and stage 1 at the best uniform fold —
-each with its wall time and peak RSS (the child's own, from its report).  With ``--use-dev-choices``
+search windows); our adaptive plan (the default ``convert``); and stage 1 at our best uniform plan
+(``--freqfold uniform --stage 1``: its fold and RoPE stride chosen on the search windows) — each with its wall time and peak RSS (the child's own, from its report).  With ``--use-dev-choices``
 the "ours" rows use part dev's winners instead of the defaults.
 
 Results: ``bench/results/quality_<model>.json`` (saved after every row; a rerun skips the rows it
@@ -174,7 +174,7 @@ class Protocol:
                "wall_seconds": wall,
                "peak_rss_bytes": report["peak_rss_bytes"], "fold_plan": report["fold_plan"],
                "timings": report["timings_seconds"], "search": _search_summary(report.get("search") or {}),
-               "nope_rotation_choice": report.get("nope_rotation_choice")}
+               "rope_stride": report.get("rope_stride"), "position_choice": report.get("position_choice")}
         shutil.rmtree(out, ignore_errors=True)
         self.save_row(label, row)
         return row
@@ -201,6 +201,8 @@ class Protocol:
         else:
             bases = ((f"dev f={fold} r{rank}", quality_options(), {"freqfold": fold, "kv_lora_rank": rank}),
                      (f"dev adaptive r{rank}", search_options(self.budget), {"kv_lora_rank": rank}))
+            if self.args.dev_fixed:
+                bases = bases[:1]
         choices = {}
         only = set(self.args.options.split(",")) if self.args.options else None
         for base, options, fixed in bases:
@@ -228,25 +230,29 @@ class Protocol:
         ours = {}
         if self.args.use_dev_choices:
             ours = {k: v["chosen"] for k, v in self.results.get("dev_choices", {}).items() if "chosen" in v}
-        if "test original" not in self.results["rows"]:
+        rows = set(self.args.rows.split(","))
+        if "original" in rows and "test original" not in self.results["rows"]:
             started = time.perf_counter()
             self.save_row("test original", {"split": "test", "ppl": self.perplexity(self.model_dir, test),
                                             "wall_seconds": time.perf_counter() - started})
-        best_fold = None
         for rank in self.ranks:
-            self.convert(f"test TransMLA's choices f={self.args.fold} r{rank}", test, "test", freqfold=self.args.fold,
-                         kv_lora_rank=rank, **TRANSMLA_CHOICES)
-            uniform = self.convert(f"test best uniform r{rank}", test, "test", freqfold="uniform", kv_lora_rank=rank,
-                                   **ours)
-            best_fold = best_fold or uniform["fold_plan"][0]
-            self.convert(f"test adaptive r{rank}", test, "test", kv_lora_rank=rank, **ours)
-        self.stage1_row(best_fold, test, ours)
+            if "transmla" in rows:
+                self.convert(f"test TransMLA's choices f={self.args.fold} r{rank}", test, "test",
+                             freqfold=self.args.fold, kv_lora_rank=rank, **TRANSMLA_CHOICES)
+            if "uniform" in rows:
+                self.convert(f"test best uniform r{rank}", test, "test", freqfold="uniform", kv_lora_rank=rank, **ours)
+            if "adaptive" in rows:
+                self.convert(f"test adaptive r{rank}", test, "test", kv_lora_rank=rank, **ours)
+        if "stage1" in rows:
+            self.stage1_row(test, ours)
         return self.results["rows"]
 
-    def stage1_row(self, fold: int, test: np.ndarray = None, ours: dict = None) -> dict:
+    def stage1_row(self, test: np.ndarray = None, ours: dict = None) -> dict:
+        """Stage 1 at our best uniform plan (``--freqfold uniform --stage 1``: the fold and the position
+        layout chosen on the search windows, as the final rows choose theirs)."""
         if test is None:
             test = hf_rows_test_windows(self.tokenizer, self.test_count, self.budget["seq_len"])
-        return self.convert(f"test stage 1 f={fold}", test, "test", freqfold=fold, stage=1,
+        return self.convert("test stage 1, best uniform", test, "test", freqfold="uniform", stage=1,
                             **{k: v for k, v in (ours or {}).items() if k not in ("search_context", "search_seq_len")})
 
 
@@ -303,19 +309,23 @@ def main() -> None:
     parser.add_argument("--fold", type=int, default=4, help="the dev conversions' fold and TransMLA's")
     parser.add_argument("--dev-stage", type=int, choices=[1, 2], default=2,
                         help="part dev at stage 1 only (its options, fold --fold) or the final conversion")
+    parser.add_argument("--dev-fixed", action="store_true",
+                        help="part dev, stage 2: only the conversions at --fold (no adaptive search)")
     parser.add_argument("--options", default=None, help="part dev: only these options (comma-separated names)")
     parser.add_argument("--extra", action="append", help="part dev: one more row with these settings together, "
                         "e.g. calib_seq_len=2048,nope_rotation=none (repeatable)")
     parser.add_argument("--rope-dim", type=int, default=None, help="default: 32 (SmolLM2, Qwen), head_dim/2 for a DIR")
     parser.add_argument("--test-windows", type=int, default=None)
+    parser.add_argument("--rows", default="original,transmla,uniform,adaptive,stage1",
+                        help="part test: which rows (a subset of the default)")
     parser.add_argument("--use-dev-choices", action="store_true", help="test rows of ours with part dev's winners")
     parser.add_argument("--smoke", action="store_true", help="tiny budgets: checks that the driver runs")
     args = parser.parse_args()
     protocol = Protocol(args)
     if args.part in ("dev", "all"):
         print(common.dump(protocol.dev_choices()))
-    if args.part == "test-stage1":  # the stage-1 row alone, at --fold (the test table's is at its best uniform fold)
-        protocol.stage1_row(args.fold)
+    if args.part == "test-stage1":  # the stage-1 row alone
+        protocol.stage1_row()
     if args.part in ("test", "all"):
         protocol.test_table()
     table = common.RESULTS / f"{protocol.results_name}.md"

@@ -110,6 +110,11 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, stre
                    "bf16 (bfloat16 inputs, fp32 accumulation; CPU kernel over MindSpore's oneDNN), fp32, or auto = "
                    "bf16 on CPUs with native bf16 dot products; statistics and weights stay fp32/fp64")
 @click.option("--rope-dim", type=int, default=None, help="shared RoPE key width (default head_dim/2)")
+@click.option("--rope-stride", default="auto", show_default=True,
+              help="RoPE pair p of the MLA slice rotates at the source frequency θ(s·p): s = head_dim/rope_dim spreads "
+                   "the pairs over every frequency (TransMLA); 1 gives them to the rope_dim/2 fastest, the slower ones "
+                   "become position-free; auto = each s dividing head_dim/rope_dim, scored like --nope-rotation auto "
+                   "(together with it) on the search windows")
 @click.option("--kv-lora-rank", type=KV_LORA_RANK, default=None,
               help="latent width K, or 'full' (no truncation); default min(4·head_dim, full)")
 @click.option("--freqfold", default="adaptive", show_default=True,
@@ -121,8 +126,8 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, stre
                    "(default), key = TransMLA's key PCA")
 @click.option("--nope-rotation", default="auto", show_default=True, type=click.Choice(["auto", "mean", "none"]),
               help="position-free key components: mean = scored with the relative rotation they lose, averaged "
-                   "under each head's attention; none = as if at distance 0 (TransMLA); auto = per head, whichever "
-                   "of the two reproduces the head's attention output better on calibration windows (default)")
+                   "under each head's attention; none = as if at distance 0 (TransMLA); auto = whichever of the two "
+                   "scores better on the search windows, the uniform plan converted both ways (default)")
 @click.option("--lowrank", default="output", show_default=True, type=click.Choice(["output", "bkv", "care"]),
               help="stage-2 compression: output = query/W_o-aware (default), bkv = TransMLA's balanced PCA, "
                    "care = covariance-aware SVD of the per-head keys and values")
@@ -169,7 +174,8 @@ def eval_ppl(model_dir, data, text_field, seq_len, max_windows, batch_size, stre
 @overwrite_option
 @progress_option
 @json_option
-def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, calib_sampling, forward_precision, rope_dim, kv_lora_rank, freqfold, plan_file, lowrank,
+def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, calib_sampling, forward_precision, rope_dim, rope_stride,
+                kv_lora_rank, freqfold, plan_file, lowrank,
                 key_weight, statistics, rorope, nope_rotation, folds, criterion, shortlist, search_context, search_data, search_tokens, search_seq_len, layers, stage, latent_norm, eval_data, text_field, eval_seq_len,
                 eval_max_windows, seed, batch_size, work_dir, restart, no_uniform_guard, no_trajectories, rope_all,
                 overwrite, as_json):
@@ -177,7 +183,7 @@ def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, calib_sampli
     from mindyouzhi.transition.convert import ConvertOptions, convert
 
     options = ConvertOptions(
-        model=model_dir, out=out, calib=Path(calib), rope_dim=rope_dim, kv_lora_rank=kv_lora_rank, freqfold=freqfold,
+        model=model_dir, out=out, calib=Path(calib), rope_dim=rope_dim, rope_stride=_auto_or_int(rope_stride), kv_lora_rank=kv_lora_rank, freqfold=freqfold,
         search_data=search_data, search_tokens=search_tokens, search_seq_len=search_seq_len, calib_tokens=calib_tokens,
         calib_seq_len=calib_seq_len, calib_sampling=calib_sampling, forward_precision=forward_precision, layers=layers, latent_norm=latent_norm, stage=stage,
         criterion=criterion, folds=_int_list(folds, "--folds"), eval_data=eval_data, text_field=text_field, eval_seq_len=eval_seq_len,
@@ -187,6 +193,11 @@ def convert_cmd(model_dir, out, calib, calib_tokens, calib_seq_len, calib_sampli
         rorope=rorope, nope_rotation=nope_rotation)
     report = convert(options)
     emit(report, as_json, _convert_summary(report, out))
+
+
+def _auto_or_int(text: str):
+    """'auto' or the integer it spells; anything else is left for the validation that names the flag."""
+    return int(text) if text.strip().lstrip("-").isdigit() else text.strip()
 
 
 def _int_list(text, flag):
@@ -214,11 +225,14 @@ def _convert_summary(report: dict, out: Path) -> str:
                      f"{search['full_forward_equivalents']:.1f}, {search['evaluations']} evaluations")
     elif search.get("mode") == "uniform":
         lines.append(f"  uniform search: {search['uniform_scores']} → f={search['chosen']}")
-    choice = report.get("nope_rotation_choice")
+    choice = report.get("position_choice")
     if choice:
-        scores = ", ".join(f"{r} {s:.4f}" for r, s in choice["scores"].items())
-        lines.append(f"  position-free rotation: auto → {choice['chosen']} (uniform f={choice['fold']}, "
-                     f"{choice['criterion']} on {choice['windows'][0]} × {choice['windows'][1]}: {scores})")
+        chosen = choice["chosen"]
+        scores = ", ".join(f"stride {c['rope_stride']} {c['nope_rotation']} (f={c['fold']}) {c['score']:.4f}"
+                           for c in choice["candidates"])
+        lines.append(f"  position layout: auto → RoPE stride {chosen['rope_stride']}, position-free rotation "
+                     f"{chosen['nope_rotation']} ({choice['criterion']} of uniform plans on {choice['windows'][0]} × "
+                     f"{choice['windows'][1]}: {scores})")
     data = report.get("data") or {}
     calibration = report.get("calibration") or {}
     if calibration:

@@ -57,6 +57,20 @@ def test_full_rank_is_exact_and_truncation_is_not(method, biased):
     np.testing.assert_array_equal(cut["kv_a_proj_with_mqa.weight"][10:], attn["kv_a_proj_with_mqa.weight"][FULL:])
 
 
+@pytest.mark.parametrize("method", ["output", "bkv", "care"])
+def test_latent_rows_the_data_never_reach_do_not_break_the_full_rank(method):
+    """Key components that are zero on every calibration input (e.g. a stride-1 RoPE slice over keys
+    with no energy at the slow frequencies): at full rank the latent moment is singular, and the
+    up-projection still reproduces every latent the data can produce."""
+    attn, gram, nope_latent = layer(3)
+    attn = dict(attn)
+    weight = attn["kv_a_proj_with_mqa.weight"].copy()
+    weight[:3] = 0.0  # three position-free key components that never fire
+    attn["kv_a_proj_with_mqa.weight"] = weight
+    full, _ = stage2_attention(attn, nope_latent, ROPE, gram, None, GEOMETRY, method)
+    np.testing.assert_allclose(kv_map(full), kv_map(attn), atol=1e-8)
+
+
 def weighted_error(original, converted, gram, metric):
     """E (c − ĉ)ᵀ M (c − ĉ) over the calibration inputs, in the full latent's coordinates."""
     b = np.asarray(original["kv_b_proj.weight"])

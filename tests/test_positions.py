@@ -123,23 +123,29 @@ def test_cli_reports_the_choice_and_none_keeps_the_partial_rope_layer(tmp_path):
     for choice in ("mean", "none", "auto"):
         args = ["convert", "--model", str(model), "--out", str(tmp_path / choice), "--calib", str(calib),
                 "--calib-tokens", "1024", "--calib-seq-len", "64", "--rope-dim", "8", "--freqfold", "2",
-                "--stage", "1", "--search-tokens", "512", "--json"] + ([] if choice == "auto" else ["--nope-rotation", choice])
+                "--stage", "1", "--search-tokens", "512", "--rope-stride", "2", "--json"] + (
+                    [] if choice == "auto" else ["--nope-rotation", choice])
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
         reports[choice] = json.loads(result.stdout)
-        assert reports[choice]["nope_rotation"] == choice
+        assert reports[choice]["nope_rotation"] == choice or choice == "auto"
     stores = {c: SafetensorsStore(tmp_path / c) for c in reports}
     name = "model.layers.0.self_attn.q_proj.weight"
     assert np.abs(stores["mean"].get(name) - stores["none"].get(name)).max() > 1e-3
     kv = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
     np.testing.assert_array_equal(stores["mean"].get(kv), stores["none"].get(kv))
-    choice = reports["auto"]["nope_rotation_choice"]
+    choice = reports["auto"]["position_choice"]
     human = CliRunner().invoke(main, args[:-1] + ["--overwrite"])  # the same conversion, summary for people
-    assert human.exit_code == 0 and f"position-free rotation: auto → {choice['chosen']} (uniform f=2" in human.output
-    assert choice["fold"] == 2 and choice["windows"] == [8, 64] and set(choice["scores"]) == {"mean", "none"}
-    assert choice["scores"]["mean"] != choice["scores"]["none"]
-    chosen = min(choice["scores"], key=choice["scores"].get)
-    assert choice["chosen"] == chosen
+    assert human.exit_code == 0 and (f"position layout: auto → RoPE stride 2, position-free rotation "
+                                     f"{choice['chosen']['nope_rotation']}") in human.output
+    assert choice["windows"] == [8, 64] and choice["requested"] == {"rope_stride": 2, "nope_rotation": "auto"}
+    assert [(c["rope_stride"], c["nope_rotation"], c["fold"]) for c in choice["candidates"]] == [(2, "mean", 2),
+                                                                                                (2, "none", 2)]
+    scores = {c["nope_rotation"]: c["score"] for c in choice["candidates"]}
+    assert scores["mean"] != scores["none"]
+    chosen = min(scores, key=scores.get)
+    assert choice["chosen"] == {"rope_stride": 2, "nope_rotation": chosen}
+    assert reports["auto"]["nope_rotation"] == chosen
     for key in stores["auto"].keys():
         np.testing.assert_array_equal(stores["auto"].get(key), stores[chosen].get(key))
     bad = CliRunner().invoke(main, ["convert", "--model", str(model), "--out", str(tmp_path / "bad"), "--calib",
@@ -149,28 +155,34 @@ def test_cli_reports_the_choice_and_none_keeps_the_partial_rope_layer(tmp_path):
 
 
 def test_auto_scores_the_plans_it_chooses_between(tmp_path):
-    """Each score of the choice is the perplexity of that rotation's written model on the same windows."""
+    """Each score of the choice — every RoPE stride × rotation — is the perplexity of that layout's
+    written model on the same windows, and the chosen layout's model is the one written."""
     from mindyouzhi.eval.ppl import perplexity
     from mindyouzhi.models.runner import ModelRunner
     from mindyouzhi.tokenizer import load_tokenizer
-    from mindyouzhi.transition.calibration import calibration_windows
+    from mindyouzhi.transition.calibration import text_windows
 
     model = tiny_convertible(tmp_path, "llama")
     calib = write_text(tmp_path / "calib.txt", 3000, seed=0)
     common = ["--calib", str(calib), "--calib-tokens", "1024", "--calib-seq-len", "64", "--rope-dim", "8",
-              "--freqfold", "4", "--kv-lora-rank", "24", "--search-tokens", "256", "--forward-precision", "fp32", "--json"]
+              "--freqfold", "uniform", "--folds", "4", "--kv-lora-rank", "24", "--search-tokens", "256",
+              "--search-seq-len", "64", "--forward-precision", "fp32", "--json"]
     auto = CliRunner().invoke(main, ["convert", "--model", str(model), "--out", str(tmp_path / "auto"), *common])
     assert auto.exit_code == 0, auto.output
-    choice = json.loads(auto.stdout)["nope_rotation_choice"]
-    windows, _ = calibration_windows(load_tokenizer(model), calib, 1024, 64, 42, None)
-    for rotation in ("mean", "none"):
-        out = tmp_path / rotation
+    choice = json.loads(auto.stdout)["position_choice"]
+    assert [(c["rope_stride"], c["nope_rotation"]) for c in choice["candidates"]] == [
+        (2, "mean"), (2, "none"), (1, "mean"), (1, "none")]
+    windows = text_windows(load_tokenizer(model), calib, 256, 64, 43, "--calib")  # the search windows
+    assert list(windows.shape) == [4, 64] and choice["windows"] == [4, 64]
+    for candidate in choice["candidates"]:
+        stride, rotation = candidate["rope_stride"], candidate["nope_rotation"]
+        out = tmp_path / f"{stride}-{rotation}"
         result = CliRunner().invoke(main, ["convert", "--model", str(model), "--out", str(out), *common,
-                                           "--nope-rotation", rotation])
+                                           "--rope-stride", str(stride), "--nope-rotation", rotation])
         assert result.exit_code == 0, result.output
-        ppl = perplexity(ModelRunner.from_dir(out, with_tokenizer=False), windows[:4]).ppl
-        assert choice["scores"][rotation] == pytest.approx(ppl, rel=1e-4)
-        if rotation == choice["chosen"]:  # written from the scored plan's statistics: the same model
+        ppl = perplexity(ModelRunner.from_dir(out, with_tokenizer=False), windows).ppl
+        assert candidate["score"] == pytest.approx(ppl, rel=1e-4)
+        if {"rope_stride": stride, "nope_rotation": rotation} == choice["chosen"]:  # written from its statistics
             written = SafetensorsStore(tmp_path / "auto")
             for key in written.keys():
                 np.testing.assert_array_equal(written.get(key), SafetensorsStore(out).get(key))

@@ -334,8 +334,9 @@ def test_default_adaptive_convert_reports_the_scores_of_the_models_it_writes(set
     tolerance = 2e-3 if report["forward_precision"]["used"] == "bf16" else 1e-6
     assert search["adaptive"] == pytest.approx(fresh(tmp_path / "adaptive"), rel=tolerance)
     baseline = search["baseline"]  # converted with the rotation the search's plans used
-    rotation = report["nope_rotation_choice"]["chosen"]
-    uniform = _cli("convert", "--out", tmp_path / "uniform", "--freqfold", baseline, "--nope-rotation", rotation, *common)
+    layout = report["position_choice"]["chosen"]  # the layout the search's plans used
+    uniform = _cli("convert", "--out", tmp_path / "uniform", "--freqfold", baseline, "--nope-rotation",
+                   layout["nope_rotation"], "--rope-stride", layout["rope_stride"], *common)
     assert uniform.exit_code == 0, uniform.output
     assert search["uniform_scores"][str(baseline)] == pytest.approx(fresh(tmp_path / "uniform"), rel=tolerance)
 

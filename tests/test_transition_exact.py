@@ -65,7 +65,8 @@ def test_sequential_statistics_full_rank_reproduces_its_stage1(models, tmp_path)
     convert(dirs["llama"], tmp_path / "s2", calib, *args, "--kv-lora-rank", "full")
     two_stream = convert(dirs["llama"], tmp_path / "ts", calib, "--rope-dim", "8", "--freqfold", "2", "--stage", "1",
                          "--forward-precision", "fp32", "--statistics", "two-stream")
-    assert report["statistics"] == "sequential" and report["nope_rotation"] == "auto"
+    assert report["statistics"] == "sequential"
+    assert report["position_choice"]["requested"] == {"rope_stride": "auto", "nope_rotation": "auto"}
     stage1 = ModelRunner.from_dir(tmp_path / "s1", with_tokenizer=False).logits(IDS)
     stage2 = ModelRunner.from_dir(tmp_path / "s2", with_tokenizer=False).logits(IDS)
     other = ModelRunner.from_dir(tmp_path / "ts", with_tokenizer=False).logits(IDS)

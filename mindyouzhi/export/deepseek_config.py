@@ -15,9 +15,10 @@ Field by field, why:
   the right one.
 * ``rope_interleave: true`` with the rows permuted accordingly (DeepSeek's checkpoint layout; vLLM
   and MindIE assume it whatever the flag says).
-* ``rope_theta`` / ``rope_scaling`` exactly as in the source: a table of width ``rope_dim`` with the
-  source base gives the frequencies θ_{c·p} of our RoPE slice (``plan_export`` checked the scaling
-  reproduces too).  Never rewritten to ``deepseek_yarn``, which would change them.
+* ``rope_scaling`` exactly as in the source and ``rope_theta`` = base^(s·rope_dim/head_dim): a table of
+  width ``rope_dim`` with that base gives the frequencies θ_{s·p} of our RoPE slice — the source's
+  base at TransMLA's stride s = head_dim/rope_dim (``plan.engine_rope_theta``; ``plan_export``
+  checked the scaling reproduces too).  Never rewritten to ``deepseek_yarn``, which would change them.
 * ``num_nextn_predict_layers: 0``: no multi-token-prediction module is shipped.
 * ``tie_word_embeddings: false`` with an explicit ``lm_head.weight`` (see ``deepseek_tensors``).
 * ``rms_norm_eps: 1e-6`` whatever the source's: the weights were rescaled so that this epsilon
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .plan import DEEPSEEK_NORM_EPS, ExportPlan
+from .plan import DEEPSEEK_NORM_EPS, ExportPlan, engine_rope_theta
 
 # Keys of the source config that carry over unchanged when present.
 _CARRIED = ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "max_position_embeddings",
@@ -56,7 +57,7 @@ def deepseek_v3_config(plan: ExportPlan) -> dict[str, Any]:
         "qk_rope_head_dim": plan.rope_dim,
         "v_head_dim": plan.head_dim,
         "rope_interleave": True,
-        "rope_theta": config.rope_theta,
+        "rope_theta": engine_rope_theta(config),
         "rope_scaling": _source_rope_scaling(plan),
         "attention_bias": plan.attention_bias,
         "attention_dropout": 0.0,

@@ -225,13 +225,21 @@ def _check_tensor_set(config: ModelConfig, store: SafetensorsStore, model_dir: P
     architectures.check_tensors({name: store.shape(name) for name in store.keys()}, config, model_dir)
 
 
+def engine_rope_theta(config: ModelConfig) -> float:
+    """The ``rope_theta`` whose standard table of width rope_dim is our RoPE slice: pair p rotates at the
+    source θ_{s·p} = base^(−2sp/head_dim) = (base^(s·rope_dim/head_dim))^(−2p/rope_dim) — the source's
+    base at TransMLA's stride s = head_dim/rope_dim."""
+    stride = config.mla.rope_stride or config.head_dim // config.mla.rope_dim
+    return float(config.rope_theta) ** (stride * config.mla.rope_dim / config.head_dim)
+
+
 def _check_rope(config: ModelConfig, where: Path) -> None:
-    """The engine's table (width rope_dim, same theta/scaling) must equal our RoPE-slice table."""
+    """The engine's table (width rope_dim, theta ``engine_rope_theta``, same scaling) must equal our RoPE-slice table."""
     scaling = config.rope_scaling or {}
     if scaling.get("mscale_all_dim"):
         raise UserError(f"{where}: rope_scaling.mscale_all_dim is set; DeepSeek-V3 engines also rescale the softmax "
                         f"by it, which the converted model does not do")
-    engine = config.replace(head_dim=config.mla.rope_dim)
+    engine = config.replace(head_dim=config.mla.rope_dim, rope_theta=engine_rope_theta(config))
     index = mla_frequency_indices(config)
     # Two lengths: dynamic scaling only changes the table beyond max_position_embeddings.
     for length in (config.max_position_embeddings, 4 * config.max_position_embeddings):

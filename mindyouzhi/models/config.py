@@ -27,6 +27,8 @@ class MLAConfig:
     latent_norm: bool = False
     rope_all: bool = False  # exactness mode: every rotated key component keeps RoPE at its own frequency
     stage: int = 2  # 1 = partial-RoPE model (full latent), 2 = low-rank
+    # RoPE pair p rotates at the source frequency θ_{s·p} (transition/folds.py); None: s = head_dim/rope_dim
+    rope_stride: Optional[int] = None
     extra: dict = field(default_factory=dict)
 
     def is_mla(self, layer: int) -> bool:
@@ -35,6 +37,8 @@ class MLAConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data.update(data.pop("extra"))
+        if data["rope_stride"] is None:  # TransMLA's: configs written before the option stay as they were
+            del data["rope_stride"]
         return data
 
     @classmethod
@@ -58,6 +62,8 @@ class MLAConfig:
                 raise UserError(f"{where}: mla.{name} entries must be non-negative integers or null, got {value!r}")
         if not is_int(mla.rope_dim) or mla.rope_dim < 1:
             raise UserError(f"{where}: mla.rope_dim must be a positive integer, got {mla.rope_dim!r}")
+        if mla.rope_stride is not None and (not is_int(mla.rope_stride) or mla.rope_stride < 1):
+            raise UserError(f"{where}: mla.rope_stride must be a positive integer or absent, got {mla.rope_stride!r}")
         if mla.stage not in (1, 2) or not is_int(mla.stage):
             raise UserError(f"{where}: mla.stage must be 1 or 2, got {mla.stage!r}")
         for name in ("latent_norm", "rope_all"):

@@ -152,13 +152,14 @@ class CausalLM(nn.Cell):
 
 def mla_frequency_indices(config: ModelConfig) -> Optional[np.ndarray]:
     """Source-frequency index of every RoPE pair of the MLA RoPE slice: pair p rotates at the source
-    frequency θ_{c·p}, c = head_dim / rope_dim (every c-th frequency of the original RoPE)."""
+    frequency θ_{s·p}, s = ``mla.rope_stride`` (default head_dim / rope_dim: every c-th frequency of
+    the original RoPE; 1: the rope_dim/2 fastest)."""
     if config.mla is None or all(f is None for f in config.mla.fold_plan):
         return None
     if config.mla.rope_all:
         return np.repeat(np.arange(config.head_dim // 2), config.num_key_value_heads)
-    collapse = config.head_dim // config.mla.rope_dim
-    return np.arange(config.mla.rope_dim // 2) * collapse
+    stride = config.mla.rope_stride or config.head_dim // config.mla.rope_dim
+    return np.arange(config.mla.rope_dim // 2) * stride
 
 
 class RopeTables:

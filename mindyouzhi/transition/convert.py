@@ -6,6 +6,7 @@ work directory next to the output, so a killed run resumes.
 """
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import sys
@@ -29,7 +30,7 @@ from mindyouzhi.textdata import DEFAULT_TEXT_FIELD
 
 from .calibration import (CALIB_SAMPLING, DEFAULT_FORWARD_PRECISION, GramCache, calibration_windows, resolve_forward_precision,
                           text_windows)
-from .folds import check_fold, collapse, legal_folds, paper_label
+from .folds import DEFAULT_ROPE_STRIDE, check_fold, collapse, legal_folds, paper_label, rope_stride
 from .layers import full_rank
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK, LOWRANK_METHODS
 from .positions import DEFAULT_NOPE_ROTATION, check_nope_rotation
@@ -37,7 +38,8 @@ from .rorope import DEFAULT_RORO, RORO_METHODS
 from .pipeline import DEFAULT_STATISTICS, ConversionPlan, check_convertible, compute_original_grams, convert_streaming, copy_side_files
 from .plots import plot_plan, plot_trajectory
 from .search import (CRITERIA, DEFAULT_SEARCH_CONTEXT, DEFAULT_SHORTLIST, CandidateFactory, HybridEvaluator,
-                     UniformStatistics, best_uniform, choose_nope_rotation, run_adaptive_search)
+                     PositionLayout, UniformStatistics, best_uniform, choose_position_layout,
+                     run_adaptive_search)
 
 
 @dataclass
@@ -46,6 +48,9 @@ class ConvertOptions:
     out: Path
     calib: Path
     rope_dim: Optional[int] = None
+    # RoPE pair p at θ_{s·p} (folds.rope_stride): "auto" (scored, with --nope-rotation auto), an integer,
+    # or None for TransMLA's head_dim/rope_dim
+    rope_stride: Union[int, str, None] = DEFAULT_ROPE_STRIDE
     kv_lora_rank: Union[int, str, None] = None  # int, "full", or None for the default
     freqfold: str = "adaptive"  # "adaptive" | "uniform" | an integer
     search_data: Optional[Path] = None
@@ -116,7 +121,9 @@ def _file(path: Optional[Path], flag: str) -> Optional[Path]:
 
 
 def _resolve(options: ConvertOptions):
-    """All validation that needs no heavy work; returns (config, rope_dim, rank, candidates, layers)."""
+    """All validation that needs no heavy work; returns (config, rope_dim, strides, rank, layers, fixed plan):
+    ``strides`` are the RoPE strides the conversion may use (one unless ``--rope-stride auto``), each
+    legal for the fixed plan and the candidate folds (``_candidate_folds``)."""
     config = ModelConfig.from_dir(options.model)
     check_convertible(config, str(options.model))
     inputs = {"--model": options.model, **_text_sources(options), "--plan": options.plan}
@@ -125,7 +132,19 @@ def _resolve(options: ConvertOptions):
     rope_dim = options.rope_dim if options.rope_dim is not None else config.head_dim // 2
     if options.rope_all:
         rope_dim = config.head_dim
-    collapse(config.head_dim, rope_dim)
+    c = collapse(config.head_dim, rope_dim)
+    if options.rope_all:
+        strides = [c]  # (unused: the exactness mode keeps RoPE on every component at its own frequency)
+    elif options.rope_stride == "auto":
+        # TransMLA's first (a tie keeps it).  Given folds (--freqfold F, F1,…, --plan) were written in
+        # TransMLA's terms: auto keeps its stride for them (a search chooses, see _choose_layout)
+        fixed = options.plan is not None or options.freqfold not in ("adaptive", "uniform")
+        strides = [c] if fixed and options.plan is None else [s for s in range(c, 0, -1) if c % s == 0]
+    elif isinstance(options.rope_stride, str):
+        raise UserError(f"--rope-stride {options.rope_stride}: expected 'auto' or an integer from 1 to "
+                        f"head_dim/rope_dim = {c}")
+    else:
+        strides = [rope_stride(config.head_dim, rope_dim, options.rope_stride)]
     limit = full_rank(config, rope_dim, options.rope_all)
     rank = options.kv_lora_rank
     if rank is None:
@@ -154,10 +173,9 @@ def _resolve(options: ConvertOptions):
         raise UserError(f"--key-weight {options.key_weight}: must be positive")
     if options.shortlist is not None and options.shortlist < 1:
         raise UserError(f"--shortlist {options.shortlist}: must be at least 1")
-    candidates = options.folds or legal_folds(config.head_dim, rope_dim)
-    for fold in candidates:
-        check_fold(fold, config.head_dim, rope_dim, "--folds")
-    fixed_plan = _fixed_plan(options, config, rope_dim)
+    strides, fixed_plan = _fixed_plan(options, config, rope_dim, strides)
+    if options.folds and not options.rope_all:
+        strides = _legal_for(strides, options.folds, config, rope_dim, "--folds")
     layers = parse_layers(options.layers, config.num_hidden_layers)
     explicit = options.plan is not None or "," in str(options.freqfold)
     if explicit and options.layers is not None:
@@ -185,7 +203,21 @@ def _resolve(options: ConvertOptions):
         raise UserError(f"--latent-norm with --freqfold {options.freqfold}: the fold search scores layers without a "
                         "latent norm, so it would not write the model it scored; search without it, then convert "
                         "again with --plan <out>/report.json --latent-norm")
-    return config, rope_dim, rank, candidates, layers, fixed_plan
+    return config, rope_dim, strides, rank, layers, fixed_plan
+
+
+def _legal_for(strides: list[int], folds, config: ModelConfig, rope_dim: int, where: str) -> list[int]:
+    """The strides for which every fold in ``folds`` is legal (the error of the first stride if none)."""
+    folds = sorted({f for f in folds if f is not None})
+    legal = [s for s in strides if all(f in legal_folds(config.head_dim, rope_dim, stride=s) for f in folds)]
+    if not legal:
+        for fold in folds:
+            check_fold(fold, config.head_dim, rope_dim, where, strides[0])
+    return legal
+
+
+def _candidate_folds(options: ConvertOptions, config: ModelConfig, rope_dim: int, stride: int) -> list[int]:
+    return options.folds or legal_folds(config.head_dim, rope_dim, stride=stride)
 
 
 def _with_windows(options: ConvertOptions) -> ConvertOptions:
@@ -228,8 +260,10 @@ def _with_generated_text(options: ConvertOptions) -> tuple[ConvertOptions, dict[
     return replace(options, **{fields[flag]: path for flag, path in zip(specs, paths)}), origins
 
 
-def _fixed_plan(options: ConvertOptions, config: ModelConfig, rope_dim: int) -> Optional[list[Optional[int]]]:
-    """The per-layer folds when no search runs: ``--plan report.json``, ``--freqfold F`` or ``F1,F2,…``."""
+def _fixed_plan(options: ConvertOptions, config: ModelConfig, rope_dim: int,
+                strides: list[int]) -> tuple[list[int], Optional[list[Optional[int]]]]:
+    """The per-layer folds when no search runs (``--plan report.json``, ``--freqfold F`` or ``F1,F2,…``;
+    None for a search) and the strides among ``strides`` they are legal for."""
     layers = config.num_hidden_layers
     if options.plan is not None:
         if options.freqfold not in ("adaptive",):
@@ -241,9 +275,14 @@ def _fixed_plan(options: ConvertOptions, config: ModelConfig, rope_dim: int) -> 
         if report.get("rope_dim") not in (None, rope_dim):
             raise UserError(f"--plan {options.plan}: the plan was searched for rope_dim {report['rope_dim']}, "
                             f"this conversion uses --rope-dim {rope_dim}")
+        planned = report.get("rope_stride", config.head_dim // rope_dim)  # (absent: written before the option)
+        if planned not in strides:
+            raise UserError(f"--plan {options.plan}: the plan's folds are for RoPE stride {planned}, this conversion "
+                            f"uses {strides[0]}; pass --rope-stride {planned} (or auto)")
+        strides = [planned]
         where = f"--plan {options.plan}"
     elif options.freqfold in ("adaptive", "uniform"):
-        return None
+        return strides, None
     else:
         parts = [p.strip() for p in str(options.freqfold).split(",")]
         try:
@@ -257,16 +296,25 @@ def _fixed_plan(options: ConvertOptions, config: ModelConfig, rope_dim: int) -> 
     if len(folds) != layers:
         raise UserError(f"{where}: {len(folds)} folds for a model with {layers} layers")
     if not options.rope_all:
-        for fold in folds:
-            if fold is not None:
-                check_fold(fold, config.head_dim, rope_dim, where)
-    return folds
+        strides = _legal_for(strides, folds, config, rope_dim, where)
+    return strides, folds
 
 
 def convert(options: ConvertOptions) -> dict:
     started = time.perf_counter()
     options = _with_windows(options)
-    config, rope_dim, rank, candidates, layers, fixed_plan = _resolve(options)
+    config, rope_dim, strides, rank, layers, fixed_plan = _resolve(options)
+    converts_nothing = options.rope_all or (fixed_plan is not None and all(
+        f is None or i not in layers for i, f in enumerate(fixed_plan)))
+    if converts_nothing:  # no position-free component to rotate, no stride to choose
+        strides = strides[:1]
+        if options.nope_rotation == "auto":
+            options = replace(options, nope_rotation="none")
+    rotations = ["mean", "none"] if options.nope_rotation == "auto" else [options.nope_rotation]
+    layouts = [PositionLayout(s, r) for s in strides for r in rotations]
+    choosing = len(layouts) > 1
+    if not choosing:
+        options = replace(options, rope_stride=layouts[0].rope_stride, nope_rotation=layouts[0].nope_rotation)
     if options.calib_sampling not in (None, *CALIB_SAMPLING):
         raise UserError(f"--calib-sampling {options.calib_sampling}: expected one of {', '.join(CALIB_SAMPLING)}")
     precision, fallback = resolve_forward_precision(options.forward_precision)
@@ -289,16 +337,16 @@ def convert(options: ConvertOptions) -> dict:
     calib, sampling = calibration_windows(tokenizer, options.calib, options.calib_tokens, options.calib_seq_len,
                                           options.seed, sampling, options.text_field)
     search_windows = None
-    # tokenized before the work dir exists: a data error leaves nothing behind.  --nope-rotation auto
-    # scores its two plans on the search windows (given --search-data even without a search), else on
-    # calibration windows.
-    if fixed_plan is None or (options.nope_rotation == "auto" and options.search_data is not None):
+    # tokenized before the work dir exists: a data error leaves nothing behind.  The position-layout
+    # choice (--rope-stride / --nope-rotation auto) scores its plans on the search windows (given
+    # --search-data even without a search), else on calibration windows.
+    if fixed_plan is None or (choosing and options.search_data is not None):
         search_windows = text_windows(tokenizer, data_files["search"], options.search_tokens, options.search_seq_len,
                                       options.seed + 1, "--search-data" if options.search_data else "--calib",
                                       options.text_field, tokens_flag="--search-tokens")
-    rotation_windows = search_windows
-    if rotation_windows is None and options.nope_rotation == "auto":
-        rotation_windows = calib[:max(1, options.search_tokens // options.calib_seq_len)]
+    choice_windows = search_windows
+    if choice_windows is None and choosing:
+        choice_windows = calib[:max(1, options.search_tokens // options.calib_seq_len)]
     eval_windows = _eval_windows(options, tokenizer) if options.eval_data is not None else None
     timings["calibration_tokenize"] = time.perf_counter() - t0
     store = SafetensorsStore(options.model)
@@ -316,26 +364,26 @@ def convert(options: ConvertOptions) -> dict:
         search_info: dict = {}
         statistics = None  # a search's: the statistics of the layers it scored
         evaluator = None
-        rotation_choice = None
-        if options.nope_rotation == "auto" and (options.rope_all or (fixed_plan is not None and all(
-                f is None or i not in layers for i, f in enumerate(fixed_plan)))):
-            options = replace(options, nope_rotation="none")  # no position-free component to rotate
-        if options.nope_rotation == "auto":
+        position_choice = None
+        if choosing:
             t0 = time.perf_counter()
-            evaluator = HybridEvaluator(config, store, rotation_windows, options.criterion, options.batch_size,
+            evaluator = HybridEvaluator(config, store, choice_windows, options.criterion, options.batch_size,
                                         spill_dir=work / "hidden", where=str(options.model), precision=precision)
-            rotation_choice, chosen_statistics = _choose_rotation(options, config, store, evaluator, calib, rope_dim,
-                                                                  rank, candidates, layers, fixed_plan, precision, work,
-                                                                  grams_fingerprint)
-            options = replace(options, nope_rotation=rotation_choice["chosen"])
-            timings["nope_rotation"] = time.perf_counter() - t0
+            position_choice, chosen_statistics = _choose_layout(options, config, evaluator, calib, rope_dim, rank,
+                                                                layouts, layers, fixed_plan, precision, work,
+                                                                grams_fingerprint)
+            options = replace(options, **position_choice["chosen"])
+            timings["position_layout"] = time.perf_counter() - t0
             if fixed_plan is not None:
                 evaluator = None
                 # a uniform fixed plan is the plan just scored: written from its statistics (no third stream)
                 folds = {f for i, f in enumerate(fixed_plan) if f is not None and i in layers}
-                if (folds == {rotation_choice["fold"]} and not options.latent_norm
+                scored = next(c["fold"] for c in position_choice["candidates"]
+                              if {k: c[k] for k in ("rope_stride", "nope_rotation")} == position_choice["chosen"])
+                if (folds == {scored} and not options.latent_norm
                         and (options.stage == 1 or options.criterion in ("final", "kl"))):
                     statistics = chosen_statistics
+        candidates = _candidate_folds(options, config, rope_dim, options.rope_stride)
         if fixed_plan is not None:
             plan_folds = [f if i in layers else None for i, f in enumerate(fixed_plan)]
         else:
@@ -343,6 +391,7 @@ def convert(options: ConvertOptions) -> dict:
             # the layers written below are the ones it scored (docs/conversion.md §5).
             fingerprint = {"model": model_identity, "search": hashes["search"]["sha256"],
                            "calib": hashes["calib"]["sha256"], "criterion": options.criterion, "rope_dim": rope_dim,
+                           "rope_stride": options.rope_stride,
                            "rank": rank, "seed": options.seed, "search_tokens": options.search_tokens,
                            "search_seq_len": options.search_seq_len, "calib_tokens": options.calib_tokens,
                            "forward_precision": precision,
@@ -368,7 +417,8 @@ def convert(options: ConvertOptions) -> dict:
             # the candidates are the layers written: stage-1 layers when --stage 1 is written
             factory = CandidateFactory(evaluator, grams, rope_dim, rank if options.stage == 2 else None, options.lowrank,
                                        options.key_weight, options.rorope, options.nope_rotation,
-                                       spill_dir=work / "candidates", rope_all=options.rope_all)
+                                       spill_dir=work / "candidates", rope_all=options.rope_all,
+                                       rope_stride=options.rope_stride)
             reuse_or_reset(work / "statistics", {**fingerprint, "candidates": candidates}, "the uniform plans' statistics")
             uniform = UniformStatistics(calib, options.statistics, precision, options.batch_size, work / "statistics")
             t0 = time.perf_counter()
@@ -404,7 +454,7 @@ def convert(options: ConvertOptions) -> dict:
             search_info["search_windows"] = list(search_windows.shape)
         plan = ConversionPlan(rope_dim, plan_folds, rank, options.stage, options.latent_norm, options.rope_all,
                               options.lowrank, options.key_weight, options.statistics, options.rorope,
-                              options.nope_rotation, precision)
+                              options.nope_rotation, precision, options.rope_stride)
         with atomic_output_dir(options.out, options.overwrite) as tmp:
             t0 = time.perf_counter()
             result = convert_streaming(options.model, tmp, plan, calib, keep_stage1=options.eval_data is not None,
@@ -419,9 +469,8 @@ def convert(options: ConvertOptions) -> dict:
                 timings["evaluation"] = time.perf_counter() - t0
             report = _report(options, config, result, plan, rank, candidates, search_info, ppl, hashes, timings, started,
                              sampling, fallback)
-            if rotation_choice is not None:
-                report["nope_rotation"] = "auto"
-                report["nope_rotation_choice"] = rotation_choice
+            if position_choice is not None:
+                report["position_choice"] = position_choice
             if search_info.get("trajectory"):
                 plot_trajectory(search_info["trajectory"], search_info["original"], tmp / "search_trajectory.png",
                                 ylabel=f"search criterion ({options.criterion})",
@@ -433,34 +482,49 @@ def convert(options: ConvertOptions) -> dict:
     return report
 
 
-def _choose_rotation(options, config, store, evaluator, calib, rope_dim, rank, candidates, layers, fixed_plan,
-                     precision, work: Path, grams_fingerprint: dict) -> tuple[dict, Optional[GramCache]]:
-    """``--nope-rotation auto`` (``search.choose_nope_rotation``) at the fold the plan uses most (a fixed
-    plan) or the middle candidate fold (a search), over the layers it converts: (the choice, the chosen
-    plan's statistics when this run converted it)."""
+def _choose_layout(options, config, evaluator, calib, rope_dim, rank, layouts, layers, fixed_plan, precision,
+                   work: Path, grams_fingerprint: dict) -> tuple[dict, Optional[GramCache]]:
+    """``--rope-stride auto`` / ``--nope-rotation auto`` (``search.choose_position_layout``): each layout's
+    uniform plan at the fold the fixed plan uses most, or (a search) at the candidate fold nearest to
+    ``2·s`` — two kept frequencies folded into each PCA group whatever the stride, so the strides are
+    compared at equal folding — over the layers it converts: (the choice, the chosen plan's statistics
+    when this run converted it)."""
     from collections import Counter
 
     if fixed_plan is not None:
         selected = {i for i, f in enumerate(fixed_plan) if f is not None and i in layers}
-        fold = Counter(fixed_plan[i] for i in selected).most_common(1)[0][0]
+        planned = Counter(fixed_plan[i] for i in selected).most_common(1)[0][0]
     else:
-        fold, selected = sorted(candidates)[len(candidates) // 2], set(layers)
+        selected, planned = set(layers), None
     stage_rank = rank if options.stage == 2 else None
 
-    def factory_for(rotation: str) -> CandidateFactory:
+    def fold_for(layout: PositionLayout) -> int:
+        if planned is not None:
+            return planned
+        candidates = _candidate_folds(options, config, rope_dim, layout.rope_stride)
+        return min(candidates, key=lambda f: (abs(math.log2(f / (2 * layout.rope_stride))), f))
+
+    def directory(layout: PositionLayout) -> Path:
+        return work / "rotation" / f"stride{layout.rope_stride}-{layout.nope_rotation}"
+
+    def factory_for(layout: PositionLayout) -> CandidateFactory:
         return CandidateFactory(evaluator, GramCache(), rope_dim, stage_rank, options.lowrank, options.key_weight,
-                                options.rorope, rotation, spill_dir=work / "rotation" / rotation, rope_all=options.rope_all)
+                                options.rorope, layout.nope_rotation, spill_dir=directory(layout),
+                                rope_all=options.rope_all, rope_stride=layout.rope_stride)
 
-    def statistics_for(rotation: str) -> UniformStatistics:
+    def statistics_for(layout: PositionLayout) -> UniformStatistics:
         return UniformStatistics(calib, options.statistics, precision, options.batch_size,
-                                 work / "rotation" / f"{rotation}-statistics")
+                                 directory(layout).with_name(directory(layout).name + "-statistics"))
 
-    fingerprint = {"grams": digest(grams_fingerprint), "fold": fold, "layers": sorted(selected), "rank": stage_rank,
+    fingerprint = {"grams": digest(grams_fingerprint), "folds": [fold_for(layout) for layout in layouts],
+                   "layouts": [layout.label for layout in layouts], "layers": sorted(selected), "rank": stage_rank,
                    "rope_dim": rope_dim, "lowrank": options.lowrank, "key_weight": options.key_weight,
                    "rorope": options.rorope, "statistics": options.statistics, "criterion": options.criterion,
                    "windows_sha256": _array_hash(evaluator.inputs), "rope_all": options.rope_all}
-    return choose_nope_rotation(evaluator, factory_for, statistics_for, fold, selected, work / "nope_rotation.json",
-                                fingerprint)
+    choice, statistics = choose_position_layout(evaluator, layouts, fold_for, factory_for, statistics_for, selected,
+                                                work / "position_layout.json", fingerprint)
+    choice["requested"] = {"rope_stride": options.rope_stride, "nope_rotation": options.nope_rotation}
+    return choice, statistics
 
 
 def _json(obj) -> str:
@@ -510,9 +574,8 @@ def _evaluate_stages(options, config, result, data, store, out_tmp: Path) -> dic
         weights.update(read_global_weights(store, config))
         ranks = [full_rank(config, result.config.mla.rope_dim, result.config.mla.rope_all) if f is not None else None
                  for f in result.config.mla.fold_plan]
-        stage1_config = result.config.replace(mla=result.config.mla.__class__(
-            rope_dim=result.config.mla.rope_dim, kv_lora_rank=ranks, fold_plan=result.config.mla.fold_plan,
-            latent_norm=False, rope_all=result.config.mla.rope_all, stage=1))
+        stage1_config = result.config.replace(mla=replace(result.config.mla, kv_lora_rank=ranks, latent_norm=False,
+                                                          stage=1, extra={}))
         out["stage1"] = perplexity(ModelRunner.from_weights(stage1_config, weights), data).ppl
         del weights
     out["final"] = perplexity(ModelRunner.from_dir(out_tmp, with_tokenizer=False), data).ppl
@@ -526,6 +589,7 @@ def _report(options, config, result, plan, rank, candidates, search_info, ppl, h
     return {
         "model": str(options.model),
         "rope_dim": plan.rope_dim,
+        "rope_stride": rope_stride(config.head_dim, plan.rope_dim, plan.rope_stride) if not plan.rope_all else None,
         "kv_lora_rank": rank if rank is not None else "full",
         "stage": plan.stage,
         "latent_norm": plan.latent_norm,
@@ -535,7 +599,7 @@ def _report(options, config, result, plan, rank, candidates, search_info, ppl, h
         "rorope": plan.rorope,
         "nope_rotation": plan.nope_rotation,
         "fold_plan": plan.fold_plan,
-        "fold_plan_paper_labels": [paper_label(f, config.head_dim, plan.rope_dim) if f is not None else None
+        "fold_plan_paper_labels": [paper_label(f, config.head_dim, plan.rope_dim, plan.rope_stride) if f is not None else None
                                    for f in plan.fold_plan],
         "candidate_folds": candidates,
         "criterion": options.criterion if search_info else None,

@@ -46,12 +46,14 @@ def head_geometry(config: ModelConfig, rope_width: int, rope_all: bool = False) 
 
 
 def convert_stage1(config: ModelConfig, layer: dict[str, np.ndarray], gram: np.ndarray, fold: int, rope_dim: int,
-                   rope_all: bool = False, rorope: str = DEFAULT_RORO, profile: Optional[np.ndarray] = None) -> Stage1Layer:
+                   rope_all: bool = False, rorope: str = DEFAULT_RORO, profile: Optional[np.ndarray] = None,
+                   stride: Optional[int] = None) -> Stage1Layer:
     """``profile`` ([H, S] attention mass by distance, ``positions.distance_profile``) turns on the
-    expected rotation of the position-free components; None keeps TransMLA's partial-RoPE layer."""
+    expected rotation of the position-free components; None keeps TransMLA's partial-RoPE layer.
+    ``stride``: the RoPE slice's (``folds.rope_stride``)."""
     attn, rest = split_attention(layer)
     result = stage1_attention(attn, gram, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-                              rope_dim, fold, rope_all, rorope, nope_query_map(profile, config))
+                              rope_dim, fold, rope_all, rorope, nope_query_map(profile, config), stride)
     rank = result.attention["kv_a_proj_with_mqa.weight"].shape[0] - result.rope_width
     return Stage1Layer(join_attention(result.attention, rest), result.nope_latent, result.rope_width, rank,
                        head_geometry(config, result.rope_width, rope_all))
@@ -68,12 +70,15 @@ def convert_stage2(stage1: Stage1Layer, gram: np.ndarray, rank: Optional[int], m
 
 
 def hybrid_config(base: ModelConfig, fold_plan: list[Optional[int]], ranks: list[Optional[int]], rope_dim: int,
-                  latent_norm: bool = False, rope_all: bool = False, stage: int = 2, extra: Optional[dict] = None) -> ModelConfig:
+                  latent_norm: bool = False, rope_all: bool = False, stage: int = 2, extra: Optional[dict] = None,
+                  rope_stride: Optional[int] = None) -> ModelConfig:
     """The config of a (partially) converted model: ``fold_plan[i] is None`` keeps layer i GQA."""
     if all(f is None for f in fold_plan):
         return base.replace(mla=None)
     mla = MLAConfig(rope_dim=rope_dim, kv_lora_rank=list(ranks), fold_plan=list(fold_plan), latent_norm=latent_norm,
-                    rope_all=rope_all, stage=stage, extra=dict(extra or {}))
+                    rope_all=rope_all, stage=stage, extra=dict(extra or {}),
+                    # None: TransMLA's stride, so configs written before the option read the same
+                    rope_stride=None if rope_all or rope_stride in (None, base.head_dim // rope_dim) else rope_stride)
     return base.replace(mla=mla)
 
 

@@ -133,9 +133,11 @@ def stage2_attention(attn: dict[str, np.ndarray], nope_latent: int, rope_width: 
     root, _ = _psd_sqrt(metric)
     values, basis = descending_eigh(root @ moment @ root)
     down = basis[:, :rank].T @ root
-    # Least-squares up-projection: the best reconstruction of the full latent from the kept one.
+    # Least-squares up-projection: the best reconstruction of the full latent from the kept one.  By
+    # SVD, not by solving: when the rank exceeds what calibration data reach (latent components that
+    # are zero on every input) the kept moment is singular, and a solver returns noise for it.
     kept_moment = down @ moment @ down.T
-    up = np.linalg.solve(kept_moment.T, (moment @ down.T).T).T
+    up = np.linalg.lstsq(kept_moment.T, (moment @ down.T).T, rcond=None)[0].T
     new_kv_a = np.concatenate([down @ latent_rows, pe_rows])
     out = dict(attn)
     out["kv_a_proj_with_mqa.weight"] = new_kv_a[:, :-1]

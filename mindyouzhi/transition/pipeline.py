@@ -26,7 +26,7 @@ from mindyouzhi.models.decoder import LAYER_PRECISIONS, layer_prefix, read_globa
 from mindyouzhi.progress import progress_bar
 
 from .calibration import GramCache, LayerRunner, layer_gram
-from .folds import check_fold, collapse
+from .folds import check_fold, rope_stride
 from .layers import convert_stage1, convert_stage2, full_rank, hybrid_config
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK
 from .positions import PLAN_NOPE_ROTATION, rotation_profile
@@ -59,6 +59,7 @@ class ConversionPlan:
     rorope: str = DEFAULT_RORO
     nope_rotation: str = PLAN_NOPE_ROTATION
     forward_precision: str = "fp32"  # of the statistics streams' projections: "fp32" | "bf16" (LAYER_PRECISIONS)
+    rope_stride: Optional[int] = None  # pair p keeps RoPE at θ_{s·p} (folds.rope_stride); None: TransMLA's
 
     def layer_rank(self, config: ModelConfig, layer: int) -> Optional[int]:
         if self.fold_plan[layer] is None:
@@ -73,11 +74,13 @@ class ConversionPlan:
     def stage1_config(self, config: ModelConfig) -> ModelConfig:
         """The model whose layers are the stage-1 layers of this plan (full latent)."""
         ranks = [full_rank(config, self.rope_dim, self.rope_all) if f is not None else None for f in self.fold_plan]
-        return hybrid_config(config, self.fold_plan, ranks, self.rope_dim, rope_all=self.rope_all, stage=1)
+        return hybrid_config(config, self.fold_plan, ranks, self.rope_dim, rope_all=self.rope_all, stage=1,
+                             rope_stride=self.rope_stride)
 
     def final_config(self, config: ModelConfig) -> ModelConfig:
         ranks = [self.layer_rank(config, i) for i in range(config.num_hidden_layers)]
-        return hybrid_config(config, self.fold_plan, ranks, self.rope_dim, self.latent_norm, self.rope_all, self.stage)
+        return hybrid_config(config, self.fold_plan, ranks, self.rope_dim, self.latent_norm, self.rope_all, self.stage,
+                             rope_stride=self.rope_stride)
 
 
 def check_convertible(config: ModelConfig, where: str) -> None:
@@ -90,12 +93,12 @@ def check_convertible(config: ModelConfig, where: str) -> None:
 
 def validate_plan(config: ModelConfig, plan: ConversionPlan, where: str) -> None:
     check_convertible(config, where)
-    collapse(config.head_dim, plan.rope_dim)
+    rope_stride(config.head_dim, plan.rope_dim, plan.rope_stride)
     if len(plan.fold_plan) != config.num_hidden_layers:
         raise UserError(f"fold plan has {len(plan.fold_plan)} entries, the model has {config.num_hidden_layers} layers")
     for fold in plan.fold_plan:
         if fold is not None and not plan.rope_all:
-            check_fold(fold, config.head_dim, plan.rope_dim)
+            check_fold(fold, config.head_dim, plan.rope_dim, stride=plan.rope_stride)
     limit = full_rank(config, plan.rope_dim, plan.rope_all)
     if plan.kv_lora_rank is not None and not 0 < plan.kv_lora_rank <= limit:
         raise UserError(f"--kv-lora-rank {plan.kv_lora_rank}: must be between 1 and {limit} for this model "
@@ -134,7 +137,7 @@ def convert_layer(config: ModelConfig, index: int, original: dict, fold: Optiona
     if fold is None:
         return ConvertedLayer(original, original, info)
     stage1 = convert_stage1(config, original, np.asarray(stats.stage1_gram), fold, plan.rope_dim, plan.rope_all,
-                            plan.rorope, stats.profile)
+                            plan.rorope, stats.profile, plan.rope_stride)
     if plan.stage == 1:
         return ConvertedLayer(stage1.weights, stage1.weights, info)
     converted = convert_stage2(stage1, np.asarray(stats.stage2_gram), plan.kv_lora_rank, plan.lowrank, plan.key_weight,

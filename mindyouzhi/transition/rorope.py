@@ -68,10 +68,10 @@ def _group_basis(key_moment: np.ndarray, query_moment: Optional[np.ndarray]) -> 
     unchanged while RoPE is kept, and component t carries λ_t of the score energy E[(q·k)²] — the
     components that keep RoPE are the ones whose positional signal matters most to the scores.
     """
-    if query_moment is None:
+    values, vectors = np.linalg.eigh((key_moment + key_moment.T) / 2)
+    if query_moment is None or values.max() <= 0:  # (keys that are zero on calibration data: any basis scores 0)
         _, basis = descending_eigh(key_moment)
         return basis.T, basis
-    values, vectors = np.linalg.eigh((key_moment + key_moment.T) / 2)
     values = np.clip(values, values.max() * 1e-10, None)
     root = (vectors * np.sqrt(values)) @ vectors.T
     inverse_root = (vectors / np.sqrt(values)) @ vectors.T
@@ -81,7 +81,7 @@ def _group_basis(key_moment: np.ndarray, query_moment: Optional[np.ndarray]) -> 
 
 def rorope_rotation(k_aug: np.ndarray, gram: np.ndarray, num_kv_heads: int, head_dim: int, rope_dim: int, fold: int,
                     rope_all: bool = False, q_aug: Optional[np.ndarray] = None,
-                    heads_per_group: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
+                    heads_per_group: int = 1, stride: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, int]:
     """The map T on the merged key (rows: RoPE re, RoPE im, then NoPE), its inverse, and the RoPE width.
 
     Without ``q_aug`` T is orthogonal (TransMLA's key PCA); with it (query rows of every head,
@@ -89,7 +89,7 @@ def rorope_rotation(k_aug: np.ndarray, gram: np.ndarray, num_kv_heads: int, head
     """
     half = head_dim // 2
     latent = num_kv_heads * head_dim
-    groups = fold_groups(head_dim, rope_dim, fold, num_kv_heads, rope_all)
+    groups = fold_groups(head_dim, rope_dim, fold, num_kv_heads, rope_all, None if rope_all else stride)
     pairs = sum(len(g.pairs) for g in groups)
     rope_re, rope_im = [None] * pairs, [None] * pairs
     nope = []
@@ -127,12 +127,13 @@ def rorope_rotation(k_aug: np.ndarray, gram: np.ndarray, num_kv_heads: int, head
 
 def stage1_attention(attn: dict[str, np.ndarray], gram: np.ndarray, num_heads: int, num_kv_heads: int, head_dim: int,
                      rope_dim: int, fold: int, rope_all: bool = False, method: str = DEFAULT_RORO,
-                     nope_queries: Optional[Callable[[int], tuple[np.ndarray, np.ndarray]]] = None) -> Stage1Result:
+                     nope_queries: Optional[Callable[[int], tuple[np.ndarray, np.ndarray]]] = None,
+                     stride: Optional[int] = None) -> Stage1Result:
     """Convert one GQA attention (local tensor names) into its full-latent MLA form.
 
     ``nope_queries`` (head → (c̄, s̄), see ``positions``) folds the expected relative rotation into
     the position-free query rows; without it they score the keys at Δ = 0 (TransMLA), and the layer
-    is exactly the partial-RoPE model."""
+    is exactly the partial-RoPE model.  ``stride``: pair p keeps RoPE at θ_{s·p} (``folds``; None: TransMLA's)."""
     if method not in RORO_METHODS:
         raise UserError(f"--rorope {method}: expected one of {', '.join(RORO_METHODS)}")
     groups = num_heads // num_kv_heads
@@ -143,7 +144,7 @@ def stage1_attention(attn: dict[str, np.ndarray], gram: np.ndarray, num_heads: i
     v_aug = augmented(attn["v_proj.weight"], attn.get("v_proj.bias"))
     q_aug = augmented(attn["q_proj.weight"], attn.get("q_proj.bias"))
     rotation, inverse, rope_width = rorope_rotation(k_aug, gram, num_kv_heads, head_dim, rope_dim, fold, rope_all,
-                                                    q_aug if method == "score" else None, groups)
+                                                    q_aug if method == "score" else None, groups, stride)
     rot_rope, rot_nope = rotation[:rope_width], rotation[rope_width:]
     inv_rope, inv_nope = inverse[:, :rope_width], inverse[:, rope_width:]
     nope_dim = 0 if rope_all else head_dim

@@ -245,13 +245,15 @@ class CandidateFactory:
     nope_rotation: str = PLAN_NOPE_ROTATION
     spill_dir: Optional[Path] = None
     rope_all: bool = False
+    rope_stride: Optional[int] = None
     _cache: dict = field(default_factory=dict)  # (layer, fold) → SearchLayer
 
     def plan(self, folds: Sequence[Optional[int]]) -> ConversionPlan:
         """How the search converts its layers, for the fold plan ``folds``."""
         stage = 2 if self.evaluator.criterion in ("final", "kl") and self.rank is not None else 1
         return ConversionPlan(self.rope_dim, list(folds), self.rank, stage, rope_all=self.rope_all, lowrank=self.lowrank,
-                              key_weight=self.key_weight, rorope=self.rorope, nope_rotation=self.nope_rotation)
+                              key_weight=self.key_weight, rorope=self.rorope, nope_rotation=self.nope_rotation,
+                              rope_stride=self.rope_stride)
 
     def __call__(self, layer: int, fold: int, keep: bool = False) -> SearchLayer:
         if (layer, fold) in self._cache:
@@ -723,26 +725,46 @@ def best_uniform(evaluator: HybridEvaluator, factory: CandidateFactory, candidat
     return best, dict(search.state.uniform), factory.grams
 
 
-def choose_nope_rotation(evaluator: HybridEvaluator, factory_for: Callable[[str], CandidateFactory],
-                         statistics_for: Callable[[str], UniformStatistics], fold: int, selected: Optional[set[int]],
-                         state_path: Path, fingerprint: dict) -> dict:
-    """``--nope-rotation auto``: the rotation of the position-free components (``mean`` or ``none``)
-    whose uniform plan at ``fold`` scores better on the evaluator's windows, each plan converted as it
-    would be written (``factory_for(rotation)``, its own calibration stream ``statistics_for(rotation)``).
-    A tie keeps ``mean``.  The scores are kept in ``state_path`` (a killed run does not score again).
-    Returns the choice and, when this run converted it, the chosen plan's statistics (else None)."""
-    state = read_json(state_path, "the rotation choice") if state_path.is_file() else {}
+@dataclass(frozen=True)
+class PositionLayout:
+    """How positions reach the converted layers: the stride of the RoPE slice (``folds.rope_stride``)
+    and the rotation of the position-free components (``positions``), both resolved."""
+
+    rope_stride: int
+    nope_rotation: str  # "mean" | "none"
+
+    @property
+    def label(self) -> str:
+        return f"stride {self.rope_stride}, {self.nope_rotation}"
+
+
+def choose_position_layout(evaluator: HybridEvaluator, layouts: Sequence[PositionLayout],
+                           fold_for: Callable[[PositionLayout], int],
+                           factory_for: Callable[[PositionLayout], CandidateFactory],
+                           statistics_for: Callable[[PositionLayout], UniformStatistics], selected: Optional[set[int]],
+                           state_path: Path, fingerprint: dict) -> tuple[dict, Optional[GramCache]]:
+    """``--rope-stride auto`` / ``--nope-rotation auto``: the layout whose uniform plan (at
+    ``fold_for(layout)``) scores best on the evaluator's windows, each plan converted as it would be
+    written (``factory_for``, its own calibration stream ``statistics_for``).  A tie keeps the earlier
+    layout.  The scores are kept in ``state_path`` (a killed run does not score again).  Returns the
+    choice and, when this run converted it, the chosen plan's statistics (else None)."""
+    state = read_json(state_path, "the position-layout choice") if state_path.is_file() else {}
     scores = state.get("scores", {}) if state.get("fingerprint") == fingerprint else {}
     statistics: dict[str, GramCache] = {}
-    for rotation in ("mean", "none"):
-        if rotation not in scores:
-            _, plan_scores, statistics[rotation] = best_uniform(evaluator, factory_for(rotation), [fold], selected,
-                                                                statistics_for(rotation))
-            scores[rotation] = plan_scores[fold]
+    for layout in layouts:
+        if layout.label not in scores:
+            fold = fold_for(layout)
+            _, plan_scores, statistics[layout.label] = best_uniform(evaluator, factory_for(layout), [fold], selected,
+                                                                    statistics_for(layout))
+            scores[layout.label] = plan_scores[fold]
             write_json_atomic(state_path, {"fingerprint": fingerprint, "scores": scores})
-    chosen = min(("mean", "none"), key=lambda r: scores[r])
-    return ({"chosen": chosen, "fold": fold, "criterion": evaluator.criterion, "scores": scores,
-             "windows": [int(evaluator.inputs.shape[0]), int(evaluator.inputs.shape[1]) + 1]}, statistics.get(chosen))
+    chosen = min(layouts, key=lambda layout: scores[layout.label])  # the first of equals
+    return ({"chosen": {"rope_stride": chosen.rope_stride, "nope_rotation": chosen.nope_rotation},
+             "candidates": [{"rope_stride": layout.rope_stride, "nope_rotation": layout.nope_rotation,
+                             "fold": fold_for(layout), "score": scores[layout.label]} for layout in layouts],
+             "criterion": evaluator.criterion,
+             "windows": [int(evaluator.inputs.shape[0]), int(evaluator.inputs.shape[1]) + 1]},
+            statistics.get(chosen.label))
 
 
 def layer_sensitivity(evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int]) -> dict:
