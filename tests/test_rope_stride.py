@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from hf_fixtures import add_word_tokenizer, build_hf_model, write_text
+from test_transition_exact import convert as _convert
 from mindyouzhi.cli import main
 from mindyouzhi.errors import UserError
 from mindyouzhi.models.runner import ModelRunner
@@ -107,13 +108,6 @@ def _slow_keys_zeroed(model_dir, span: int, head_dim: int):
         tensors[name] = rows.reshape(tensors[name].shape)
     save_file(tensors, path, metadata={"format": "pt"})
     return model_dir
-
-
-def _convert(model, out, calib, *args):
-    result = CliRunner().invoke(main, ["convert", "--model", str(model), "--out", str(out), "--calib", str(calib),
-                                       "--calib-tokens", "1024", "--calib-seq-len", "64", "--json", *args])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")
