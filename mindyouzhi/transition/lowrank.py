@@ -133,11 +133,14 @@ def stage2_attention(attn: dict[str, np.ndarray], nope_latent: int, rope_width: 
     root, _ = _psd_sqrt(metric)
     values, basis = descending_eigh(root @ moment @ root)
     down = basis[:, :rank].T @ root
-    # Least-squares up-projection: the best reconstruction of the full latent from the kept one.  By
-    # SVD, not by solving: when the rank exceeds what calibration data reach (latent components that
-    # are zero on every input) the kept moment is singular, and a solver returns noise for it.
+    # Least-squares up-projection: the best reconstruction of the full latent from the kept one.  When
+    # the rank exceeds what calibration data reach (latent components that are zero on every input)
+    # the kept moment is singular and a solver returns noise: then by SVD.
     kept_moment = down @ moment @ down.T
-    up = np.linalg.lstsq(kept_moment.T, (moment @ down.T).T, rcond=None)[0].T
+    if np.linalg.cond(kept_moment) < 1e12:
+        up = np.linalg.solve(kept_moment.T, (moment @ down.T).T).T
+    else:
+        up = np.linalg.lstsq(kept_moment.T, (moment @ down.T).T, rcond=None)[0].T
     new_kv_a = np.concatenate([down @ latent_rows, pe_rows])
     out = dict(attn)
     out["kv_a_proj_with_mqa.weight"] = new_kv_a[:, :-1]
