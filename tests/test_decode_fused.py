@@ -311,9 +311,10 @@ def extra_dirs(tmp_path_factory, serve_dirs):
     config["mla"]["latent_norm"] = True
     (normed / "config.json").write_text(json.dumps(config))
     weights = load_file(normed / "model.safetensors")
+    rng = np.random.default_rng(7)  # its own generator: the model is the same whichever tests ran first
     for layer, rank in enumerate(config["mla"]["kv_lora_rank"]):
         name = f"model.layers.{layer}.self_attn.kv_a_layernorm.weight"
-        weights[name] = RNG.uniform(0.5, 1.5, rank).astype(np.float32)
+        weights[name] = rng.uniform(0.5, 1.5, rank).astype(np.float32)
     save_file(weights, normed / "model.safetensors", metadata={"format": "pt"})
     return {"mla-latent-norm": normed, "qwen2": build_hf_model("qwen2", root / "qwen2"),
             "llama-biased": build_hf_model("llama", root / "llama-biased", attention_bias=True, mlp_bias=True),
@@ -358,12 +359,24 @@ def test_fused_decode_equals_the_per_op_bf16_decode(serve_dirs, extra_dirs, name
         np.testing.assert_array_equal(fused, per_op)
         for got, want in zip(flat(pool), flat(reference_pool)):
             np.testing.assert_array_equal(got, want)
+        assert np.array_equal(fused.argmax(-1), per_op.argmax(-1))
     else:
-        # MLA: W_UK / W_UV products summed in another order than MindSpore's bmm.
-        np.testing.assert_allclose(fused, per_op, atol=1e-4 * np.abs(per_op).max(), rtol=0)
+        # MLA: the W_UK / W_UV products are summed in another order than MindSpore's bmm, so the
+        # attention output differs in its last float32 bits.  Mostly the bf16 rounding of the next
+        # product's operand absorbs that (most steps come out bit-identical), but a value that sits
+        # on a rounding boundary moves one bf16 ulp (2^-8 relative) and carries into the next layer
+        # and the cache: measured up to 2.8e-3·max over five seeds of this model.  The bound is
+        # 2^-7 of the scale — an error in the step's inputs (scale, norm, RoPE, slot) moves the
+        # logits by a good fraction of it, and the kernel itself is held to the numpy reference at
+        # 3e-5 above.
+        bound = 2.0 ** -7
+        np.testing.assert_allclose(fused, per_op, atol=bound * np.abs(per_op).max(), rtol=0)
         for got, want in zip(flat(pool), flat(reference_pool)):
-            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    assert np.array_equal(fused.argmax(-1), per_op.argmax(-1))
+            np.testing.assert_allclose(got, want, atol=bound * np.abs(want).max(), rtol=0)
+        top2 = np.sort(per_op, -1)[..., -2:]
+        clear = top2[..., 1] - top2[..., 0] > 2 * bound * np.abs(per_op).max()  # a flip cannot swap these
+        assert clear.mean() > 0.5 and np.array_equal(fused.argmax(-1)[clear], per_op.argmax(-1)[clear])
+        assert (fused == per_op).all(axis=(1, 2)).any()  # the sum order alone: some steps bit-identical
 
 
 @pytest.mark.parametrize("name", ["mla", "hybrid", "gqa"])
