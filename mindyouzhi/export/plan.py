@@ -65,6 +65,7 @@ from mindyouzhi.export import FORMATS
 from mindyouzhi.models.config import ModelConfig
 from mindyouzhi.models.decoder import layer_prefix, mla_frequency_indices
 from mindyouzhi.models.rope import inverse_frequencies
+from mindyouzhi.transition import folds
 
 # The one RMSNorm epsilon every DeepSeek-V3 engine agrees on (transformers hard-codes it for
 # kv_a_layernorm; the others read rms_norm_eps, which the export sets to it).
@@ -229,7 +230,7 @@ def engine_rope_theta(config: ModelConfig) -> float:
     """The ``rope_theta`` whose standard table of width rope_dim is our RoPE slice: pair p rotates at the
     source θ_{s·p} = base^(−2sp/head_dim) = (base^(s·rope_dim/head_dim))^(−2p/rope_dim) — the source's
     base at TransMLA's stride s = head_dim/rope_dim."""
-    stride = config.mla.rope_stride or config.head_dim // config.mla.rope_dim
+    stride = folds.rope_stride(config.head_dim, config.mla.rope_dim, config.mla.rope_stride, flag="mla.rope_stride")
     return float(config.rope_theta) ** (stride * config.mla.rope_dim / config.head_dim)
 
 

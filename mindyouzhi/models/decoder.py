@@ -13,6 +13,7 @@ from mindspore import nn
 
 from mindyouzhi.convert_weights import architectures
 from mindyouzhi.errors import UserError
+from mindyouzhi.transition import folds
 
 from .attention import GQAAttention, MLAAttention
 from .config import ModelConfig
@@ -158,8 +159,7 @@ def mla_frequency_indices(config: ModelConfig) -> Optional[np.ndarray]:
         return None
     if config.mla.rope_all:
         return np.repeat(np.arange(config.head_dim // 2), config.num_key_value_heads)
-    stride = config.mla.rope_stride or config.head_dim // config.mla.rope_dim
-    return np.arange(config.mla.rope_dim // 2) * stride
+    return np.asarray(folds.frequency_indices(config.head_dim, config.mla.rope_dim, config.mla.rope_stride))
 
 
 class RopeTables:
