@@ -169,9 +169,15 @@ def test_auto_scores_the_plans_it_chooses_between(tmp_path):
               "--search-seq-len", "64", "--forward-precision", "fp32", "--json"]
     auto = CliRunner().invoke(main, ["convert", "--model", str(model), "--out", str(tmp_path / "auto"), *common])
     assert auto.exit_code == 0, auto.output
-    choice = json.loads(auto.stdout)["position_choice"]
+    report = json.loads(auto.stdout)
+    choice = report["position_choice"]
     assert [(c["rope_stride"], c["nope_rotation"]) for c in choice["candidates"]] == [
         (2, "mean"), (2, "none"), (1, "mean"), (1, "none")]
+    # the uniform search took the chosen layout's plan over: its score, and no stream of its own
+    chosen_score = next(c["score"] for c in choice["candidates"]
+                        if {"rope_stride": c["rope_stride"], "nope_rotation": c["nope_rotation"]} == choice["chosen"])
+    assert report["search"]["uniform_scores"] == {"4": chosen_score}
+    assert report["search"]["calibration_streams"] == 0
     windows = text_windows(load_tokenizer(model), calib, 256, 64, 43, "--calib")  # the search windows
     assert list(windows.shape) == [4, 64] and choice["windows"] == [4, 64]
     for candidate in choice["candidates"]:

@@ -1,6 +1,7 @@
 """Layer-adaptive FreqFold search: greedy correctness, guard against uniform, resume, cached prefix."""
 import itertools
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,10 +17,11 @@ from mindyouzhi.models.runner import ModelRunner
 from mindyouzhi.tokenizer import load_tokenizer
 from mindyouzhi.transition import search as search_mod
 from mindyouzhi.transition.calibration import GramCache, text_windows
+from mindyouzhi.transition.folds import seed_fold
 from mindyouzhi.transition.layers import convert_stage1, full_rank, hybrid_config
 from mindyouzhi.transition.pipeline import compute_original_grams
-from mindyouzhi.transition.search import (CandidateFactory, HybridEvaluator, SearchState, UniformStatistics,
-                                          greedy_last_to_first, run_adaptive_search)
+from mindyouzhi.transition.search import (CandidateFactory, HybridEvaluator, SearchState, UniformPlans,
+                                          UniformStatistics, best_uniform, greedy_last_to_first, run_adaptive_search)
 
 FOLDS = [1, 2, 4]
 
@@ -38,6 +40,38 @@ def test_greedy_equals_brute_force_for_a_separable_criterion(layers):
     plan = greedy_last_to_first(layers, FOLDS, evaluate, SearchState({}, FOLDS))
     brute = min(itertools.product(FOLDS, repeat=layers), key=lambda p: total(dict(enumerate(p))))
     assert tuple(plan[i] for i in range(layers)) == brute
+
+
+def _walk(table: dict, seed=None, candidates=(1, 2, 4, 8, 16, 32)):
+    """The uniform plans a search scores when plan f's criterion is ``table[f]`` (head_dim 64,
+    rope_dim 32: stride 2, start fold 4 unless seeded); (folds scored here, the best fold)."""
+    config = SimpleNamespace(num_hidden_layers=2, head_dim=64)
+    search = search_mod._Search(SimpleNamespace(config=config), SimpleNamespace(rope_dim=32, rope_stride=None),
+                                list(candidates), SearchState({}, list(candidates)), None, None, None, seed)
+    scored = []
+
+    def score(fold):
+        scored.append(fold)
+        search.state.uniform[fold] = table[fold]
+
+    search._score_uniform_plan = score
+    return scored, search.score_uniform_plans()
+
+
+def test_uniform_walk_goes_outward_while_the_plans_improve():
+    # from f = 4 (nearest 2·stride): each side stops at its first plan no better than its neighbour
+    assert _walk({1: 5.0, 2: 3.0, 4: 2.0, 8: 2.5, 16: 1.0, 32: 9.0}) == ([4, 2, 8], 4)  # 16's valley unseen
+    assert _walk({1: 9.0, 2: 8.0, 4: 7.0, 8: 6.0, 16: 5.0, 32: 4.0}) == ([4, 2, 8, 16, 32], 32)
+    assert _walk({1: 1.0, 2: 2.0, 4: 3.0, 8: 3.0, 16: 0.5, 32: 0.1}) == ([4, 2, 1, 8], 1)  # equal is not better
+    assert _walk({1: 4.0, 2: 3.0, 4: 3.0, 8: 5.0}, candidates=(1, 2, 4, 8)) == ([4, 2, 8], 2)  # tie: smaller fold
+
+
+def test_a_seeded_uniform_walk_starts_at_the_seed_and_does_not_score_it_again():
+    seed = UniformPlans({8: 2.0}, {8: [2.0, 2.0]}, GramCache())
+    scored, best = _walk({1: 9.0, 2: 8.0, 4: 2.5, 16: 1.5, 32: 3.0}, seed)
+    assert (scored, best) == ([4, 16, 32], 16)
+    outside = UniformPlans({64: 0.1}, {64: [0.1]}, GramCache())  # not a candidate: ignored
+    assert _walk({1: 5.0, 2: 3.0, 4: 2.0, 8: 2.5}, outside, (1, 2, 4, 8)) == ([4, 2, 8], 4)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +120,21 @@ def test_spilled_candidates_score_like_in_memory_ones_and_hold_only_their_attent
     assert spilled(1, 4) is layers[1]  # converted once
     spilled.forget(1, 4)
     assert not (tmp_path / "candidates" / "layer0001_fold4.npz").exists() and spilled(1, 4) is not layers[1]
+
+
+def _walked(setup, scores: dict) -> set:
+    """The folds the uniform walk scores given ``scores`` (KeyError: it needed one not scored)."""
+    order = sorted(FOLDS)
+    start = order.index(seed_fold(FOLDS, setup["config"].head_dim // 8))
+    seen = {order[start]}
+    for step in (-1, 1):
+        i = start
+        while 0 <= i + step < len(order):
+            seen.add(order[i + step])
+            if scores[order[i + step]] >= scores[order[i]]:
+                break
+            i += step
+    return seen
 
 
 def _search(setup, state_path=None, context="original", criterion="stage1", rank=None, **kwargs):
@@ -143,7 +192,7 @@ def test_uniform_context_starts_from_the_best_uniform_plan_and_only_improves_it(
     outcome, evaluator = _search(setup, context="uniform", criterion="final", rank=12)
     uniform = outcome.uniform_scores
     assert outcome.plan != [outcome.baseline] * 2  # (at rank 12 this tiny model's best plan is not uniform)
-    assert set(uniform) == set(FOLDS) and outcome.baseline == min(FOLDS, key=lambda f: (uniform[f], f))
+    assert set(uniform) == _walked(setup, uniform) and outcome.baseline == min(uniform, key=lambda f: (uniform[f], f))
     assert [r["layer"] for r in outcome.rounds] == [1, 0]
     assert all(str(outcome.baseline) in r["scores"] for r in outcome.rounds)  # the current plan is a candidate
     steps = [score for _, score in outcome.trajectory["adaptive"]]
@@ -156,9 +205,9 @@ def test_uniform_context_starts_from_the_best_uniform_plan_and_only_improves_it(
                                                                                                  rel=1e-5)
     # each round scored against the current plan: round 0's baseline entry is round 1's winner
     assert outcome.rounds[1]["scores"][str(outcome.baseline)] == outcome.rounds[0]["scores"][str(outcome.plan[1])]
-    # cost: original pass, |S| uniform plans, the context pass, then per round only the alternatives
+    # cost: original pass, the uniform plans walked, the context pass, then per round only the alternatives
     alternatives = len(FOLDS) - 1
-    assert outcome.search_forward_equivalents == pytest.approx(1 + len(FOLDS) + 1 + alternatives * (1 + 2) / 2)
+    assert outcome.search_forward_equivalents == pytest.approx(1 + len(uniform) + 1 + alternatives * (1 + 2) / 2)
 
 
 def test_unknown_search_context_is_refused_before_any_work(setup, tmp_path):
@@ -176,10 +225,11 @@ def test_uniform_context_search_resumes_after_a_kill_with_the_same_plan(setup, t
     reference, _ = _search(setup, context="uniform", criterion="final", rank=12)
     state_path = tmp_path / "state.json"
     # original, the uniform plans, one candidate of round 1
-    _killed_at(monkeypatch, 1 + len(FOLDS) + 2,
+    walked = len(reference.uniform_scores)
+    _killed_at(monkeypatch, 1 + walked + 2,
                lambda: _search(setup, state_path, context="uniform", criterion="final", rank=12))
     saved = json.loads(state_path.read_text())
-    assert len(saved["uniform"]) == len(FOLDS) and saved["decided"] == {}
+    assert len(saved["uniform"]) == walked and saved["decided"] == {}
     resumed, evaluator = _search(setup, state_path, context="uniform", criterion="final", rank=12)
     assert resumed.plan == reference.plan and resumed.baseline == reference.baseline
     assert resumed.adaptive_score == pytest.approx(reference.adaptive_score, rel=1e-6)
@@ -352,20 +402,46 @@ def test_uniform_plans_from_their_own_streams_resume_and_keep_only_the_best_plan
         return outcome, evaluator, uniform
 
     reference, _, uniform = search(None)
-    assert uniform.streams == len(FOLDS) and reference.calibration_streams == len(FOLDS)
+    walked = len(reference.uniform_scores)
+    assert set(reference.uniform_scores) == _walked(setup, reference.uniform_scores)
+    assert uniform.streams == walked and reference.calibration_streams == walked
     assert sorted(p.name for p in (tmp_path / "statistics").iterdir()) == [f"fold{reference.baseline}"]
     assert reference.statistics.directory == tmp_path / "statistics" / f"fold{reference.baseline}"
     # the uniform scores are the fixed-fold conversions' (stage1-stream statistics), not the original model's
     with_original_statistics, _ = _search(setup, context="uniform", criterion="final", rank=12)
-    assert reference.uniform_scores != pytest.approx(with_original_statistics.uniform_scores, rel=1e-4)
+    for fold, score in reference.uniform_scores.items():
+        assert score != pytest.approx(with_original_statistics.uniform_scores.get(fold, 0.0), rel=1e-4)
 
     state_path = tmp_path / "state.json"
-    _killed_at(monkeypatch, 1 + len(FOLDS) + 2, lambda: search(state_path))  # in round 1, as above
+    _killed_at(monkeypatch, 1 + walked + 2, lambda: search(state_path))  # in round 1, as above
     resumed, evaluator, uniform = search(state_path)
     assert uniform.streams == 0  # the best plan's statistics were kept
     assert resumed.plan == reference.plan and resumed.baseline == reference.baseline
     assert resumed.adaptive_score == pytest.approx(reference.adaptive_score, rel=1e-6)
     assert evaluator.evaluations == 2 * (len(FOLDS) - 1)
+
+
+def test_a_plan_scored_by_the_layout_choice_is_taken_over_with_its_statistics(setup, tmp_path):
+    """The uniform walk seeded with a plan converted and scored elsewhere on the same windows (what
+    the position-layout choice hands over) gives the unseeded walk's scores, plan and statistics,
+    with one calibration stream fewer."""
+    evaluator = HybridEvaluator(setup["config"], setup["store"], setup["windows"], "final", batch_size=4)
+
+    def walk(name, candidates, seed=None):
+        factory = CandidateFactory(evaluator, GramCache(), rope_dim=8, rank=12)
+        uniform = UniformStatistics(setup["calib_windows"], batch_size=4, directory=tmp_path / name)
+        return best_uniform(evaluator, factory, candidates, None, uniform, seed), uniform
+
+    plain, plain_streams = walk("plain", FOLDS)
+    start = seed_fold(FOLDS, setup["config"].head_dim // 8)
+    seed, _ = walk("choice", [start])
+    seeded, seeded_streams = walk("seeded", FOLDS, seed)
+    assert seeded_streams.streams == plain_streams.streams - 1 and set(seeded.scores) == set(plain.scores)
+    assert seeded.scores == pytest.approx(plain.scores, rel=1e-6) and seeded.best == plain.best
+    assert not (tmp_path / "choice" / f"fold{start}").exists()  # moved, not copied
+    assert sorted(p.name for p in (tmp_path / "seeded").iterdir()) == [f"fold{plain.best}"]
+    for layer in range(setup["config"].num_hidden_layers):
+        np.testing.assert_array_equal(seeded.statistics[layer], plain.statistics[layer])
 
 
 def test_latent_norm_is_refused_with_a_search(setup, tmp_path):

@@ -6,7 +6,6 @@ work directory next to the output, so a killed run resumes.
 """
 from __future__ import annotations
 
-import math
 import re
 import shutil
 import sys
@@ -30,7 +29,7 @@ from mindyouzhi.textdata import DEFAULT_TEXT_FIELD
 
 from .calibration import (CALIB_SAMPLING, DEFAULT_FORWARD_PRECISION, GramCache, calibration_windows, resolve_forward_precision,
                           text_windows)
-from .folds import DEFAULT_ROPE_STRIDE, check_fold, collapse, legal_folds, paper_label, rope_stride
+from .folds import DEFAULT_ROPE_STRIDE, check_fold, collapse, legal_folds, paper_label, rope_stride, seed_fold
 from .layers import full_rank
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK, LOWRANK_METHODS
 from .positions import DEFAULT_NOPE_ROTATION, check_nope_rotation
@@ -364,12 +363,12 @@ def convert(options: ConvertOptions) -> dict:
         search_info: dict = {}
         statistics = None  # a search's: the statistics of the layers it scored
         evaluator = None
-        position_choice = None
+        position_choice = chosen_plan = None
         if choosing:
             t0 = time.perf_counter()
             evaluator = HybridEvaluator(config, store, choice_windows, options.criterion, options.batch_size,
                                         spill_dir=work / "hidden", where=str(options.model), precision=precision)
-            position_choice, chosen_statistics = _choose_layout(options, config, evaluator, calib, rope_dim, rank,
+            position_choice, chosen_plan = _choose_layout(options, config, evaluator, calib, rope_dim, rank,
                                                                 layouts, layers, fixed_plan, precision, work,
                                                                 grams_fingerprint)
             options = replace(options, **position_choice["chosen"])
@@ -380,9 +379,9 @@ def convert(options: ConvertOptions) -> dict:
                 folds = {f for i, f in enumerate(fixed_plan) if f is not None and i in layers}
                 scored = next(c["fold"] for c in position_choice["candidates"]
                               if {k: c[k] for k in ("rope_stride", "nope_rotation")} == position_choice["chosen"])
-                if (folds == {scored} and not options.latent_norm
+                if (chosen_plan is not None and folds == {scored} and not options.latent_norm
                         and (options.stage == 1 or options.criterion in ("final", "kl"))):
-                    statistics = chosen_statistics
+                    statistics = chosen_plan.statistics
         candidates = _candidate_folds(options, config, rope_dim, options.rope_stride)
         if fixed_plan is not None:
             plan_folds = [f if i in layers else None for i, f in enumerate(fixed_plan)]
@@ -422,10 +421,14 @@ def convert(options: ConvertOptions) -> dict:
             reuse_or_reset(work / "statistics", {**fingerprint, "candidates": candidates}, "the uniform plans' statistics")
             uniform = UniformStatistics(calib, options.statistics, precision, options.batch_size, work / "statistics")
             t0 = time.perf_counter()
+            # the position-layout choice scored a uniform plan of the chosen layout on these windows,
+            # converted as this search converts it: the search takes it over (its first plan)
             if options.freqfold == "uniform":
-                best, scores, statistics = best_uniform(evaluator, factory, candidates, layers, uniform)
-                plan_folds = [best if i in layers else None for i in range(config.num_hidden_layers)]
-                search_info = {"mode": "uniform", "uniform_scores": {str(f): s for f, s in scores.items()}, "chosen": best,
+                plans = best_uniform(evaluator, factory, candidates, layers, uniform, chosen_plan)
+                plan_folds = [plans.best if i in layers else None for i in range(config.num_hidden_layers)]
+                statistics = plans.statistics
+                search_info = {"mode": "uniform", "uniform_scores": {str(f): s for f, s in plans.scores.items()},
+                               "chosen": plans.best,
                                "evaluations": evaluator.evaluations,
                                "full_forward_equivalents": evaluator.full_forward_equivalents(),
                                "calibration_streams": uniform.streams}
@@ -433,7 +436,7 @@ def convert(options: ConvertOptions) -> dict:
                 reuse_or_reset(work / "search_state.json", {**fingerprint, "candidates": candidates}, "the search state")
                 outcome = run_adaptive_search(evaluator, factory, candidates, work / "search_state.json", fingerprint,
                                               options.uniform_guard, options.trajectories, layers, options.shortlist,
-                                              options.search_context, uniform)
+                                              options.search_context, uniform, chosen_plan)
                 plan_folds, statistics = outcome.plan, outcome.statistics
                 search_info = {
                     "mode": "adaptive", "criterion": options.criterion, "shortlist": options.shortlist,
@@ -483,12 +486,11 @@ def convert(options: ConvertOptions) -> dict:
 
 
 def _choose_layout(options, config, evaluator, calib, rope_dim, rank, layouts, layers, fixed_plan, precision,
-                   work: Path, grams_fingerprint: dict) -> tuple[dict, Optional[GramCache]]:
+                   work: Path, grams_fingerprint: dict):
     """``--rope-stride auto`` / ``--nope-rotation auto`` (``search.choose_position_layout``): each layout's
     uniform plan at the fold the fixed plan uses most, or (a search) at the candidate fold nearest to
-    ``2·s`` — two kept frequencies folded into each PCA group whatever the stride, so the strides are
-    compared at equal folding — over the layers it converts: (the choice, the chosen plan's statistics
-    when this run converted it)."""
+    ``2·s`` (``folds.seed_fold``: the strides are compared at equal folding) over the layers it
+    converts: (the choice, the chosen layout's ``search.UniformPlans`` when this run converted it)."""
     from collections import Counter
 
     if fixed_plan is not None:
@@ -501,8 +503,7 @@ def _choose_layout(options, config, evaluator, calib, rope_dim, rank, layouts, l
     def fold_for(layout: PositionLayout) -> int:
         if planned is not None:
             return planned
-        candidates = _candidate_folds(options, config, rope_dim, layout.rope_stride)
-        return min(candidates, key=lambda f: (abs(math.log2(f / (2 * layout.rope_stride))), f))
+        return seed_fold(_candidate_folds(options, config, rope_dim, layout.rope_stride), layout.rope_stride)
 
     def directory(layout: PositionLayout) -> Path:
         return work / "rotation" / f"stride{layout.rope_stride}-{layout.nope_rotation}"

@@ -20,8 +20,9 @@ next to ``f/s`` (the pairs one group keeps: at TransMLA's stride, the paper's la
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from mindyouzhi.errors import UserError
 
@@ -68,6 +69,13 @@ def check_fold(fold: int, head_dim: int, rope_dim: int, flag: str = "--freqfold"
         raise UserError(f"{flag} {fold}: illegal fold for head_dim {head_dim} and rope_dim {rope_dim}{where}; "
                         f"legal values: {', '.join(map(str, folds))}")
     return fold
+
+
+def seed_fold(candidates: Sequence[int], stride: int) -> int:
+    """The candidate nearest ``2·s`` on a log scale (the smaller of two equally near): two kept
+    frequencies folded into each PCA group whatever the stride.  The position layouts are compared at
+    this fold, and the uniform plans are scored outward from it (``search``)."""
+    return min(candidates, key=lambda f: (abs(math.log2(f / (2 * stride))), f))
 
 
 def paper_label(fold: int, head_dim: int, rope_dim: int, stride: Optional[int] = None) -> str:

@@ -5,8 +5,9 @@ candidate fold for layer l is tried, and the one with the lowest criterion on th
 is kept.  What the layers < l are during round l is the search *context*:
 
 * ``original`` (the YouZhi paper): the original GQA layers.
-* ``uniform`` (default): the best uniform fold, i.e. the search starts from TransMLA's plan (every
-  candidate fold scored uniformly) and each round tries the layer's alternatives with every other
+* ``uniform`` (default): the best uniform fold, i.e. the search starts from TransMLA's plan (the
+  uniform plans scored outward from a start fold while they improve, ``score_uniform_plans``) and
+  each round tries the layer's alternatives with every other
   layer as it will be deployed.  The current plan is always one of the round's candidates, so the
   criterion never rises from round to round and the plan is never worse than the best uniform one
   on the search windows.  Chosen on validation text (docs/BENCHMARKS.md): a fold's cost measured
@@ -27,12 +28,13 @@ decided layers, every evaluated candidate) is written atomically after each roun
 resumes where it stopped and ends with the same plan.
 
 ``run_adaptive_search`` reads top to bottom: load the state, score the original model, (context
-``uniform``) score every uniform plan and start from the best, run the greedy rounds, (context
+``uniform``) score the uniform plans and start from the best, run the greedy rounds, (context
 ``original``) compare with the uniform plans, report.
 """
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -52,6 +54,7 @@ from mindyouzhi.models.runner import head_functions, head_rows
 from mindyouzhi.progress import progress_bar
 
 from .calibration import GramCache, LayerRunner
+from .folds import rope_stride, seed_fold
 from .layers import split_attention
 from .lowrank import DEFAULT_KEY_WEIGHT, DEFAULT_LOWRANK
 from .pipeline import DEFAULT_STATISTICS, ConversionPlan, convert_layer, load_statistics, save_statistics, stream_conversion
@@ -333,9 +336,19 @@ class UniformStatistics:
         return cache
 
     def cache(self, fold: int) -> GramCache:
-        if self.directory is None:
+        if self.directory is None or fold in self._memory:
             return self._memory.setdefault(fold, GramCache())
         return GramCache(self.directory / f"fold{fold}")
+
+    def adopt(self, fold: int, cache: GramCache) -> None:
+        """Take over the statistics of the uniform plan ``fold`` converted elsewhere from the same
+        stream (the position-layout choice's): moved into ``directory`` when both are on disk."""
+        self.discard(fold)
+        if self.directory is not None and cache.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            os.replace(cache.directory, self.directory / f"fold{fold}")
+        else:
+            self._memory[fold] = cache
 
     def complete(self, fold: int, selected: set[int]) -> bool:
         cache = self.cache(fold)
@@ -358,6 +371,20 @@ def _int_keyed(table: dict, value=float) -> dict:
 
 def _str_keyed(table: dict) -> dict:
     return {str(k): {str(f): v for f, v in row.items()} for k, row in table.items()}
+
+
+@dataclass
+class UniformPlans:
+    """Uniform plans scored on the search windows: each plan's criterion and per-window values, and
+    the statistics the best plan is written from."""
+
+    scores: dict[int, float]
+    windows: dict[int, list]
+    statistics: GramCache
+
+    @property
+    def best(self) -> int:
+        return min(self.scores, key=lambda f: (self.scores[f], f))
 
 
 @dataclass
@@ -510,9 +537,9 @@ class _Search:
 
     def __init__(self, evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int],
                  state: SearchState, state_path: Optional[Path], selected: Optional[set[int]],
-                 uniform: Optional[UniformStatistics]):
+                 uniform: Optional[UniformStatistics], seed: Optional[UniformPlans] = None):
         self.evaluator, self.factory, self.candidates = evaluator, factory, list(candidates)
-        self.state, self.state_path, self.uniform = state, state_path, uniform
+        self.state, self.state_path, self.uniform, self.seed = state, state_path, uniform, seed
         self.num_layers = evaluator.config.num_hidden_layers
         self.selected = set(range(self.num_layers)) if selected is None else set(selected)
         self.first = min(self.selected) if self.selected else self.num_layers
@@ -537,20 +564,54 @@ class _Search:
         self.state.seconds = self.prior_seconds + time.perf_counter() - self.started
         self.state.save(self.state_path)
 
-    # --- step 1 (context "uniform"): score every uniform plan, start from the best ----------
+    # --- step 1 (context "uniform"): score the uniform plans, start from the best ------------
     def start_from_best_uniform(self) -> None:
         self.baseline = self.score_uniform_plans()
         self.evaluator.set_context([self.layer(i, self.baseline, keep=True) for i in range(self.num_layers)])
 
     def score_uniform_plans(self) -> int:
-        """Score every uniform plan not yet in the state (resumable); the best fold."""
-        for fold in self.candidates:
-            if fold not in self.state.uniform:
-                self._score_uniform_plan(fold)
+        """Score the uniform plans outward from the start fold (resumable); the best fold.
+
+        From the start fold (the seed's, else ``folds.seed_fold``), each direction goes on to the next
+        smaller / larger candidate while the plan keeps improving: the first plan no better than
+        its neighbour ends that direction.  When the criterion is unimodal in the fold (every uniform
+        search on record, docs/BENCHMARKS.md) this finds the best fold while skipping the hopeless
+        ones, each of which would cost a calibration stream."""
+        self._adopt_seed()
+        order = sorted(self.candidates)
+        start = order.index(self._start_fold())
+        self._uniform_score(order[start])
+        for step in (-1, 1):
+            i = start
+            while 0 <= i + step < len(order) and self._uniform_score(order[i + step]) < self.state.uniform[order[i]]:
+                i += step
         best = min(self.state.uniform, key=lambda f: (self.state.uniform[f], f))
         if self.uniform is not None:  # later candidates come from the best plan's statistics
             self._keep_only_statistics_of(best)
         return best
+
+    def _start_fold(self) -> int:
+        if self.seed is not None and self.seed.best in self.candidates:
+            return self.seed.best
+        stride = rope_stride(self.evaluator.config.head_dim, self.factory.rope_dim, self.factory.rope_stride)
+        return seed_fold(self.candidates, stride)
+
+    def _adopt_seed(self) -> None:
+        """A uniform plan already scored on these windows and converted as this search would (the
+        position-layout choice's) is taken over with its statistics instead of being converted again."""
+        seed = self.seed
+        if seed is None or seed.best not in self.candidates or seed.best in self.state.uniform:
+            return
+        self.state.uniform[seed.best] = seed.scores[seed.best]
+        self.state.uniform_windows[seed.best] = [float(v) for v in seed.windows[seed.best]]
+        if self.uniform is not None:
+            self.uniform.adopt(seed.best, seed.statistics)
+        self.checkpoint()
+
+    def _uniform_score(self, fold: int) -> float:
+        if fold not in self.state.uniform:
+            self._score_uniform_plan(fold)
+        return self.state.uniform[fold]
 
     def _score_uniform_plan(self, fold: int) -> None:
         if self.uniform is not None:
@@ -684,12 +745,15 @@ def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, c
                         state_path: Optional[Path], fingerprint: dict, uniform_guard: bool = True,
                         trajectories: bool = True, selected: Optional[set[int]] = None,
                         shortlist: Optional[int] = None, context: str = DEFAULT_SEARCH_CONTEXT,
-                        uniform: Optional[UniformStatistics] = None) -> SearchOutcome:
+                        uniform: Optional[UniformStatistics] = None, seed: Optional[UniformPlans] = None
+                        ) -> SearchOutcome:
     """Greedy search over the ``selected`` layers (default all); other layers stay GQA.
 
     ``context``: see the module docstring.  With ``uniform`` (context "uniform"), each uniform plan
     is converted from its own calibration stream and the rounds' candidates from the best plan's
-    statistics; without it every candidate comes from ``factory.grams``.  Either way the outcome's
+    statistics; without it every candidate comes from ``factory.grams``.  The uniform plans are
+    scored outward from ``seed`` (a plan scored on these windows, taken over) or ``folds.seed_fold``
+    (``_Search.score_uniform_plans``).  Either way the outcome's
     ``statistics`` are those of every layer scored, so ``convert_streaming(…, statistics=…)``
     writes the plan that was scored.  ``shortlist`` = k: each round ranks every candidate by its
     layer-local output error (one layer pass each) and runs the criterion for the best k only (and
@@ -700,7 +764,7 @@ def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, c
         raise UserError(f"--search-context {context}: expected one of {', '.join(SEARCH_CONTEXTS)}")
     state = SearchState.load_or_new(state_path, fingerprint, candidates)
     search = _Search(evaluator, factory, candidates, state, state_path, selected,
-                     uniform if context == "uniform" else None)
+                     uniform if context == "uniform" else None, seed if context == "uniform" else None)
     for layer in range(search.num_layers):
         if layer not in search.selected:
             state.decided.setdefault(layer, 0)  # 0 marks "kept as GQA" in the state file
@@ -716,13 +780,13 @@ def run_adaptive_search(evaluator: HybridEvaluator, factory: CandidateFactory, c
 
 
 def best_uniform(evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int],
-                 selected: Optional[set[int]] = None, uniform: Optional[UniformStatistics] = None
-                 ) -> tuple[int, dict[int, float], GramCache]:
-    """The TransMLA baseline: one fold for every (selected) layer, best on the search windows;
-    (fold, every plan's score, the statistics to write it from)."""
-    search = _Search(evaluator, factory, candidates, SearchState({}, list(candidates)), None, selected, uniform)
-    best = search.score_uniform_plans()
-    return best, dict(search.state.uniform), factory.grams
+                 selected: Optional[set[int]] = None, uniform: Optional[UniformStatistics] = None,
+                 seed: Optional[UniformPlans] = None) -> UniformPlans:
+    """The TransMLA baseline: one fold for every (selected) layer, best on the search windows (the
+    plans scored outward from ``seed`` or ``folds.seed_fold``, ``_Search.score_uniform_plans``)."""
+    search = _Search(evaluator, factory, candidates, SearchState({}, list(candidates)), None, selected, uniform, seed)
+    search.score_uniform_plans()
+    return UniformPlans(dict(search.state.uniform), dict(search.state.uniform_windows), factory.grams)
 
 
 @dataclass(frozen=True)
@@ -742,21 +806,21 @@ def choose_position_layout(evaluator: HybridEvaluator, layouts: Sequence[Positio
                            fold_for: Callable[[PositionLayout], int],
                            factory_for: Callable[[PositionLayout], CandidateFactory],
                            statistics_for: Callable[[PositionLayout], UniformStatistics], selected: Optional[set[int]],
-                           state_path: Path, fingerprint: dict) -> tuple[dict, Optional[GramCache]]:
+                           state_path: Path, fingerprint: dict) -> tuple[dict, Optional[UniformPlans]]:
     """``--rope-stride auto`` / ``--nope-rotation auto``: the layout whose uniform plan (at
     ``fold_for(layout)``) scores best on the evaluator's windows, each plan converted as it would be
     written (``factory_for``, its own calibration stream ``statistics_for``).  A tie keeps the earlier
     layout.  The scores are kept in ``state_path`` (a killed run does not score again).  Returns the
-    choice and, when this run converted it, the chosen plan's statistics (else None)."""
+    choice and, when this run converted it, the chosen layout's plan (its score, per-window values
+    and statistics: a search in that layout takes it over), else None."""
     state = read_json(state_path, "the position-layout choice") if state_path.is_file() else {}
     scores = state.get("scores", {}) if state.get("fingerprint") == fingerprint else {}
-    statistics: dict[str, GramCache] = {}
+    plans: dict[str, UniformPlans] = {}
     for layout in layouts:
         if layout.label not in scores:
-            fold = fold_for(layout)
-            _, plan_scores, statistics[layout.label] = best_uniform(evaluator, factory_for(layout), [fold], selected,
-                                                                    statistics_for(layout))
-            scores[layout.label] = plan_scores[fold]
+            plans[layout.label] = best_uniform(evaluator, factory_for(layout), [fold_for(layout)], selected,
+                                               statistics_for(layout))
+            scores[layout.label] = plans[layout.label].scores[fold_for(layout)]
             write_json_atomic(state_path, {"fingerprint": fingerprint, "scores": scores})
     chosen = min(layouts, key=lambda layout: scores[layout.label])  # the first of equals
     return ({"chosen": {"rope_stride": chosen.rope_stride, "nope_rotation": chosen.nope_rotation},
@@ -764,7 +828,7 @@ def choose_position_layout(evaluator: HybridEvaluator, layouts: Sequence[Positio
                              "fold": fold_for(layout), "score": scores[layout.label]} for layout in layouts],
              "criterion": evaluator.criterion,
              "windows": [int(evaluator.inputs.shape[0]), int(evaluator.inputs.shape[1]) + 1]},
-            statistics.get(chosen.label))
+            plans.get(chosen.label))
 
 
 def layer_sensitivity(evaluator: HybridEvaluator, factory: CandidateFactory, candidates: list[int]) -> dict:
