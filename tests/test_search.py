@@ -47,7 +47,9 @@ def _walk(table: dict, seed=None, candidates=(1, 2, 4, 8, 16, 32)):
     rope_dim 32: stride 2, start fold 4 unless seeded); (folds scored here, the best fold)."""
     config = SimpleNamespace(num_hidden_layers=2, head_dim=64)
     search = search_mod._Search(SimpleNamespace(config=config), SimpleNamespace(rope_dim=32, rope_stride=None),
-                                list(candidates), SearchState({}, list(candidates)), None, None, None, seed)
+                                list(candidates), SearchState({}, list(candidates)), None, None,
+                                UniformStatistics(np.zeros((1, 1), np.int64)), seed)
+    search._keep_only_statistics_of = lambda best: None  # (no real plans here)
     scored = []
 
     def score(fold):

@@ -384,7 +384,12 @@ class UniformPlans:
 
     @property
     def best(self) -> int:
-        return min(self.scores, key=lambda f: (self.scores[f], f))
+        return best_fold(self.scores)
+
+
+def best_fold(scores: dict[int, float]) -> int:
+    """The fold with the lowest criterion (the smaller fold of equals)."""
+    return min(scores, key=lambda f: (scores[f], f))
 
 
 @dataclass
@@ -585,13 +590,13 @@ class _Search:
             i = start
             while 0 <= i + step < len(order) and self._uniform_score(order[i + step]) < self.state.uniform[order[i]]:
                 i += step
-        best = min(self.state.uniform, key=lambda f: (self.state.uniform[f], f))
+        best = best_fold(self.state.uniform)
         if self.uniform is not None:  # later candidates come from the best plan's statistics
             self._keep_only_statistics_of(best)
         return best
 
     def _start_fold(self) -> int:
-        if self.seed is not None and self.seed.best in self.candidates:
+        if self.seed is not None and self.uniform is not None and self.seed.best in self.candidates:
             return self.seed.best
         stride = rope_stride(self.evaluator.config.head_dim, self.factory.rope_dim, self.factory.rope_stride)
         return seed_fold(self.candidates, stride)
@@ -599,13 +604,12 @@ class _Search:
     def _adopt_seed(self) -> None:
         """A uniform plan already scored on these windows and converted as this search would (the
         position-layout choice's) is taken over with its statistics instead of being converted again."""
-        seed = self.seed
-        if seed is None or seed.best not in self.candidates or seed.best in self.state.uniform:
+        seed = self.seed  # (without per-plan statistics every plan comes from factory.grams: no seed)
+        if seed is None or self.uniform is None or seed.best not in self.candidates or seed.best in self.state.uniform:
             return
         self.state.uniform[seed.best] = seed.scores[seed.best]
         self.state.uniform_windows[seed.best] = [float(v) for v in seed.windows[seed.best]]
-        if self.uniform is not None:
-            self.uniform.adopt(seed.best, seed.statistics)
+        self.uniform.adopt(seed.best, seed.statistics)
         self.checkpoint()
 
     def _uniform_score(self, fold: int) -> float:
@@ -621,7 +625,7 @@ class _Search:
         self.state.uniform_windows[fold] = [float(v) for v in per_window]
         self.checkpoint()
         if self.uniform is not None:  # only the best plan's statistics (and layers) are needed later
-            self._keep_only_statistics_of(min(self.state.uniform, key=lambda f: (self.state.uniform[f], f)))
+            self._keep_only_statistics_of(best_fold(self.state.uniform))
 
     def _keep_only_statistics_of(self, best: int) -> None:
         for fold in self.candidates:
