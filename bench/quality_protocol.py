@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -267,7 +269,7 @@ def _choice(values: list, scores: dict) -> dict:
 
 def _search_summary(search: dict) -> dict:
     keep = ("mode", "context", "baseline", "chosen", "adaptive", "uniform_scores", "search_forward_equivalents",
-            "calibration_streams", "search_seconds")
+            "calibration_streams", "search_seconds", "rounds")  # rounds: each layer's candidates, as scored
     return {k: search[k] for k in keep if k in search}
 
 
@@ -293,10 +295,31 @@ def markdown(results: dict) -> str:
             plan = row.get("fold_plan")
             shown = "—" if plan is None else (str(plan[0]) if len(set(plan)) == 1 else ",".join(map(str, plan)))
             peak = row.get("peak_rss_bytes")
-            lines.append(f"| {label[5:]} | {shown} | {row['ppl']:.3f} | "
-                         f"{row['ppl'] / original:.3f} | {row.get('wall_seconds', 0):.0f} | "
-                         f"{'—' if peak is None else f'{peak / 2 ** 30:.2f}'} |" if original else "")
+            ratio = f"{row['ppl'] / original:.3f}" if original else "—"  # (the original row not run yet)
+            lines.append(f"| {label[5:]} | {shown} | {row['ppl']:.3f} | {ratio} | {row.get('wall_seconds', 0):.0f} | "
+                         f"{'—' if peak is None else f'{peak / 2 ** 30:.2f}'} |")
+        lines += [""] + _adaptive_gains(rows, original)
     return "\n".join(lines) + "\n"
+
+
+def _adaptive_gains(rows: dict, original: Optional[float]) -> list[str]:
+    """Per rank: the adaptive plan against the best uniform one, as a ratio and as the share of the
+    uniform plan's log-perplexity gap to the original that it recovers (a ratio alone says little where
+    the uniform plan is already close to the original)."""
+    lines = []
+    for label, row in rows.items():
+        if not label.startswith("test adaptive r"):
+            continue
+        rank = label[len("test adaptive r"):]
+        uniform = rows.get(f"test best uniform r{rank}", {}).get("ppl")
+        if uniform is None:
+            continue
+        line = f"- rank {rank}: adaptive / best uniform = {row['ppl'] / uniform:.3f}"
+        if original and uniform > original:
+            share = (math.log(uniform) - math.log(row["ppl"])) / (math.log(uniform) - math.log(original))
+            line += f"; share of the uniform plan's log-ppl gap to the original recovered = {share:.1%}"
+        lines.append(line)
+    return lines
 
 
 def main() -> None:
