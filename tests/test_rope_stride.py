@@ -125,8 +125,11 @@ def mqa_models(tmp_path_factory):
 def test_stride_one_stage1_reproduces_a_model_whose_keys_live_in_the_span(mqa_models, kind, tmp_path):
     models, calib = mqa_models
     original = ModelRunner.from_dir(models[kind], with_tokenizer=False).logits(IDS)
+    # fp32 forward passes: the auto choice below must see a KL of 0 for the exact plan, which bf16 passes
+    # (`auto` on a CPU with native bf16) would blur to ~1e-4
+    fp32 = ("--forward-precision", "fp32")
     report = _convert(models[kind], tmp_path / "s1", calib, "--rope-dim", "8", "--rope-stride", "1", "--freqfold", "1",
-                      "--stage", "1", "--nope-rotation", "none")
+                      "--stage", "1", "--nope-rotation", "none", *fp32)
     assert report["rope_stride"] == 1 and report["fold_plan"] == [1, 1]
     assert json.loads((tmp_path / "s1" / "config.json").read_text())["mla"]["rope_stride"] == 1
     stride1 = ModelRunner.from_dir(tmp_path / "s1", with_tokenizer=False).logits(IDS)
@@ -140,7 +143,7 @@ def test_stride_one_stage1_reproduces_a_model_whose_keys_live_in_the_span(mqa_mo
     # auto (the default) scores both strides' plans as written and keeps the exact one (KL 0; perplexity
     # would not do: on the random text of an untrained model a lossy conversion may score lower)
     report = _convert(models[kind], tmp_path / "auto", calib, "--rope-dim", "8", "--freqfold", "uniform", "--folds", "1",
-                      "--stage", "1", "--nope-rotation", "none", "--search-tokens", "512", "--criterion", "kl")
+                      "--stage", "1", "--nope-rotation", "none", "--search-tokens", "512", "--criterion", "kl", *fp32)
     choice = report["position_choice"]
     assert choice["chosen"] == {"rope_stride": 1, "nope_rotation": "none"} and report["rope_stride"] == 1
     assert [c["rope_stride"] for c in choice["candidates"]] == [2, 1]
